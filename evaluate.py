@@ -1,0 +1,243 @@
+"""Evaluation: run an actor in the real environment, report scores, draw pictures (LEQ.md 8).
+
+    python evaluate.py --checkpoint runs/<run>/leq.npz            # 10 episodes, table + JSON
+    python evaluate.py --checkpoint pretrain.npz --episodes 100   # any artifact with an actor
+    python evaluate.py --curve runs/<run>/metrics.jsonl           # learning-curve PNG
+    MUJOCO_GL=egl python evaluate.py --checkpoint leq.npz --video # MP4 of one episode
+
+Episodes are seeded (seed + i) and run in lockstep: one batched, jitted policy call per step
+(the policy is compiled once, with its parameters as an argument). leq.py calls `evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pretrain
+import tasks
+
+
+@dataclasses.dataclass
+class Args:
+    checkpoint: Optional[str] = None
+    """artifact holding an actor: pretrain.npz, leq.npz or a leq checkpoint"""
+    env: Optional[str] = None
+    """task to evaluate in (default: the one the checkpoint was trained on)"""
+    episodes: int = 10
+    """number of episodes"""
+    seed: int = 0
+    """episode i is reset with seed + i"""
+    parallel: int = 10
+    """environments stepped in lockstep"""
+    out: Optional[str] = None
+    """JSON output (default: <checkpoint>.eval.json)"""
+    plot: bool = True
+    """maze tasks: save a PNG of the trajectories on the maze (<checkpoint>.trajectories.png)"""
+    video: bool = False
+    """save an MP4 of the first episode (needs MuJoCo rendering: set MUJOCO_GL=egl or osmesa)"""
+    curve: Optional[str] = None
+    """a run's metrics.jsonl: plot its learning curve to metrics.png (no checkpoint needed)"""
+
+
+# ============================================================================================
+# Policies
+# ============================================================================================
+
+@functools.partial(jax.jit, static_argnames="actor")
+def deterministic_action(actor: pretrain.Actor, params, stats, obs):
+    """tanh(mean(s)), clipped to [-1, 1]. Compiled once per network shape: parameters and
+    statistics are arguments, so new parameters never trigger a re-trace."""
+    return jnp.clip(jnp.tanh(actor.apply(params, obs, stats)), -1.0, 1.0)
+
+
+def actor_policy(nets: pretrain.Nets, params) -> Callable:
+    """A batched numpy policy obs (n, obs_dim) -> actions (n, act_dim) from an actor."""
+    return lambda obs: np.asarray(
+        deterministic_action(nets.actor, params, nets.stats, jnp.asarray(obs, jnp.float32)))
+
+
+# ============================================================================================
+# Episodes in lockstep
+# ============================================================================================
+
+_ENVS: dict = {}  # task name -> list of envs, reused across evaluations (env creation is slow)
+
+
+def get_envs(task: tasks.Task, n: int) -> list:
+    envs = _ENVS.setdefault(task.name, [])
+    while len(envs) < n:
+        envs.append(tasks.make_env(task))
+    return envs[:n]
+
+
+def run_episodes(task: tasks.Task, policy: Callable, episodes: int, seed: int = 0, parallel: int = 10,
+                 record: bool = False) -> list:
+    """Run `episodes` seeded episodes; returns per-episode dicts (return, length, success, and
+    the xy trajectory when `record`)."""
+    results = []
+    for first in range(0, episodes, parallel):
+        envs = get_envs(task, min(parallel, episodes - first))
+        obs = np.stack([env.reset(seed=seed + first + i)[0] for i, env in enumerate(envs)])
+        alive = np.ones(len(envs), bool)
+        eps = [dict(ret=0.0, length=0, success=False, xy=[o[:2].tolist()] if record else None)
+               for o in obs]
+        while alive.any():
+            actions = policy(obs)
+            for i in np.flatnonzero(alive):
+                o, r, terminated, truncated, info = envs[i].step(actions[i])
+                ep = eps[i]
+                ep["ret"] += float(r)
+                ep["length"] += 1
+                ep["success"] |= bool(info.get("success", False)) or (task.family in ("pointmaze", "antmaze") and r > 0)
+                if record:
+                    ep["xy"].append(o[:2].tolist())
+                obs[i] = o
+                alive[i] = not (terminated or truncated)
+        results += eps
+    return results
+
+
+def summarize(task: tasks.Task, episodes: list) -> dict:
+    """Mean and standard error of the normalised score, success, return and length."""
+    def stat(x):
+        x = np.asarray(x, float)
+        return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+    scores = [tasks.normalized_score(task, e["ret"], float(e["success"])) for e in episodes]
+    out = {"env": task.name, "episodes": len(episodes)}
+    for name, values in (("score", scores), ("success", [e["success"] for e in episodes]),
+                         ("return", [e["ret"] for e in episodes]),
+                         ("length", [e["length"] for e in episodes])):
+        out[name], out[name + "_stderr"] = stat(values)
+    return out
+
+
+def evaluate(task: tasks.Task, nets: pretrain.Nets, params, episodes: int = 10, seed: int = 0,
+             parallel: int = 10) -> dict:
+    """The function leq.py calls: summary of `episodes` deterministic episodes."""
+    return summarize(task, run_episodes(task, actor_policy(nets, params), episodes, seed, parallel))
+
+
+# ============================================================================================
+# Pictures
+# ============================================================================================
+
+def plot_trajectories(task: tasks.Task, episodes: list, path) -> None:
+    """The maze's walls, start and goal, and every trajectory (green: success, red: failure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    walls, start, goal, cell = tasks.maze_geometry(task)
+    height, width = len(tasks.MAZES[task.maze]), len(tasks.MAZES[task.maze][0])
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * width, 1.4 + 0.5 * height))
+    for x, y in walls:
+        ax.add_patch(plt.Rectangle((x - cell / 2, y - cell / 2), cell, cell, color="0.35"))
+    for e in episodes:
+        xy = np.asarray(e["xy"])
+        ax.plot(xy[:, 0], xy[:, 1], color="tab:green" if e["success"] else "tab:red", lw=1, alpha=0.7)
+    ax.add_patch(plt.Circle(goal, task.goal_radius if task.family == "pointmaze" else 0.5,
+                            color="gold", zorder=3))
+    ax.plot(*start, "bo", ms=8, zorder=3)
+    ax.set_aspect("equal")
+    ax.autoscale_view()
+    wins = sum(e["success"] for e in episodes)
+    ax.set_title(f"{task.name}: {wins}/{len(episodes)} successes (green), start blue, goal gold")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curve(metrics_path, png_path) -> None:
+    """Score and the main losses against steps from a metrics.jsonl file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise tasks.InputError(f"{metrics_path} has no metrics")
+    keys = [k for k in ("score", "critic_loss", "actor_loss", "q_data", "q_model") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), marker="o" if k == "score" else None, ms=3)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def save_video(task: tasks.Task, policy: Callable, path, seed: int = 0) -> None:
+    """MP4 of one episode rendered by MuJoCo; a clear error when rendering is unavailable."""
+    try:
+        import imageio
+        env = tasks.make_env(task, render_mode="rgb_array")
+        obs, _ = env.reset(seed=seed)
+        frames = [env.render()]
+        for _ in range(task.max_episode_steps):
+            obs, r, terminated, truncated, _ = env.step(policy(obs[None])[0])
+            frames.append(env.render())
+            if terminated or truncated:
+                break
+        imageio.mimsave(path, frames, fps=50)
+    except Exception as e:
+        raise tasks.InputError(f"cannot render a video here ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); set MUJOCO_GL=egl "
+                               f"(GPU) or MUJOCO_GL=osmesa (CPU, needs libosmesa6) and install "
+                               f"imageio-ffmpeg") from None
+
+
+# ============================================================================================
+# Main
+# ============================================================================================
+
+def main(args: Args) -> Optional[dict]:
+    if args.curve:
+        png = Path(args.curve).with_suffix(".png")
+        plot_curve(args.curve, png)
+        print(f"wrote {png}")
+        if not args.checkpoint:
+            return None
+    if not args.checkpoint:
+        raise tasks.InputError("pass --checkpoint PATH (an artifact with an actor) or --curve FILE")
+    if args.episodes < 1 or args.parallel < 1:
+        raise tasks.InputError("--episodes and --parallel must be >= 1")
+    task, nets, params = pretrain.load_actor(args.checkpoint, tasks.get_task(args.env) if args.env else None)
+    maze = task.family in ("pointmaze", "antmaze")
+    episodes = run_episodes(task, actor_policy(nets, params), args.episodes, args.seed, args.parallel,
+                            record=maze and args.plot)
+    summary = summarize(task, episodes)
+    summary.update(checkpoint=str(args.checkpoint), seed=args.seed,
+                   env_goal=tasks.env_goal(get_envs(task, 1)[0]).tolist(),
+                   termination_centre=list(task.goal))
+    stem = str(args.checkpoint).removesuffix(".npz")
+    out = Path(args.out or stem + ".eval.json")
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"{'metric':>10} {'mean':>10} {'stderr':>10}")
+    for k in ("score", "success", "return", "length"):
+        print(f"{k:>10} {summary[k]:>10.3f} {summary[k + '_stderr']:>10.3f}")
+    print(f"env goal {np.round(summary['env_goal'], 2).tolist()}, termination centre "
+          f"{np.round(task.goal, 2).tolist()}; wrote {out}")
+    if maze and args.plot:
+        plot_trajectories(task, episodes, stem + ".trajectories.png")
+        print(f"wrote {stem}.trajectories.png")
+    if args.video:
+        save_video(task, actor_policy(nets, params), stem + ".mp4", args.seed)
+        print(f"wrote {stem}.mp4")
+    return summary
+
+
+if __name__ == "__main__":
+    import tyro
+    try:
+        main(tyro.cli(Args))
+    except tasks.InputError as e:
+        sys.exit(f"error: {e}")

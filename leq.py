@@ -1,0 +1,699 @@
+"""Stage 3: Lower Expectile Q-learning (LEQ.md sections 6, 7 and 10).
+
+    python leq.py --env pointmaze-umaze
+    python leq.py --env antmaze-ultra-diverse-v0   # the paper's settings; needs the d4rl extra
+
+Starts from the BC actor and FQE critic of pretrain.py and the world model of world_model.py
+(running those stages first, with their defaults, when their artifacts are missing). Every
+gradient step: imagine H steps from expansion-buffer states, form lambda-returns, update the
+actor with the lower-expectile lambda-return surrogate (old critic), update the critic with
+the lower-expectile loss on lambda-returns plus the Bellman loss on data plus the EMA
+regulariser (old actor), then the EMA critic. Every 5000 steps the dataset is expanded with
+noisy 5-step model rollouts. Writes runs/<run>/leq.npz, metrics.jsonl and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Literal, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import evaluate
+import pretrain
+import tasks
+import world_model
+from pretrain import Nets
+
+# Per-task defaults for the built-in tasks (D4RL tasks keep the paper's settings):
+# (total steps, evaluation interval, expectile tau)
+BUILTIN = {"pointmaze-umaze": (40_000, 5_000, 0.3), "pointmaze-medium": (60_000, 10_000, 0.3),
+           "pointmaze-large": (80_000, 10_000, 0.3), "pointmaze-ultra": (100_000, 10_000, 0.3)}
+
+
+@dataclasses.dataclass
+class Args:
+    # --- Experiment ---
+    env: str = "pointmaze-umaze"
+    """task name (see tasks.py / README for the supported names)"""
+    dataset_path: Optional[str] = None
+    """a D4RL-format HDF5 file to use instead of the task's own dataset"""
+    data_dir: Optional[str] = None
+    """folder of the built-in datasets (default: $LEQ_DATA_DIR or ./data)"""
+    seed: int = 0
+    """random seed of this run (and of the upstream stages it runs when their artifacts are missing)"""
+    world_model: Optional[str] = None
+    """world_model.npz (default: runs/<env>__world_model__s<seed>/, trained first if missing)"""
+    pretrain: Optional[str] = None
+    """pretrain.npz (default: runs/<env>__pretrain__s<seed>/, trained first if missing)"""
+    run_dir: Optional[str] = None
+    """output folder (default: runs/<env>__leq__s<seed>__<time>); a folder with a checkpoint resumes"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "leq"
+    """W&B project name"""
+    # --- LEQ ---
+    expectile: Optional[float] = None
+    """tau of the lower expectile (default: per-task for built-in tasks, else 0.1 as the paper advises)"""
+    gamma: float = 0.997
+    """discount factor"""
+    lam: float = 0.95
+    """lambda of the lambda-returns"""
+    horizon: int = 10
+    """imagination length H"""
+    beta: float = 0.25
+    """weight of the model (imagination) loss against the data loss"""
+    batch_size: int = 256
+    """dataset transitions per step (B_D)"""
+    model_batch_size: int = 256
+    """imagination start states per step (B_M)"""
+    actor_lr: float = 3e-5
+    """actor Adam learning rate (cosine-decayed to 0 over the run)"""
+    critic_lr: float = 1e-4
+    """critic Adam learning rate"""
+    ema_decay: float = 0.995
+    """decay of the critic's EMA copy"""
+    ema_weight: float = 1.0
+    """weight of the EMA regulariser"""
+    total_steps: Optional[int] = None
+    """gradient steps (default: 1M as the paper; per-task for built-in tasks)"""
+    independent_rollouts: bool = True
+    """draw the actor's and the critic's imagined rollouts with different model samples (as released)"""
+    goal: Optional[tuple[float, float]] = None
+    """maze tasks: override the termination centre used in imagination"""
+    # --- Dataset expansion ---
+    expand_every: int = 5000
+    """steps between expansions (paper 5000; the release's flag default is 1000)"""
+    expand_size: int = 50_000
+    """dataset states rolled out per expansion"""
+    expand_length: int = 5
+    """rollout length of an expansion"""
+    expand_noise: float = 1.0
+    """std of the Gaussian noise added to the actor's mean before tanh"""
+    expand_retain: int = 5
+    """expansions kept in the FIFO buffer"""
+    # --- Ablations (LEQ.md section 10) ---
+    critic_target: Literal["lambda", "hstep", "1step"] = "lambda"
+    """critic target on imagined states: lambda-return, H-step return or 1-step return"""
+    actor_objective: Literal["lambda", "hstep", "q"] = "lambda"
+    """actor objective: lambda-return, H-step return (both lower-expectile weighted) or Q(s, a)"""
+    no_ema: bool = False
+    """drop the EMA regulariser"""
+    no_expansion: bool = False
+    """no dataset expansion: imagination starts from dataset states"""
+    no_data_loss: bool = False
+    """drop the Bellman loss on dataset transitions"""
+    data_expectile: bool = False
+    """use the expectile weight |tau - 1(y < Q)| on the data loss too (instead of 1/2)"""
+    no_pretrain: bool = False
+    """start from randomly initialised actor and critic instead of BC/FQE"""
+    action_grad: Literal["adjoint", "jacobian"] = "adjoint"
+    """dG_t/da_t by one backward sweep, or by the release's full Jacobian (same numbers, slower)"""
+    # --- Evaluation, logging, checkpoints ---
+    eval_every: Optional[int] = None
+    """steps between evaluations (default: 50k as the paper; per-task for built-in tasks)"""
+    eval_episodes: int = 10
+    """episodes per periodic evaluation"""
+    final_eval_rounds: int = 10
+    """final evaluation: this many rounds of eval_episodes (paper: 10 x 10)"""
+    checkpoint_every: Optional[int] = None
+    """steps between checkpoints (default: the evaluation interval); the last two are kept"""
+    chunk: int = 1000
+    """gradient steps fused into one jitted call (lax.scan); aligned to the intervals above"""
+    inject_nan_at: Optional[int] = None
+    """testing only: poison the critic with NaN at this step to exercise the NaN guard"""
+
+
+def resolve(args: Args) -> Args:
+    """Fill per-task defaults and check the flags; one-line errors for values out of range."""
+    steps, every, tau = BUILTIN.get(args.env, (1_000_000, 50_000, 0.1))
+    args = dataclasses.replace(
+        args, total_steps=steps if args.total_steps is None else args.total_steps,
+        eval_every=every if args.eval_every is None else args.eval_every,
+        expectile=tau if args.expectile is None else args.expectile)
+    if args.checkpoint_every is None:
+        args = dataclasses.replace(args, checkpoint_every=args.eval_every)
+    checks = [(0 < args.expectile < 1, f"--expectile must be in (0, 1), got {args.expectile}"),
+              (args.horizon >= 1, f"--horizon must be >= 1, got {args.horizon}"),
+              (args.total_steps >= 0, f"--total-steps must be >= 0, got {args.total_steps}"),
+              (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must be in (0, 1], --lam in [0, 1]"),
+              (0 <= args.beta <= 1, f"--beta must be in [0, 1], got {args.beta}"),
+              (min(args.batch_size, args.model_batch_size, args.chunk, args.eval_episodes) >= 1,
+               "batch sizes, --chunk and --eval-episodes must be >= 1"),
+              (min(args.expand_every, args.expand_size, args.expand_length, args.expand_retain,
+                   args.eval_every, args.checkpoint_every) >= 1, "intervals and expansion sizes must be >= 1")]
+    for ok, message in checks:
+        if not ok:
+            raise tasks.InputError(message)
+    return args
+
+
+# ============================================================================================
+# Imagination and returns
+# ============================================================================================
+
+class Rollout(NamedTuple):
+    states: jnp.ndarray   # (H + 1, B, obs)   s_0 .. s_H
+    actions: jnp.ndarray  # (H + 1, B, act)   a_t = pi(s_t)
+    rewards: jnp.ndarray  # (H, B)            r_t (transformed)
+    dones: jnp.ndarray    # (H, B)            done_t = T(s_t, a_t, s_{t+1})
+    noise: tuple          # the model's randomness per step: (member (H, B), eps (H, B, obs + 1))
+
+
+def imagine(nets: Nets, actor, wm: world_model.WorldModel, done_fn, s0, key, horizon) -> Rollout:
+    """H steps from s0 with the deterministic actor and one random elite per sample per step."""
+    noise = world_model.model_noise(wm, key, (horizon, s0.shape[0]))
+
+    def step(s, noise_t):
+        a = nets.pi(actor, s)
+        s2, r, done = world_model.model_step_given(wm, s, a, *noise_t, done_fn)
+        return s2, (s, a, r, done)
+
+    s_H, (states, actions, rewards, dones) = jax.lax.scan(step, s0, noise, unroll=True)
+    states = jnp.concatenate([states, s_H[None]])
+    actions = jnp.concatenate([actions, nets.pi(actor, s_H)[None]])
+    return Rollout(states, actions, rewards, dones.astype(jnp.float32), noise)
+
+
+def alive_masks(dones):
+    """m_0 = 1, m_{t+1} = m_t (1 - done_t): (H + 1, B)."""
+    masks = [jnp.ones_like(dones[0])]
+    for done in dones:
+        masks.append(masks[-1] * (1.0 - done))
+    return jnp.stack(masks)
+
+
+def return_coefficients(kind: str, horizon: int, lam: float):
+    """Coefficients of the recursion G_t = al_t q_t + bp_t (m_t r_t + gamma m_{t+1} G_{t+1}),
+    G_H = q_H, for t = 0..H-1:
+      lambda (the paper's variant, with the 0-step term q_t): c_{H-1} = 1, c_{t-1} = 1 + lam c_t,
+        al_t = 1 / (1 + lam c_t), bp_t = lam c_t / (1 + lam c_t)
+        <=> G_t = sum_{n=0}^{H-t} lam^n Q^(n)_t / sum_{n=0}^{H-t} lam^n
+      hstep: al_t = 0, bp_t = 1  (G_t = Q^(H-t)_t, bootstrapped with q_H)
+      q:     al_t = 1, bp_t = 0  (G_t = q_t)"""
+    if kind == "lambda":
+        c = np.array([sum(lam ** k for k in range(horizon - t)) for t in range(horizon)])
+        return 1.0 / (1.0 + lam * c), lam * c / (1.0 + lam * c)
+    if kind == "hstep":
+        return np.zeros(horizon), np.ones(horizon)
+    if kind == "q":
+        return np.ones(horizon), np.zeros(horizon)
+    raise ValueError(kind)
+
+
+def returns(q, rewards, masks, coefficients, gamma):
+    """The recursion of `return_coefficients` for q (H + 1, B), rewards (H, B), masks (H + 1, B)."""
+    al, bp = coefficients
+    horizon = rewards.shape[0]
+    G = [q[horizon]]
+    for t in reversed(range(horizon)):
+        G.append(al[t] * q[t] + bp[t] * (masks[t] * rewards[t] + gamma * masks[t + 1] * G[-1]))
+    return jnp.stack(G[::-1])
+
+
+def lambda_returns(q, rewards, masks, gamma, lam):
+    """LEQ.md section 6: G_t = (q_t + lam c_t (m_t r_t + gamma m_{t+1} G_{t+1})) / (1 + lam c_t)."""
+    return returns(q, rewards, masks, return_coefficients("lambda", rewards.shape[0], lam), gamma)
+
+
+def one_step_targets(q, rewards, masks, gamma):
+    """The 1-step ablation: G_t = m_t r_t + gamma m_{t+1} q_{t+1} for t < H (G_H = q_H)."""
+    return jnp.concatenate([masks[:-1] * rewards + gamma * masks[1:] * q[1:], q[-1:]])
+
+
+def critic_targets(kind, q, rewards, masks, args: Args):
+    if kind == "1step":
+        return one_step_targets(q, rewards, masks, args.gamma)
+    return returns(q, rewards, masks, return_coefficients(kind, args.horizon, args.lam), args.gamma)
+
+
+# ============================================================================================
+# Per-step action gradients D_t = dG_t / da_t
+# ============================================================================================
+
+def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma):
+    """Imagine H steps from s0 and get every D_t in ONE backward sweep (LEQ.md "O(H) action
+    gradients", exact). With G_t = al_t q(s_t, a_t) + bp_t m_t r(s_t, a_t) + be_t G_{t+1},
+    be_t = bp_t gamma m_{t+1} (G_H = q_H, i.e. al_H = 1), carry S_t = dG_t/ds_t (the total
+    derivative when a_t = pi(s_t)):
+      D_H = dq/da(s_H, a_H),  S_H = dq/ds(s_H, a_H) + (dpi/ds)^T D_H
+      t = H-1..0: (g_s, g_a) = VJP of (s, a) -> (q, r, s') at (s_t, a_t) with cotangents
+                  (al_t, bp_t m_t, be_t S_{t+1});  D_t = g_a,  S_t = g_s + (dpi/ds)^T D_t.
+    The q part of every VJP has the constant cotangent al_t, so it is done for all t at once
+    (one batched critic VJP over the (H + 1) B states) and only the model and policy VJPs stay in
+    the sweep. Inputs-only VJPs (parameters are closed-over constants), with the residuals kept
+    from the forward scan. Returns D (H + 1, B, act), the rollout, q (H + 1, B) and the masks."""
+    al, bp = (jnp.asarray(c, jnp.float32) for c in coefficients)
+    noise = world_model.model_noise(wm, key, (horizon, s0.shape[0]))
+
+    # forward: a_t = pi(s_t), (r_t, s_{t+1}) = model(s_t, a_t), keeping both VJPs (a Python loop
+    # over the H steps: XLA sees straight-line code and keeps the residuals where they are)
+    states, actions, r, dones, model_vjps, pi_vjps = [s0], [], [], [], [], []
+    for t in range(horizon + 1):
+        a, pi_vjp = jax.vjp(lambda s_: nets.pi(actor, s_), states[t])
+        actions.append(a)
+        pi_vjps.append(pi_vjp)
+        if t == horizon:
+            break
+
+        def model(s_, a_, t=t):
+            s2, r_t, done = world_model.model_step_given(wm, s_, a_, noise[0][t], noise[1][t], done_fn)
+            return (r_t, s2), done
+        (r_t, s2), model_vjp, done = jax.vjp(model, states[t], a, has_aux=True)
+        states.append(s2)
+        r.append(r_t)
+        dones.append(done.astype(jnp.float32))
+        model_vjps.append(model_vjp)
+    states, actions, r, dones = jnp.stack(states), jnp.stack(actions), jnp.stack(r), jnp.stack(dones)
+    masks = alive_masks(dones)
+
+    # the critic's part of every step at once: d(al_t q_t)/d(s_t, a_t), al_H = 1
+    q, q_vjp = jax.vjp(lambda s_, a_: nets.q(critic, s_, a_), states, actions)
+    gq_s, gq_a = q_vjp(jnp.concatenate([al, jnp.ones(1)])[:, None] * jnp.ones_like(q))
+
+    # backward sweep
+    D = [gq_a[horizon]]
+    S = gq_s[horizon] + pi_vjps[horizon](D[0])[0]
+    for t in reversed(range(horizon)):
+        be_t = bp[t] * gamma * masks[t + 1]
+        g_s, g_a = model_vjps[t]((bp[t] * masks[t], be_t[:, None] * S))
+        D.append(g_a + gq_a[t])
+        S = g_s + gq_s[t] + pi_vjps[t](D[-1])[0]
+    D = jnp.stack(D[::-1])
+    return D, Rollout(states, actions, r, dones, noise), q, masks
+
+
+def returns_of_perturbation(nets, actor, critic, wm, done_fn, ro: Rollout, masks, coefficients,
+                            gamma, deltas):
+    """(G_0..G_H) (H + 1, B) as a function of per-step action perturbations deltas (H + 1, B, act):
+    a_t = pi(s_t) + delta_t, with the rollout's model samples and masks held fixed."""
+    s, q, r = ro.states[0], [], []
+    for t in range(ro.rewards.shape[0]):
+        a = nets.pi(actor, s) + deltas[t]
+        q.append(nets.q(critic, s, a))
+        s, r_t, _ = world_model.model_step_given(wm, s, a, ro.noise[0][t], ro.noise[1][t], done_fn)
+        r.append(r_t)
+    q.append(nets.q(critic, s, nets.pi(actor, s) + deltas[-1]))
+    return returns(jnp.stack(q), jnp.stack(r), masks, coefficients, gamma)
+
+
+def action_grads_jacobian(nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma):
+    """The release's way: D_t as the diagonal of the full Jacobian dG/d(delta), one reverse pass
+    per output G_t (H + 1 of them, vmapped; samples are independent, so each pass serves the whole
+    batch). Kept as the oracle for the adjoint sweep and as a flag for comparisons."""
+    ro = imagine(nets, actor, wm, done_fn, s0, key, horizon)
+    masks = alive_masks(ro.dones)
+    G, vjp = jax.vjp(lambda d: returns_of_perturbation(nets, actor, critic, wm, done_fn, ro, masks,
+                                                       coefficients, gamma, d), jnp.zeros_like(ro.actions))
+    rows = jnp.eye(horizon + 1)[:, :, None] * jnp.ones_like(G)  # cotangent selecting G_t, for each t
+    jac = jax.vmap(lambda c: vjp(c)[0])(rows)                    # (H + 1 outputs, H + 1 steps, B, act)
+    D = jac[jnp.arange(horizon + 1), jnp.arange(horizon + 1)]
+    return D, ro, nets.q(critic, ro.states, ro.actions), masks
+
+
+# ============================================================================================
+# Losses
+# ============================================================================================
+
+def expectile_weights(G, q, tau):
+    """|tau - 1(G < q)|: targets above the prediction get tau (small: conservative)."""
+    return jnp.where(G < q, 1.0 - tau, tau)
+
+
+def actor_surrogate_loss(actor, nets: Nets, states, weights, D):
+    """Eq. 11's surrogate: -(1/N) sum_batch sum_{t=0..H} W_t D_t . pi_theta(s_t), with W_t, D_t
+    and s_t constants (the deterministic policy gradient through the chain rule)."""
+    return -jnp.sum(weights[..., None] * D * nets.pi(actor, states)) / states.shape[1]
+
+
+def critic_loss(critic, ema, nets: Nets, data, data_targets, ro: Rollout, masks, args: Args):
+    """(1 - beta) L_data + beta L_model + ema_weight L_ema (LEQ.md section 6), with
+      L_data  = mean(1/2 (y - Q(s, a))^2),  y = r + gamma mask Q(s', pi(s'))  (constant)
+      L_model = mean_{t<H, batch} w_t |tau - 1(G_t < Q(s_t, a_t))| (G_t - Q(s_t, a_t))^2,
+                G_t the (lambda-)returns of the current critic (constant), w_t = gamma^t m_t
+      L_ema   = beta mean_t w_t (Q_ema(s_t, a_t) - Q(s_t, a_t))^2 + (1 - beta) mean_data (Q_ema - Q)^2
+    Gradients flow only through Q_phi(s, a). Returns (loss, metrics)."""
+    # one critic call over [data batch; imagined states] (fewer, larger operations)
+    n_data, (steps, batch) = data[0].shape[0], ro.states.shape[:2]
+    s = jnp.concatenate([data[0], ro.states.reshape(steps * batch, -1)])
+    a = jnp.concatenate([data[1], ro.actions.reshape(steps * batch, -1)])
+    q_all = nets.q(critic, s, a)
+    q_data, q_model = q_all[:n_data], q_all[n_data:].reshape(steps, batch)  # q_model: the old q_t
+
+    w_data = expectile_weights(data_targets, q_data, args.expectile) if args.data_expectile else 0.5
+    loss_data = jnp.mean(w_data * (data_targets - q_data) ** 2)
+
+    G = jax.lax.stop_gradient(critic_targets(args.critic_target, q_model, ro.rewards, masks, args))
+    horizon = ro.rewards.shape[0]
+    w = (args.gamma ** jnp.arange(horizon))[:, None] * masks[:-1]  # w_t = gamma^t m_t
+    q_t, G_t = q_model[:-1], G[:-1]
+    loss_model = jnp.mean(w * expectile_weights(G_t, q_t, args.expectile) * (G_t - q_t) ** 2)
+
+    if args.no_ema:
+        loss_ema = jnp.zeros(())
+    else:
+        q_ema = jax.lax.stop_gradient(nets.q(ema, s, a))
+        q_ema_data, q_ema_model = q_ema[:n_data], q_ema[n_data:].reshape(steps, batch)[:-1]
+        loss_ema = (args.beta * jnp.mean(w * (q_ema_model - q_t) ** 2)
+                    + (1 - args.beta) * jnp.mean((q_ema_data - q_data) ** 2))
+
+    data_weight = 0.0 if args.no_data_loss else 1.0 - args.beta
+    loss = data_weight * loss_data + args.beta * loss_model + args.ema_weight * loss_ema
+    metrics = dict(critic_loss=loss, loss_data=loss_data, loss_model=loss_model, loss_ema=loss_ema,
+                   q_data=q_data.mean(), q_model=q_model[0].mean(), target_model=G[0].mean())
+    return loss, metrics
+
+
+def ema_update(ema, params, decay):
+    """ema <- decay ema + (1 - decay) phi."""
+    return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+
+
+# ============================================================================================
+# The update step, and K steps per jitted call
+# ============================================================================================
+
+class LEQState(NamedTuple):
+    actor: dict
+    critic: dict
+    critic_ema: dict
+    actor_opt: optax.OptState
+    critic_opt: optax.OptState
+
+
+def make_actor_grads(nets: Nets, wm, done_fn, args: Args):
+    """(state, s0, key) -> (actor gradient, metrics): the lower-expectile surrogate of the
+    returns of an imagined rollout, with the OLD critic."""
+    coefficients = return_coefficients(args.actor_objective, args.horizon, args.lam)
+    action_grads = action_grads_adjoint if args.action_grad == "adjoint" else action_grads_jacobian
+
+    def actor_grads(st: LEQState, s0, key):
+        D, ro, q, masks = action_grads(nets, st.actor, st.critic, wm, done_fn, s0, key, args.horizon,
+                                       coefficients, args.gamma)
+        G = returns(q, ro.rewards, masks, coefficients, args.gamma)
+        if args.actor_objective == "q":  # plain DDPG on imagined states: no expectile weighting
+            W = jnp.full_like(G, 0.5)
+        else:  # W_t = tau if G_t > q_t else 1 - tau (t < H), W_H = 1/2
+            W = jnp.concatenate([jnp.where(G[:-1] > q[:-1], args.expectile, 1 - args.expectile),
+                                 jnp.full_like(G[-1:], 0.5)])
+        states, W, D = jax.lax.stop_gradient((ro.states, W, D))
+        loss, grads = jax.value_and_grad(actor_surrogate_loss)(st.actor, nets, states, W, D)
+        return grads, dict(actor_loss=loss, return_model=G[0].mean(), action_grad_norm=jnp.abs(D).mean())
+    return actor_grads
+
+
+def make_critic_grads(nets: Nets, wm, done_fn, args: Args):
+    """(state, data batch, s0, key) -> (critic gradient, metrics), with the OLD actor."""
+    def critic_grads(st: LEQState, batch, s0, key):
+        ro = imagine(nets, st.actor, wm, done_fn, s0, key, args.horizon)
+        s2, mask = batch[3], batch[4]
+        y = batch[2] + args.gamma * mask * nets.q(st.critic, s2, nets.pi(st.actor, s2))
+        (_, metrics), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+            st.critic, st.critic_ema, nets, batch, jax.lax.stop_gradient(y), ro, alive_masks(ro.dones), args)
+        metrics["done_rate"] = ro.dones.max(0).mean()
+        return grads, metrics
+    return critic_grads
+
+
+def make_update(nets: Nets, wm, done_fn, actor_opt, critic_opt, args: Args):
+    """One LEQ gradient step: actor with the old critic, critic with the old actor, then EMA."""
+    actor_grads = make_actor_grads(nets, wm, done_fn, args)
+    critic_grads = make_critic_grads(nets, wm, done_fn, args)
+
+    def update(st: LEQState, data, starts, n_starts, key):
+        k_data, k_start, k_actor, k_critic = jax.random.split(key, 4)
+        idx = jax.random.randint(k_data, (args.batch_size,), 0, data[0].shape[0])
+        batch = tuple(x[idx] for x in data)                                          # B_D
+        s0 = starts[jax.random.randint(k_start, (args.model_batch_size,), 0, n_starts)]  # B_M
+        # the release draws the two rollouts independently (same starts, other model samples)
+        g_actor, m_actor = actor_grads(st, s0, k_actor)
+        g_critic, m_critic = critic_grads(st, batch, s0, k_critic if args.independent_rollouts else k_actor)
+        updates, actor_opt_state = actor_opt.update(g_actor, st.actor_opt, st.actor)
+        actor = optax.apply_updates(st.actor, updates)
+        updates, critic_opt_state = critic_opt.update(g_critic, st.critic_opt, st.critic)
+        critic = optax.apply_updates(st.critic, updates)
+        ema = ema_update(st.critic_ema, critic, args.ema_decay)
+        return LEQState(actor, critic, ema, actor_opt_state, critic_opt_state), {**m_actor, **m_critic}
+
+    return update
+
+
+def make_train_chunk(update, args: Args):
+    """K update steps in one compiled call; keys fold in the global step, so a resumed run draws
+    the same numbers. Metrics come back averaged over the chunk."""
+    def chunk(st: LEQState, data, starts, n_starts, base_key, step0, n_steps):
+        def body(st, i):
+            return update(st, data, starts, n_starts, jax.random.fold_in(base_key, step0 + i))
+        st, metrics = jax.lax.scan(body, st, jnp.arange(n_steps))
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(st)]))
+        return st, jax.tree.map(jnp.mean, metrics), finite
+    return jax.jit(chunk, static_argnums=6, donate_argnums=0)
+
+
+# ============================================================================================
+# Dataset expansion: noisy model rollouts into a FIFO ring buffer
+# ============================================================================================
+
+class Buffer(NamedTuple):
+    observations: jnp.ndarray
+    actions: jnp.ndarray
+    rewards: jnp.ndarray
+    next_observations: jnp.ndarray
+    masks: jnp.ndarray
+    ptr: jnp.ndarray     # next row to write (the oldest row once full)
+    filled: jnp.ndarray  # rows holding data
+
+
+def empty_buffer(capacity: int, obs_dim: int, act_dim: int) -> Buffer:
+    z = jnp.zeros
+    return Buffer(z((capacity, obs_dim)), z((capacity, act_dim)), z(capacity), z((capacity, obs_dim)),
+                  z(capacity), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def buffer_add(buf: Buffer, obs, act, rew, next_obs, masks) -> Buffer:
+    """Write n rows at ptr, overwriting the OLDEST rows once full (capacity is a multiple of n)."""
+    n, capacity = obs.shape[0], buf.observations.shape[0]
+    write = lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, buf.ptr, 0)  # noqa: E731
+    return Buffer(write(buf.observations, obs), write(buf.actions, act), write(buf.rewards, rew),
+                  write(buf.next_observations, next_obs), write(buf.masks, masks),
+                  (buf.ptr + n) % capacity, jnp.minimum(buf.filled + n, capacity))
+
+
+def make_expand(nets: Nets, wm, done_fn, args: Args):
+    """Sample expand_size dataset states, roll out expand_length steps with
+    a = tanh(mean + N(0, expand_noise^2)) in the model, add every transition (mask = 1 - done of
+    that step; rollouts are not cut at a termination)."""
+    def expand(buf: Buffer, actor, data_obs, key):
+        k_start, k_roll = jax.random.split(key)
+        s = data_obs[jax.random.randint(k_start, (args.expand_size,), 0, data_obs.shape[0])]
+
+        def step(s, k):
+            k_noise, k_model = jax.random.split(k)
+            mean = nets.actor.apply(actor, s, nets.stats)
+            a = jnp.tanh(mean + args.expand_noise * jnp.exp(pretrain.ACTOR_LOG_STD)
+                         * jax.random.normal(k_noise, mean.shape))
+            s2, r, done = world_model.model_step(wm, s, a, k_model, done_fn)
+            return s2, (s, a, r, s2, 1.0 - done.astype(jnp.float32))
+
+        _, rows = jax.lax.scan(step, s, jax.random.split(k_roll, args.expand_length))
+        return buffer_add(buf, *(x.reshape(-1, *x.shape[2:]) for x in rows))
+    return jax.jit(expand, donate_argnums=0)
+
+
+# ============================================================================================
+# Evaluation, checkpoints, logging
+# ============================================================================================
+
+def final_evaluation(task, nets, actor, args: Args) -> dict:
+    """The paper's protocol: final_eval_rounds x eval_episodes episodes (seeds seed, seed + 1, ...);
+    the score's spread is the standard deviation over the rounds."""
+    n = args.eval_episodes
+    episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), args.final_eval_rounds * n,
+                                     args.seed)
+    rounds = [evaluate.summarize(task, episodes[i * n:(i + 1) * n])["score"]
+              for i in range(args.final_eval_rounds)]
+    return {**evaluate.summarize(task, episodes), "round_scores": rounds, "score_std": float(np.std(rounds))}
+
+
+def save_checkpoint(run_dir: Path, task, args: Args, st: LEQState, buf: Buffer, step: int, stats):
+    """The whole training state (the filled part of the buffer), atomically; keeps the last two."""
+    filled = int(buf.filled)
+    arrays = {**tasks.tree_arrays(jax.device_get(st), "state"),
+              **tasks.flatten(jax.device_get(st.actor), "actor"),
+              **{f"buffer/{k}": np.asarray(getattr(buf, k)[:filled]) for k in Buffer._fields[:5]},
+              "buffer/ptr": np.asarray(buf.ptr), "buffer/filled": np.asarray(buf.filled),
+              "progress/step": np.array(step), "stats/mean": np.asarray(stats[0]),
+              "stats/std": np.asarray(stats[1])}
+    path = run_dir / f"checkpoint_{step:08d}.npz"
+    tasks.save_npz(path, arrays, "leq_checkpoint", task, args)
+    for old in sorted(run_dir.glob("checkpoint_*.npz"))[:-2]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path, task, args: Args, template: LEQState, buf: Buffer):
+    f = tasks.load_artifact(path, task, kinds=("leq_checkpoint",))
+    tasks.check_same_config(path, f["meta/config"], args, ignore=("run_dir", "track", "inject_nan_at"))
+    st = tasks.tree_from_arrays(template, f, "state")
+    filled = int(f["buffer/filled"])
+    rows = [getattr(buf, k).at[:filled].set(f[f"buffer/{k}"]) for k in Buffer._fields[:5]]
+    buf = Buffer(*rows, jnp.asarray(f["buffer/ptr"]), jnp.asarray(f["buffer/filled"]))
+    return st, buf, int(f["progress/step"])
+
+
+class Logger:
+    """metrics.jsonl (truncated to the resumed step), stdout, and W&B when tracked."""
+
+    def __init__(self, run_dir: Path, args: Args, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():  # drop rows written after the checkpoint we resume from
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        self.wandb = None
+        if args.track:
+            import wandb
+            self.wandb = wandb.init(project=args.wandb_project, name=run_dir.name,
+                                    config=dataclasses.asdict(args), resume="allow", id=run_dir.name)
+
+    def log(self, row: dict):
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            self.wandb.log(row, step=row["step"])
+
+
+# ============================================================================================
+# Main
+# ============================================================================================
+
+def initial_networks(args: Args, task, wm, pt_path, key):
+    """The BC actor and FQE critic (LEQ.md 5), or fresh networks with --no-pretrain."""
+    if args.no_pretrain:
+        nets = pretrain.make_nets(task, pretrain.Args().hidden_dims, (wm.input_mean, wm.input_std))
+        return (nets, *pretrain.init_params(nets, key, task.obs_dim, task.act_dim))
+    nets, actor, critic, _ = pretrain.load_pretrained(pt_path, task)
+    return nets, actor, critic
+
+
+def start_states(args: Args, data, buf: Buffer):
+    """B_M is drawn from (array, number of valid rows): the filled part of the expansion
+    buffer, or the dataset's states with --no-expansion."""
+    return (data[0], data[0].shape[0]) if args.no_expansion else (buf.observations, buf.filled)
+
+
+def upstream_artifacts(args: Args):
+    """world_model.npz and pretrain.npz, running those stages (with their defaults) if missing."""
+    wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
+    if not wm_path.exists():
+        if args.world_model:
+            raise tasks.InputError(f"--world-model {wm_path} does not exist")
+        print(f"[leq] no world model at {wm_path}: running world_model.py with its defaults")
+        world_model.train(world_model.Args(env=args.env, dataset_path=args.dataset_path,
+                                           data_dir=args.data_dir, seed=args.seed, out=str(wm_path)))
+    pt_path = Path(args.pretrain or pretrain.default_path(args.env, args.seed))
+    if not args.no_pretrain and not pt_path.exists():
+        if args.pretrain:
+            raise tasks.InputError(f"--pretrain {pt_path} does not exist")
+        print(f"[leq] no pretrained actor/critic at {pt_path}: running pretrain.py with its defaults")
+        pretrain.train(pretrain.Args(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir,
+                                     seed=args.seed, world_model=str(wm_path), out=str(pt_path)))
+    return wm_path, pt_path
+
+
+def train(args: Args) -> Path:
+    from tqdm import tqdm
+    args = resolve(args)
+    task = tasks.get_task(args.env)
+    run_dir = Path(args.run_dir or f"runs/{args.env}__leq__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wm_path, pt_path = upstream_artifacts(args)
+
+    # --- data, model, networks ---
+    ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
+    data = pretrain.device_dataset(ds)
+    wm = world_model.load_world_model(wm_path, task)
+    done_fn = tasks.termination_fn(task, args.goal)
+    k_init, k_train, k_expand = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+    nets, actor, critic = initial_networks(args, task, wm, pt_path, k_init)
+    ema = jax.tree.map(jnp.copy, critic)  # the EMA copy starts equal to the (pretrained) critic
+    actor_opt = optax.adam(optax.cosine_decay_schedule(args.actor_lr, max(args.total_steps, 1)))
+    critic_opt = optax.adam(args.critic_lr)
+    st = LEQState(actor, critic, ema, actor_opt.init(actor), critic_opt.init(critic))
+    capacity = args.expand_retain * args.expand_size * args.expand_length
+    buf = empty_buffer(0 if args.no_expansion else capacity, task.obs_dim, task.act_dim)
+
+    step = 0
+    checkpoints = sorted(run_dir.glob("checkpoint_*.npz"))
+    if checkpoints:
+        st, buf, step = load_checkpoint(checkpoints[-1], task, args, st, buf)
+        print(f"[leq] resuming {run_dir} from step {step}")
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    logger = Logger(run_dir, args, step)
+
+    update = make_update(nets, wm, done_fn, actor_opt, critic_opt, args)
+    train_chunk = make_train_chunk(update, args)
+    expand = make_expand(nets, wm, done_fn, args)
+    # chunk boundaries fall on every expansion, evaluation and checkpoint step: one compile
+    chunk = math.gcd(args.chunk, args.expand_every, args.eval_every, args.checkpoint_every,
+                     args.total_steps or args.chunk)
+    print(f"[leq] {args.env}: {args.total_steps} steps, tau {args.expectile}, chunks of {chunk}; {run_dir}")
+
+    bar = tqdm(total=args.total_steps, initial=step, desc=f"LEQ {args.env}", unit="step", mininterval=2)
+    last_score, t_last = float("nan"), time.time()
+    while step < args.total_steps:
+        if not args.no_expansion and step % args.expand_every == 0:
+            buf = expand(buf, st.actor, data[0], jax.random.fold_in(k_expand, step))
+        if args.inject_nan_at is not None and step == args.inject_nan_at:
+            st = st._replace(critic=jax.tree.map(lambda x: x * jnp.nan, st.critic))
+        st, metrics, finite = train_chunk(st, data, *start_states(args, data, buf), k_train, step, chunk)
+        step += chunk
+        metrics = {k: float(v) for k, v in metrics.items()}
+        bad = [k for k, v in metrics.items() if not np.isfinite(v)] + ([] if bool(finite) else ["parameters"])
+        if bad:
+            last = sorted(run_dir.glob("checkpoint_*.npz"))
+            raise FloatingPointError(f"non-finite {', '.join(bad)} in the chunk ending at step {step}; "
+                                     f"stopped; last good checkpoint: {last[-1] if last else 'none'}")
+        now = time.time()
+        row = {"step": step, **metrics, "steps_per_s": chunk / (now - t_last)}
+        t_last = now
+        if step % args.eval_every == 0 or step == args.total_steps:
+            result = evaluate.evaluate(task, nets, st.actor, args.eval_episodes, args.seed)
+            last_score = result["score"]
+            row.update(score=last_score, success=result["success"])
+            t_last = time.time()  # evaluation time is not training speed
+        logger.log(row)
+        if step % args.checkpoint_every == 0 and step < args.total_steps:
+            save_checkpoint(run_dir, task, args, st, buf, step, nets.stats)
+        bar.update(chunk)
+        bar.set_postfix_str(f"critic {metrics['critic_loss']:.3g} q {metrics['q_data']:.3g} "
+                            f"score {last_score:.1f}")
+    bar.close()
+
+    final = final_evaluation(task, nets, st.actor, args)
+    arrays = {**tasks.flatten(jax.device_get(st.actor), "actor"),
+              **tasks.flatten(jax.device_get(st.critic), "critic"),
+              **tasks.flatten(jax.device_get(st.critic_ema), "critic_ema"),
+              "stats/mean": np.asarray(nets.stats[0]), "stats/std": np.asarray(nets.stats[1]),
+              "summary/final_score": np.array(final["score"])}
+    tasks.save_npz(run_dir / "leq.npz", arrays, "leq", task, args)
+    (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+    logger.log({"step": step, "final_score": final["score"], "final_score_std": final.get("score_std", 0.0)})
+    print(f"[leq] final score {final['score']:.1f} +- {final.get('score_std', 0.0):.1f} "
+          f"({args.final_eval_rounds} x {args.eval_episodes} episodes); wrote {run_dir / 'leq.npz'}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    import tyro
+    try:
+        train(tyro.cli(Args))
+    except tasks.InputError as e:
+        sys.exit(f"error: {e}")
