@@ -96,8 +96,8 @@ def init_ensemble(key, in_dim: int, out_dim: int, hidden_dims, ensemble_size: in
             f"layer_{i}": {"kernel": jax.random.normal(keys[i], (fan_in, fan_out)) / (2 * np.sqrt(fan_in)),
                            "bias": jnp.zeros(fan_out)}
             for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:]))}
-    params["max_logvar"] = jnp.full((out_dim,), 0.5)
-    params["min_logvar"] = jnp.full((out_dim,), -10.0)
+    params["max_logvar"] = jnp.full((out_dim,), 0.5, jnp.float32)
+    params["min_logvar"] = jnp.full((out_dim,), -10.0, jnp.float32)
     return params
 
 
@@ -348,7 +348,7 @@ def train(args: Args) -> Path:
     key_init, key_train = jax.random.split(jax.random.PRNGKey(args.seed))
     params = init_ensemble(key_init, x_tr.shape[1], y_tr.shape[1], args.hidden_dims, args.ensemble_size)
     optimizer = optax.adam(args.lr)
-    state = TrainState(params, optimizer.init(params), params, jnp.full(args.ensemble_size, 1e10))
+    state = TrainState(params, optimizer.init(params), params, jnp.full(args.ensemble_size, 1e10, jnp.float32))
     epoch, since = 0, 0
     if args.resume and ckpt.exists():  # a previous run of this config was interrupted
         state, epoch, since = load_checkpoint(ckpt, task, args, state)
