@@ -149,7 +149,8 @@ def plot_trajectories(task: tasks.Task, episodes: list, path) -> None:
     ax.set_aspect("equal")
     ax.autoscale_view()
     wins = sum(e["success"] for e in episodes)
-    ax.set_title(f"{task.name}: {wins}/{len(episodes)} successes (green), start blue, goal gold")
+    ax.set_title(f"{task.name}: {wins}/{len(episodes)} successes\n(green: success, red: failure; "
+                 f"start blue, goal gold)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -179,6 +180,7 @@ def save_video(task: tasks.Task, policy: Callable, path, seed: int = 0) -> None:
     """MP4 of one episode rendered by MuJoCo; a clear error when rendering is unavailable."""
     try:
         import imageio
+        import imageio_ffmpeg  # noqa: F401  (the MP4 writer: fail before rendering, not after)
         env = tasks.make_env(task, render_mode="rgb_array")
         obs, _ = env.reset(seed=seed)
         frames = [env.render()]

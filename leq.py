@@ -559,7 +559,10 @@ class Logger:
             self.path.write_text("".join(r + "\n" for r in rows))
         self.wandb = None
         if args.track:
-            import wandb
+            try:
+                import wandb
+            except ImportError:
+                raise tasks.InputError("--track needs Weights & Biases: pip install wandb") from None
             self.wandb = wandb.init(project=args.wandb_project, name=run_dir.name,
                                     config=dataclasses.asdict(args), resume="allow", id=run_dir.name)
 
@@ -695,5 +698,5 @@ if __name__ == "__main__":
     import tyro
     try:
         train(tyro.cli(Args))
-    except tasks.InputError as e:
+    except (tasks.InputError, FloatingPointError) as e:  # bad input, or a non-finite loss: one line
         sys.exit(f"error: {e}")

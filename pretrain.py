@@ -312,7 +312,11 @@ def train(args: Args) -> Path:
     task = tasks.get_task(args.env)
     out = Path(args.out) if args.out else default_path(args.env, args.seed)
     ckpt = out.with_name(out.name.replace(".npz", "") + ".ckpt.npz")
-    wm = world_model.load_world_model(args.world_model or world_model.default_path(args.env, args.seed), task)
+    wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
+    if not wm_path.exists():
+        raise tasks.InputError(f"world model {wm_path} does not exist: run world_model.py --env {args.env} "
+                               f"first, or pass --world-model PATH")
+    wm = world_model.load_world_model(wm_path, task)
     ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
     data = device_dataset(ds)
     nets = make_nets(task, args.hidden_dims, (wm.input_mean, wm.input_std))
@@ -366,5 +370,5 @@ if __name__ == "__main__":
     import tyro
     try:
         train(tyro.cli(Args))
-    except tasks.InputError as e:
+    except (tasks.InputError, FloatingPointError) as e:  # bad input, or a non-finite loss: one line
         sys.exit(f"error: {e}")

@@ -179,7 +179,7 @@ def picked_forward(params: dict, x, member):
 
     def everyone(x):
         outs = jnp.stack([member_forward(m, x) for m in members(params)])
-        return (one_hot.T[..., None] * outs).sum(0)
+        return jnp.take_along_axis(outs, member[None, :, None], axis=0)[0]
 
     return gaussian_head(params, jax.lax.cond(jnp.max(counts) <= capacity, grouped, everyone, x))
 
@@ -396,5 +396,5 @@ if __name__ == "__main__":
     import tyro
     try:
         train(tyro.cli(Args))
-    except tasks.InputError as e:
+    except (tasks.InputError, FloatingPointError) as e:  # bad input, or a non-finite loss: one line
         sys.exit(f"error: {e}")

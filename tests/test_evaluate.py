@@ -1,0 +1,351 @@
+"""Evaluation (LEQ.md section 8): scripted policies with known outcomes on the built-in mazes,
+seeding, the CLI's JSON and pictures, bad checkpoints, video, and compiling the policy once."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import evaluate
+import pretrain
+import tasks
+from conftest import ROOT
+
+UMAZE = tasks.get_task("pointmaze-umaze")
+MEDIUM = tasks.get_task("pointmaze-medium")
+SUMMARY_FIELDS = {"env", "episodes", "score", "score_stderr", "success", "success_stderr", "return",
+                  "return_stderr", "length", "length_stderr", "checkpoint", "seed", "env_goal",
+                  "termination_centre"}
+
+
+def waypoint_policy(task):
+    """The dataset's waypoint controller driving to the goal cell, batched: (n, 4) -> (n, 2)."""
+    layout = tasks.MAZES[task.maze]
+    target = tasks.maze_cells(layout, "G")[0]
+    dist = tasks.bfs_distances(layout, target)
+    return lambda obs: np.stack([tasks.waypoint_action(layout, dist, target, o) for o in obs])
+
+
+def zero_policy(obs):
+    return np.zeros((len(obs), 2))
+
+
+def goal_of_the_env(task):
+    """The goal cell's centre as gymnasium-robotics' own maze computes it (not tasks.cell_xy)."""
+    env = tasks.make_env(task)
+    env.reset(seed=0)
+    return env.unwrapped.maze.cell_rowcol_to_xy(np.array(tasks.maze_cells(tasks.MAZES[task.maze], "G")[0]))
+
+
+def one_line(excinfo):
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+# --------------------------------------------------------------------------------------------
+# Scripted policies with known outcomes
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", [UMAZE, MEDIUM], ids=lambda t: t.name)
+def test_waypoint_controller_succeeds_every_episode(task):
+    """The waypoint controller reaches the goal in every episode: success 1, score 100, return 1
+    (reward 1 only on the step that enters the goal region, which ends the episode)."""
+    episodes = evaluate.run_episodes(task, waypoint_policy(task), 3, seed=0, parallel=3, record=True)
+    goal = goal_of_the_env(task)
+    for e in episodes:
+        xy = np.asarray(e["xy"])
+        dist = np.linalg.norm(xy - goal, axis=1)
+        assert e["success"] is True and e["ret"] == 1.0
+        assert e["length"] == len(xy) - 1 < task.max_episode_steps
+        assert dist[-1] < tasks.GOAL_RADIUS and np.all(dist[:-1] >= tasks.GOAL_RADIUS)
+    s = evaluate.summarize(task, episodes)
+    assert (s["env"], s["episodes"]) == (task.name, 3)
+    assert (s["success"], s["success_stderr"], s["score"], s["score_stderr"]) == (1.0, 0.0, 100.0, 0.0)
+    assert (s["return"], s["return_stderr"]) == (1.0, 0.0)
+    assert s["length"] == pytest.approx(statistics.mean(e["length"] for e in episodes))
+
+
+@pytest.mark.parametrize("task", [UMAZE, MEDIUM], ids=lambda t: t.name)
+def test_zero_policy_fails_after_the_time_limit(task):
+    """A constant zero action never reaches the goal: success 0, score 0, return 0, and every
+    episode lasts exactly the task's max_episode_steps."""
+    episodes = evaluate.run_episodes(task, zero_policy, 2, seed=0, parallel=2, record=True)
+    for e in episodes:
+        assert (e["success"], e["ret"], e["length"]) == (False, 0.0, task.max_episode_steps)
+        assert len(e["xy"]) == task.max_episode_steps + 1
+    s = evaluate.summarize(task, episodes)
+    assert (s["success"], s["score"], s["return"]) == (0.0, 0.0, 0.0)
+    assert (s["length"], s["length_stderr"]) == (task.max_episode_steps, 0.0)
+
+
+def test_summarize_means_and_standard_errors():
+    """summarize gives the mean and the standard error (sample std / sqrt n) of score (100 x
+    success for mazes), success, return and length; one episode has stderr 0."""
+    episodes = [dict(ret=1.0, length=120, success=True), dict(ret=0.0, length=300, success=False),
+                dict(ret=0.0, length=300, success=False), dict(ret=1.0, length=95, success=True),
+                dict(ret=1.0, length=211, success=True)]
+    s = evaluate.summarize(UMAZE, episodes)
+    columns = {"score": [100.0 * e["success"] for e in episodes],
+               "success": [float(e["success"]) for e in episodes],
+               "return": [e["ret"] for e in episodes], "length": [e["length"] for e in episodes]}
+    for name, values in columns.items():
+        assert s[name] == pytest.approx(statistics.mean(values)), name
+        assert s[name + "_stderr"] == pytest.approx(statistics.stdev(values) / len(values) ** 0.5), name
+    assert s["score"] == pytest.approx(60.0) and s["episodes"] == 5
+    one = evaluate.summarize(UMAZE, episodes[:1])
+    assert (one["score"], one["score_stderr"]) == (100.0, 0.0)
+    assert (one["length"], one["length_stderr"]) == (120.0, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Seeding
+# --------------------------------------------------------------------------------------------
+
+def test_seeds_make_episodes_repeatable():
+    """Same seed: identical per-episode results and trajectories, however many run in lockstep;
+    episode i uses seed + i; another seed gives other start positions and trajectories."""
+    policy = waypoint_policy(UMAZE)
+    first = evaluate.run_episodes(UMAZE, policy, 3, seed=7, parallel=3, record=True)
+    again = evaluate.run_episodes(UMAZE, policy, 3, seed=7, parallel=3, record=True)
+    one_at_a_time = evaluate.run_episodes(UMAZE, policy, 3, seed=7, parallel=1, record=True)
+    assert first == again == one_at_a_time
+    shifted = evaluate.run_episodes(UMAZE, policy, 2, seed=8, parallel=2, record=True)
+    assert shifted == first[1:]  # episode i is reset with seed + i
+    other = evaluate.run_episodes(UMAZE, policy, 3, seed=100, parallel=3, record=True)
+    starts = np.array([e["xy"][0] for e in first + other])
+    assert len({tuple(xy) for xy in starts}) == 6  # every episode starts somewhere else
+    for a, b in zip(first, other):
+        assert a["xy"] != b["xy"]
+    # all starts are in the start cell, within the documented +-0.25 noise of its centre
+    start = tasks.cell_xy(tasks.MAZES["umaze"], tasks.maze_cells(tasks.MAZES["umaze"], "R")[0])
+    assert np.abs(starts - start).max() <= 0.25 + 1e-9
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI: JSON, trajectory picture, learning curve
+# --------------------------------------------------------------------------------------------
+
+HIDDEN = (16, 16)
+
+
+def np_policy(actor, mean, std):
+    """tanh(MLP(symlog((s - mu_s) / std_s))) clipped to [-1, 1], in float64 numpy."""
+    layers = actor["params"]
+    n = len(layers)
+
+    def policy(obs):
+        x = (np.asarray(obs, np.float64) - mean[:4]) / std[:4]
+        x = np.sign(x) * np.log1p(np.abs(x))
+        for i in range(n):
+            x = x @ np.asarray(layers[f"Dense_{i}"]["kernel"], np.float64) + layers[f"Dense_{i}"]["bias"]
+            x = np.maximum(x, 0.0) if i < n - 1 else x
+        return np.clip(np.tanh(x), -1.0, 1.0)
+    return policy
+
+
+def save_actor_artifact(path, task, hidden=HIDDEN, seed=0):
+    """An artifact laid out as pretrain.py writes it (kind 'pretrain')."""
+    rng = np.random.default_rng(seed)
+    mean = np.concatenate([rng.normal(size=2) * 0.5, np.zeros(4)]).astype(np.float32)
+    std = rng.uniform(0.5, 2.0, size=6).astype(np.float32)
+    nets = pretrain.make_nets(task, hidden, (mean, std))
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(seed), task.obs_dim, task.act_dim)
+    actor, critic = jax.device_get((actor, critic))
+    arrays = {**tasks.flatten(actor, "actor"), **tasks.flatten(critic, "critic"),
+              **tasks.flatten(critic, "critic_ema"), "stats/mean": mean, "stats/std": std}
+    tasks.save_npz(path, arrays, "pretrain", task, pretrain.Args(env=task.name, hidden_dims=hidden))
+    return actor, mean, std
+
+
+def test_main_writes_json_and_trajectory_picture(tmp_path):
+    """evaluate.main on a pretrain artifact writes <stem>.eval.json with the documented fields,
+    the numbers of a float64 numpy re-implementation of the policy, the env's real goal (= the
+    termination centre), and a trajectory PNG."""
+    path = tmp_path / "pretrain.npz"
+    actor, mean, std = save_actor_artifact(path, UMAZE)
+    summary = evaluate.main(evaluate.Args(checkpoint=str(path), episodes=3, parallel=3, seed=0))
+    written = json.loads((tmp_path / "pretrain.eval.json").read_text())
+    assert set(written) == SUMMARY_FIELDS and written == summary
+    assert (written["env"], written["episodes"], written["seed"]) == (UMAZE.name, 3, 0)
+    assert written["checkpoint"] == str(path)
+    # the reference: the same episodes with a numpy policy built from the saved arrays
+    want = evaluate.summarize(UMAZE, evaluate.run_episodes(UMAZE, np_policy(actor, mean, std), 3, 0, 3))
+    for k in ("score", "success", "return", "length"):
+        assert written[k] == pytest.approx(want[k]), k
+        assert written[k + "_stderr"] == pytest.approx(want[k + "_stderr"]), k
+    # the env's goal is the termination centre (section 8: report it so a user can check)
+    goal = goal_of_the_env(UMAZE)
+    assert written["env_goal"] == pytest.approx(list(goal))
+    assert written["termination_centre"] == pytest.approx(list(goal))
+    assert written["termination_centre"] == pytest.approx(list(UMAZE.goal))
+    # the trajectory picture: a real PNG with something drawn on it
+    png = tmp_path / "pretrain.trajectories.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and min(image.shape[:2]) > 100
+    assert len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 5  # not a blank canvas
+
+
+def test_plot_curve_makes_a_png(tmp_path):
+    """plot_curve draws one panel per metric present (400 px each at 100 dpi) from a
+    metrics.jsonl; --curve alone writes metrics.png; an empty file is a one-line error."""
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "critic_loss": 1.0 / (1 + s), "actor_loss": -0.1 * s} for s in range(0, 5000, 500)]
+    rows += [{"step": s, "score": 10.0 * i} for i, s in enumerate(range(0, 5000, 1000))]
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    png = tmp_path / "curve.png"
+    evaluate.plot_curve(metrics, png)
+    import matplotlib.image
+    image = matplotlib.image.imread(png)
+    assert png.stat().st_size > 0 and image.shape[:2] == (320, 3 * 400)  # score, critic_loss, actor_loss
+    assert evaluate.main(evaluate.Args(curve=str(metrics))) is None
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(tasks.InputError) as e:
+        evaluate.plot_curve(empty, tmp_path / "empty.png")
+    assert "has no metrics" in one_line(e)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad checkpoints: one-line errors
+# --------------------------------------------------------------------------------------------
+
+def test_checkpoint_without_actor_or_for_another_env_fails(tmp_path):
+    """A world-model artifact (no actor), an artifact evaluated in another env, a missing file,
+    and no checkpoint at all each stop evaluate.main with a one-line InputError, writing nothing."""
+    wm_like = tmp_path / "world_model.npz"
+    tasks.save_npz(wm_like, {"model/input_mean": np.zeros(6, np.float32),
+                             "model/input_std": np.ones(6, np.float32)}, "world_model", UMAZE, {})
+    with pytest.raises(tasks.InputError) as e:
+        evaluate.main(evaluate.Args(checkpoint=str(wm_like), episodes=1, parallel=1))
+    assert "('world_model') has no actor parameters" in one_line(e) and str(wm_like) in one_line(e)
+    actor_path = tmp_path / "pretrain.npz"
+    save_actor_artifact(actor_path, UMAZE)
+    with pytest.raises(tasks.InputError) as e:
+        evaluate.main(evaluate.Args(checkpoint=str(actor_path), env=MEDIUM.name, episodes=1, parallel=1))
+    assert "made for env 'pointmaze-umaze', not 'pointmaze-medium'" in one_line(e)
+    with pytest.raises(tasks.InputError) as e:
+        evaluate.main(evaluate.Args(checkpoint=str(tmp_path / "nope.npz")))
+    assert "does not exist" in one_line(e)
+    with pytest.raises(tasks.InputError) as e:
+        evaluate.main(evaluate.Args())
+    assert "--checkpoint" in one_line(e)
+    with pytest.raises(tasks.InputError) as e:
+        evaluate.main(evaluate.Args(checkpoint=str(actor_path), episodes=0))
+    assert "--episodes" in one_line(e)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain.npz", "world_model.npz"]
+
+
+# the child execs at once, so JAX's warning about forking a threaded process does not apply
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_cli_prints_one_line_error_for_a_checkpoint_without_actor(tmp_path):
+    """`python evaluate.py --checkpoint world_model.npz` exits non-zero with one 'error:' line."""
+    wm_like = tmp_path / "world_model.npz"
+    tasks.save_npz(wm_like, {"model/input_mean": np.zeros(6, np.float32)}, "world_model", UMAZE, {})
+    p = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(wm_like)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: artifact")
+    assert "has no actor parameters" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Video
+# --------------------------------------------------------------------------------------------
+
+VIDEO_SCRIPT = """
+import sys
+import numpy as np
+sys.path.insert(0, {root!r})
+import evaluate, tasks
+task = tasks.get_task("pointmaze-umaze")
+layout = tasks.MAZES["umaze"]
+target = tasks.maze_cells(layout, "G")[0]
+dist = tasks.bfs_distances(layout, target)
+policy = lambda obs: np.stack([tasks.waypoint_action(layout, dist, target, o) for o in obs])
+try:
+    evaluate.save_video(task, policy, sys.argv[1], seed=0)
+    print("WROTE")
+except tasks.InputError as e:
+    print("INPUTERROR " + str(e))
+"""
+
+
+def run_save_video(path, mujoco_gl):
+    """evaluate.save_video in a fresh process (the GL backend is fixed at MuJoCo's import)."""
+    env = dict(os.environ, MUJOCO_GL=mujoco_gl)
+    p = subprocess.run([sys.executable, "-c", VIDEO_SCRIPT.format(root=str(ROOT)), str(path)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout.strip().splitlines()
+
+
+# the child execs at once, so JAX's warning about forking a threaded process does not apply
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_video_is_written_or_fails_naming_mujoco_gl(tmp_path):
+    """save_video writes an MP4 holding the whole episode (length + 1 frames) where MuJoCo can
+    render (MUJOCO_GL as set, else osmesa), else raises a one-line InputError naming MUJOCO_GL;
+    with an unusable backend it always raises that error and writes nothing."""
+    path = tmp_path / "episode.mp4"
+    out = run_save_video(path, os.environ.get("MUJOCO_GL", "osmesa"))
+    if out[-1] == "WROTE":
+        data = path.read_bytes()
+        assert len(data) > 1000 and data[4:8] == b"ftyp"  # an MP4 container
+        import imageio.v2 as imageio
+        with imageio.get_reader(path) as reader:
+            frames = sum(1 for _ in reader)
+        length = evaluate.run_episodes(UMAZE, waypoint_policy(UMAZE), 1, seed=0, parallel=1)[0]["length"]
+        assert frames == length + 1  # the reset frame, then one per step
+    else:
+        assert len(out) == 1 and out[0].startswith("INPUTERROR cannot render a video here")
+        assert "MUJOCO_GL" in out[0] and not path.exists()
+    bad = tmp_path / "bad.mp4"
+    out = run_save_video(bad, "no-such-backend")
+    assert len(out) == 1 and out[0].startswith("INPUTERROR cannot render a video here")
+    assert "MUJOCO_GL" in out[0] and not bad.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The policy is compiled once per network shape
+# --------------------------------------------------------------------------------------------
+
+def test_policy_compiles_once_per_network_shape():
+    """New parameters and statistics for the same network shape reuse the compiled
+    deterministic_action (its cache does not grow) and give the new parameters' actions; a
+    new shape does compile (the count can move)."""
+    obs = np.random.default_rng(0).normal(size=(7, 4))  # float64 as from the envs; a batch no other test uses
+
+    def build(hidden, seed):
+        rng = np.random.default_rng(seed)
+        mean, std = rng.normal(size=6).astype(np.float32), rng.uniform(0.5, 2, 6).astype(np.float32)
+        nets = pretrain.make_nets(UMAZE, hidden, (mean, std))
+        actor, _ = pretrain.init_params(nets, jax.random.PRNGKey(seed), 4, 2)
+        return nets, actor, np_policy(jax.device_get(actor), mean, std)
+
+    nets, actor, reference = build(HIDDEN, 1)
+    before = evaluate.deterministic_action._cache_size()
+    np.testing.assert_allclose(evaluate.actor_policy(nets, actor)(obs), reference(obs), atol=1e-5)
+    compiled = evaluate.deterministic_action._cache_size()
+    assert compiled == before + 1
+    outputs = []
+    for seed in (2, 3, 4):
+        nets_b, actor_b, reference_b = build(HIDDEN, seed)
+        got = evaluate.actor_policy(nets_b, actor_b)(obs)
+        np.testing.assert_allclose(got, reference_b(obs), atol=1e-5)  # the new parameters are used
+        outputs.append(got)
+        got32 = evaluate.actor_policy(nets_b, actor_b)(obs.astype(np.float32))
+        np.testing.assert_array_equal(got32, got)
+    assert not np.allclose(outputs[0], outputs[1])
+    assert evaluate.deterministic_action._cache_size() == compiled
+    other, actor_c, _ = build((8,), 5)
+    evaluate.actor_policy(other, actor_c)(obs)
+    assert evaluate.deterministic_action._cache_size() == compiled + 1

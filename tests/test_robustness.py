@@ -1,0 +1,263 @@
+"""Runs that survive: kill and resume, atomic checkpoints, the NaN guard, reproducibility and
+one-line errors for bad input (the real scripts, in subprocesses)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import leq
+import tasks
+from conftest import ROOT
+
+ENV = "pointmaze-umaze"
+
+
+def run(args, cwd, check=True, timeout=600):
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args[0]} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def run_and_kill_when(args, cwd, ready, timeout=300):
+    """Start a script, SIGKILL it as soon as `ready()` is true, return how it ended."""
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"{args[0]} ended before it could be killed: {proc.stderr.read()[-3000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting to kill")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, tiny_maze_file_module):
+    """A tiny world model and pretrained actor/critic for fast LEQ runs."""
+    d = tmp_path_factory.mktemp("upstream")
+    common = ["--env", ENV, "--dataset-path", tiny_maze_file_module]
+    run([ROOT / "world_model.py", *common, "--out", d / "wm.npz", "--hidden-dims", 16, 16,
+         "--weight-decay", 2.5e-5, 5e-5, 1e-4, "--ensemble-size", 3, "--num-elites", 2, "--max-epochs", 2], d)
+    run([ROOT / "pretrain.py", *common, "--world-model", d / "wm.npz", "--out", d / "pt.npz",
+         "--hidden-dims", 32, 32, "--bc-steps", 20, "--fqe-steps", 20, "--chunk", 10, "--bc-batch-size", 64], d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_maze_file_module(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "umaze_tiny.hdf5"
+    tasks.generate_pointmaze(tasks.get_task(ENV), path, size=6000, seed=3, episode_len=1000)
+    return path
+
+
+def leq_cmd(upstream, data, run_dir, *extra):
+    return [ROOT / "leq.py", "--env", ENV, "--dataset-path", data, "--world-model", upstream / "wm.npz",
+            "--pretrain", upstream / "pt.npz", "--run-dir", run_dir, "--total-steps", 300, "--chunk", 50,
+            "--checkpoint-every", 100, "--eval-every", 300, "--eval-episodes", 1, "--final-eval-rounds", 1,
+            "--expand-every", 100, "--expand-size", 64, "--batch-size", 32, "--model-batch-size", 32,
+            "--horizon", 3, *extra]
+
+
+def npz_arrays(path, prefixes=("actor/", "critic/", "critic_ema/")):
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files if k.startswith(prefixes)}
+
+
+def metric_rows(run_dir):
+    rows = [json.loads(r) for r in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if r]
+    return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]  # wall time differs
+
+
+# --------------------------------------------------------------------------------------------
+# Kill and resume
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uninterrupted(upstream, tiny_maze_file_module):
+    run_dir = upstream / "plain"
+    run(leq_cmd(upstream, tiny_maze_file_module, run_dir), upstream)
+    return run_dir
+
+
+def test_leq_killed_and_resumed_equals_an_uninterrupted_run(upstream, tiny_maze_file_module, uninterrupted):
+    """SIGKILL after the first checkpoint, rerun the same command: same total, identical weights."""
+    run_dir = upstream / "killed"
+    run_and_kill_when(leq_cmd(upstream, tiny_maze_file_module, run_dir), upstream,
+                      lambda: any(run_dir.glob("checkpoint_*.npz")) and not (run_dir / "leq.npz").exists())
+    assert not (run_dir / "leq.npz").exists()
+    p = run(leq_cmd(upstream, tiny_maze_file_module, run_dir), upstream)
+    assert "resuming" in p.stdout
+    resumed, plain = npz_arrays(run_dir / "leq.npz"), npz_arrays(uninterrupted / "leq.npz")
+    assert resumed.keys() == plain.keys() and len(plain) > 10
+    for k in plain:  # bitwise: same compiled code, same keys, same data on the same CPU
+        np.testing.assert_array_equal(resumed[k], plain[k], err_msg=k)
+    rows = metric_rows(run_dir)
+    assert [r["step"] for r in rows if "critic_loss" in r] == [50, 100, 150, 200, 250, 300]
+    assert rows == metric_rows(uninterrupted)
+    assert len(list(run_dir.glob("checkpoint_*.npz"))) <= 2  # the last two are kept
+
+
+def test_same_seed_twice_gives_identical_metrics(upstream, tiny_maze_file_module, uninterrupted):
+    """Every random draw comes from the seed."""
+    run_dir = upstream / "again"
+    run(leq_cmd(upstream, tiny_maze_file_module, run_dir), upstream)
+    assert metric_rows(run_dir) == metric_rows(uninterrupted)
+    other = upstream / "other_seed"
+    run(leq_cmd(upstream, tiny_maze_file_module, other, "--seed", 1), upstream)
+    assert metric_rows(other) != metric_rows(uninterrupted)
+
+
+def test_world_model_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
+    """world_model.py continues from its per-epoch checkpoint and ends with the same model."""
+    def cmd(out):
+        return [ROOT / "world_model.py", "--env", ENV, "--dataset-path", tiny_maze_file_module, "--out", out,
+                "--hidden-dims", 16, 16, "--weight-decay", 2.5e-5, 5e-5, 1e-4, "--ensemble-size", 3,
+                "--num-elites", 2, "--max-epochs", 4]
+    run(cmd(tmp_path / "plain.npz"), tmp_path)
+    ckpt = tmp_path / "killed.ckpt.npz"
+    run_and_kill_when(cmd(tmp_path / "killed.npz"), tmp_path, ckpt.exists)
+    assert not (tmp_path / "killed.npz").exists()
+    p = run(cmd(tmp_path / "killed.npz"), tmp_path)
+    assert "resuming" in p.stdout and not ckpt.exists()
+    a, b = npz_arrays(tmp_path / "plain.npz", ("model/",)), npz_arrays(tmp_path / "killed.npz", ("model/",))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_pretrain_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
+    """pretrain.py continues from its checkpoint and ends with the same networks."""
+    def cmd(out):
+        return [ROOT / "pretrain.py", "--env", ENV, "--dataset-path", tiny_maze_file_module, "--world-model",
+                upstream / "wm.npz", "--out", out, "--hidden-dims", 32, 32, "--bc-steps", 3000, "--fqe-steps",
+                3000, "--chunk", 100, "--checkpoint-every", 500, "--bc-batch-size", 64]
+    run(cmd(tmp_path / "plain.npz"), tmp_path)
+    ckpt = tmp_path / "killed.ckpt.npz"
+    run_and_kill_when(cmd(tmp_path / "killed.npz"), tmp_path, ckpt.exists)
+    p = run(cmd(tmp_path / "killed.npz"), tmp_path)
+    assert "resuming" in p.stdout
+    a, b = npz_arrays(tmp_path / "plain.npz"), npz_arrays(tmp_path / "killed.npz")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes and the NaN guard
+# --------------------------------------------------------------------------------------------
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+    """save_npz writes a temp file and renames it: a kill before the rename changes nothing."""
+    task = tasks.get_task(ENV)
+    path = tmp_path / "checkpoint.npz"
+    tasks.save_npz(path, {"x": np.zeros(3)}, "leq_checkpoint", task, {})
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import numpy as np, tasks
+real_replace = os.replace
+def slow_replace(a, b):
+    print("written", flush=True)
+    time.sleep(60)  # killed here: the new file is complete but not yet renamed
+    real_replace(a, b)
+os.replace = slow_replace
+tasks.save_npz({str(path)!r}, {{"x": np.ones(5_000_000)}}, "leq_checkpoint", tasks.get_task({ENV!r}), {{}})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    f = tasks.load_artifact(path, task)
+    np.testing.assert_array_equal(f["x"], np.zeros(3))
+    assert [p.name for p in tmp_path.glob("*.tmp")]  # the orphan temp file, never read
+    # and a crash inside the write (an exception) removes its temp file
+    with pytest.raises(RuntimeError):
+        tasks.save_npz(tmp_path / "y.npz", {"x": np.zeros(2), "bad": Unsavable()}, "leq", task, {})
+    assert not (tmp_path / "y.npz").exists() and len(list(tmp_path.glob("y.npz*.tmp"))) == 0
+
+
+class Unsavable:
+    def __array__(self, *a, **k):
+        raise RuntimeError("cannot be saved")
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(upstream, tiny_maze_file_module):
+    """A non-finite critic stops LEQ with a one-line message naming the step and the quantity."""
+    run_dir = upstream / "nan"
+    p = run(leq_cmd(upstream, tiny_maze_file_module, run_dir, "--inject-nan-at", 200), upstream, check=False)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr  # the progress bar, then one line saying what happened
+    message = p.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: non-finite")
+    assert "step 250" in message and "critic_loss" in message and "checkpoint_00000200.npz" in message
+    good = tasks.load_artifact(run_dir / "checkpoint_00000200.npz", tasks.get_task(ENV))
+    assert all(np.isfinite(v).all() for k, v in good.items() if k.startswith("state/"))
+    assert not (run_dir / "leq.npz").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one-line errors
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,message", [
+    ({"expectile": 0.0}, "--expectile must be in (0, 1)"),
+    ({"expectile": 1.2}, "--expectile must be in (0, 1)"),
+    ({"horizon": 0}, "--horizon must be >= 1"),
+    ({"total_steps": -5}, "--total-steps must be >= 0"),
+    ({"lam": 1.5}, "--lam in [0, 1]"),
+    ({"batch_size": 0}, "batch sizes"),
+])
+def test_flags_out_of_range(flags, message):
+    with pytest.raises(tasks.InputError) as e:
+        leq.resolve(leq.Args(**flags))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_errors_are_one_line(upstream, tiny_maze_file_module):
+    """Wrong env for an artifact, out-of-range flag, unknown env: one line on stderr, non-zero exit."""
+    cases = [
+        (["--env", "pointmaze-medium", "--world-model", upstream / "wm.npz", "--pretrain", upstream / "pt.npz"],
+         "made for env 'pointmaze-umaze', not 'pointmaze-medium'"),
+        (["--env", ENV, "--expectile", 2], "--expectile must be in (0, 1)"),
+        (["--env", "antmaze-huge-v9"], "unknown env 'antmaze-huge-v9'"),
+        (["--env", ENV, "--world-model", upstream / "missing.npz"], "does not exist"),
+    ]
+    for extra, message in cases:
+        p = run([ROOT / "leq.py", "--dataset-path", tiny_maze_file_module, "--run-dir", upstream / "bad", *extra],
+                upstream, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and message in lines[0], (extra, p.stderr[-2000:])
+
+
+def test_artifact_format_version_and_dims(tmp_path):
+    task = tasks.get_task(ENV)
+    path = tmp_path / "a.npz"
+    tasks.save_npz(path, {"actor/w": np.zeros(2)}, "pretrain", task, {})
+    with np.load(path) as f:
+        arrays = dict(f)
+    np.savez(tmp_path / "old.npz", **{**arrays, "meta/format_version": np.array(0)})
+    with pytest.raises(tasks.InputError) as e:
+        tasks.load_artifact(tmp_path / "old.npz", task)
+    assert "format version 0" in str(e.value)
+    np.savez(tmp_path / "dims.npz", **{**arrays, "meta/obs_dim": np.array(29)})
+    with pytest.raises(tasks.InputError) as e:
+        tasks.load_artifact(tmp_path / "dims.npz", task)
+    assert "obs/action dims (29, 2)" in str(e.value)
+
+
+def test_empty_dataset(tmp_path):
+    from conftest import write_d4rl_file
+    path = write_d4rl_file(tmp_path / "e.hdf5", np.zeros((1, 4)), np.zeros((1, 2)), np.zeros(1), np.zeros(1))
+    with pytest.raises(tasks.InputError) as e:
+        tasks.read_hdf5(path)
+    assert "is empty" in str(e.value)
