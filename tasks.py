@@ -98,6 +98,9 @@ MAZES = {
 # goal, see README) and default dataset size (transitions, in 1000-step episodes).
 POINTMAZE_LIMITS = {"umaze": 300, "medium": 600, "large": 800, "ultra": 1200}
 POINTMAZE_SIZES = {"umaze": 200_000, "medium": 400_000, "large": 600_000, "ultra": 1_000_000}
+# The data policy: the waypoint controller aiming at a random point of the next cell (jitter, so
+# that the data also touches walls and the world model can learn them) plus N(0, noise^2).
+DATA_NOISE, DATA_JITTER, DATA_VERSION = 1.0, 0.4, 2
 GOAL_RADIUS = 0.5  # PointMaze: success (reward 1, episode end) when ||xy - goal|| < 0.5
 
 # AntMaze termination centres and radius used in imagination (LEQ.md section 2).
@@ -310,13 +313,14 @@ def import_d4rl(task: Task):
                          f"without it") from None
     for kind in ("diverse", "play"):
         env_id = f"antmaze-ultra-{kind}-v0"
-        if env_id not in gym.envs.registry:
+        if env_id not in gym.envs.registry.env_specs:  # gym 0.23's registry
             layout = [[{"#": 1, ".": 0, "R": "r", "G": "g"}[c] for c in row] for row in MAZES["ultra"]]
             gym.envs.registration.register(
                 id=env_id, entry_point="d4rl.locomotion.ant:make_ant_maze_env",
                 max_episode_steps=ANTMAZE_LIMITS["ultra"],
                 kwargs=dict(maze_map=layout, reward_type="sparse", non_zero_reset=False,
                             eval=True, maze_size_scaling=4.0, ref_min_score=0.0, ref_max_score=1.0,
+                            v2_resets=True,  # a new goal each episode, as D4RL's -v2 AntMazes
                             dataset_url=ULTRA_URL.format(kind == "diverse")))
     return gym, d4rl
 
@@ -397,32 +401,38 @@ def bfs_distances(layout, target):
     return dist
 
 
-def waypoint_action(layout, dist, target_cell, obs, kp=10.0, kd=1.0):
-    """The maze2d-style controller: head for the centre of the neighbouring cell closest to the
-    target (or the target itself once in its cell) with a PD law, clipped to [-1, 1]."""
+def obs_cell(layout, obs):
+    """The maze cell (row, column) the point is in."""
+    return int(np.floor(len(layout) / 2 - obs[1])), int(np.floor(obs[0] + len(layout[0]) / 2))
+
+
+def waypoint_action(layout, dist, target_cell, obs, offset=(0.0, 0.0), kp=10.0, kd=1.0):
+    """The maze2d-style controller: head for the centre (+ offset) of the neighbouring cell
+    closest to the target, or for the target itself once in its cell, with a PD law clipped to
+    [-1, 1]."""
     xy, vel = obs[:2], obs[2:4]
-    height, width = len(layout), len(layout[0])
-    cell = (int(np.floor(height / 2 - xy[1])), int(np.floor(xy[0] + width / 2)))
+    cell = obs_cell(layout, obs)
     if cell == tuple(target_cell) or not np.isfinite(dist[cell]):
         waypoint = cell_xy(layout, target_cell)
     else:
         i, j = cell
-        nxt = min(((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)), key=lambda c: dist[c])
-        waypoint = cell_xy(layout, nxt)
-    return np.clip(kp * (waypoint - xy) - kd * vel, -1.0, 1.0)
+        waypoint = cell_xy(layout, min(((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)), key=lambda c: dist[c]))
+    return np.clip(kp * (waypoint + np.asarray(offset) - xy) - kd * vel, -1.0, 1.0)
 
 
 def builtin_dataset_path(task: Task, data_dir=None, size=None, seed=0) -> Path:
     size = size or POINTMAZE_SIZES[task.maze]
-    return Path(data_dir or DATA_DIR) / f"{task.name}_{size // 1000}k_seed{seed}.hdf5"
+    return Path(data_dir or DATA_DIR) / f"{task.name}_{size // 1000}k_seed{seed}_v{DATA_VERSION}.hdf5"
 
 
-def generate_pointmaze(task: Task, path: Path, size=None, seed=0, noise=0.5, episode_len=1000):
+def generate_pointmaze(task: Task, path: Path, size=None, seed=0, noise=DATA_NOISE, jitter=DATA_JITTER,
+                       episode_len=1000):
     """A "diverse" dataset the way D4RL made its mazes: each 1000-step episode starts in a random
-    free cell; the waypoint controller plus N(0, noise^2) action noise drives to random goal
-    cells one after another. Rewards/terminals are relabelled for the evaluation goal (1 when
-    ||xy' - goal|| < 0.5; the trajectory goes on); timeouts end each episode. Deterministic for
-    a seed; written atomically in D4RL's format."""
+    free cell; the waypoint controller (aiming at the next cell's centre plus a uniform offset in
+    [-jitter, jitter]^2, redrawn in every cell) plus N(0, noise^2) action noise drives to random
+    goal cells one after another. Rewards/terminals are relabelled for the evaluation goal (1 when
+    ||xy' - goal|| < 0.5; the trajectory goes on); timeouts end each episode. Deterministic for a
+    seed; written atomically in D4RL's format."""
     from tqdm import tqdm
     size = size or POINTMAZE_SIZES[task.maze]
     layout, rng = MAZES[task.maze], np.random.default_rng(seed)
@@ -439,11 +449,13 @@ def generate_pointmaze(task: Task, path: Path, size=None, seed=0, noise=0.5, epi
             start = free[rng.integers(len(free))]
             obs, _ = env.reset(seed=int(rng.integers(2**31)), options=dict(reset_cell=np.array(start)))
             obs = obs["observation"]
-            target = free[rng.integers(len(free))]
+            target, cell = free[rng.integers(len(free))], None
             for step in range(min(episode_len, size - t)):
                 if np.linalg.norm(obs[:2] - cell_xy(layout, target)) < GOAL_RADIUS:
                     target = free[rng.integers(len(free))]
-                action = waypoint_action(layout, dists[target], target, obs)
+                if obs_cell(layout, obs) != cell:  # a new cell: a new random offset of its waypoint
+                    cell, offset = obs_cell(layout, obs), rng.uniform(-jitter, jitter, size=2)
+                action = waypoint_action(layout, dists[target], target, obs, offset)
                 action = np.clip(action + noise * rng.normal(size=2), -1.0, 1.0)
                 next_obs = env.step(action)[0]["observation"]
                 reached = np.linalg.norm(next_obs[:2] - goal) < GOAL_RADIUS
@@ -461,8 +473,8 @@ def generate_pointmaze(task: Task, path: Path, size=None, seed=0, noise=0.5, epi
         f.create_dataset("terminals", data=out["terminals"].astype(bool))
         f.create_dataset("timeouts", data=out["timeouts"].astype(bool))
         f.create_dataset("infos/goal", data=out["goals"])
-        f.attrs.update(env=task.name, size=size, seed=seed, noise=noise, episode_len=episode_len,
-                       generator="tasks.generate_pointmaze v1")
+        f.attrs.update(env=task.name, size=size, seed=seed, noise=noise, jitter=jitter, episode_len=episode_len,
+                       generator=f"tasks.generate_pointmaze v{DATA_VERSION}")
     os.replace(tmp, path)
     return time.time() - start_time
 
@@ -495,14 +507,16 @@ class OldGymAPI:
     API: reset(seed=) -> (obs, info); step -> (obs, r, terminated, truncated, info)."""
 
     def __init__(self, env):
-        self.env, self.unwrapped = env, env.unwrapped
+        self.env, self.unwrapped = env, env
+        while hasattr(self.unwrapped, "env") or hasattr(self.unwrapped, "wrapped_env"):  # gym and d4rl wrappers
+            self.unwrapped = getattr(self.unwrapped, "env", None) or self.unwrapped.wrapped_env
         self.action_space, self.observation_space = env.action_space, env.observation_space
 
     def reset(self, *, seed=None):
         if seed is not None:
-            self.env.seed(seed)
+            self.unwrapped.seed(seed)  # d4rl's NormalizedBoxEnv does not pass seed() on
             self.env.action_space.seed(seed)
-            np.random.seed(seed)  # d4rl's AntMaze draws its goal/start noise from np.random
+            np.random.seed(seed)  # d4rl's AntMaze draws its goal noise from np.random
         return self.env.reset(), {}
 
     def step(self, action):
@@ -672,12 +686,14 @@ class Args:
     """number of transitions (default: the task's default size, see README)"""
     seed: int = 0
     """generator seed (the dataset is a deterministic function of it)"""
-    noise: float = 0.5
+    noise: float = DATA_NOISE
     """std of the Gaussian action noise added to the waypoint controller"""
+    jitter: float = DATA_JITTER
+    """the controller aims at a uniform random point within +-jitter of each cell's centre"""
     data_dir: Optional[str] = None
     """folder for generated datasets (default: $LEQ_DATA_DIR or ./data next to this file)"""
     out: Optional[str] = None
-    """output path (default: <data_dir>/<env>_<size/1000>k_seed<seed>.hdf5)"""
+    """output path (default: <data_dir>/<env>_<size/1000>k_seed<seed>_v2.hdf5)"""
     expert_episodes: int = 50
     """episodes to measure the controller on the evaluation task (0 to skip)"""
 
@@ -687,7 +703,7 @@ def main(args: Args):
     if task.family != "pointmaze":
         raise InputError(f"only built-in pointmaze tasks can be generated, not {task.name}")
     path = Path(args.out) if args.out else builtin_dataset_path(task, args.data_dir, args.size, args.seed)
-    seconds = generate_pointmaze(task, path, args.size, args.seed, args.noise)
+    seconds = generate_pointmaze(task, path, args.size, args.seed, args.noise, args.jitter)
     data = qlearning_transitions(read_hdf5(path))
     print(f"wrote {path}: {len(data['rewards'])} transitions, {int(data['rewards'].sum())} at the "
           f"goal, in {seconds:.1f} s")
