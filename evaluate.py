@@ -88,7 +88,7 @@ def run_episodes(task: tasks.Task, policy: Callable, episodes: int, seed: int = 
         envs = get_envs(task, min(parallel, episodes - first))
         obs = np.stack([env.reset(seed=seed + first + i)[0] for i, env in enumerate(envs)])
         alive = np.ones(len(envs), bool)
-        eps = [dict(ret=0.0, length=0, success=False, xy=[o[:2].tolist()] if record else None)
+        eps = [dict(ret=0.0, length=0, success=False, obs0=o.tolist(), xy=[o[:2].tolist()] if record else None)
                for o in obs]
         while alive.any():
             actions = policy(obs)
@@ -220,12 +220,19 @@ def main(args: Args) -> Optional[dict]:
     summary.update(checkpoint=str(args.checkpoint), seed=args.seed,
                    env_goal=tasks.env_goal(get_envs(task, 1)[0]).tolist(),
                    termination_centre=list(task.goal))
+    f = np.load(args.checkpoint, allow_pickle=False)
+    if any(k.startswith("critic/") for k in f.files):  # pretrain.npz, leq.npz: the critic's start value
+        critic = jax.tree.map(jnp.asarray, tasks.unflatten(f, "critic"))
+        s0 = jnp.asarray([e["obs0"] for e in episodes], jnp.float32)
+        summary["q_start"] = float(jnp.mean(nets.q(critic, s0, nets.pi(params, s0))))
     stem = str(args.checkpoint).removesuffix(".npz")
     out = Path(args.out or stem + ".eval.json")
     out.write_text(json.dumps(summary, indent=2))
     print(f"{'metric':>10} {'mean':>10} {'stderr':>10}")
     for k in ("score", "success", "return", "length"):
         print(f"{k:>10} {summary[k]:>10.3f} {summary[k + '_stderr']:>10.3f}")
+    if "q_start" in summary:
+        print(f"critic's value of the start states, mean Q(s0, pi(s0)): {summary['q_start']:.2f}")
     print(f"env goal {np.round(summary['env_goal'], 2).tolist()}, termination centre "
           f"{np.round(task.goal, 2).tolist()}; wrote {out}")
     if maze and args.plot:

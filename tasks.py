@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
-# XLA's CPU backend runs this project's small matrix products about 10% faster through its Eigen
+# (Deviation, README.) XLA's CPU backend runs this project's small matrix products about 10% faster through its Eigen
 # kernels than through the YNNPACK fusions it picks by default (measured with benchmarks/). Only
 # CPU compilation is affected; it must be set before JAX's first computation; XLA_FLAGS that
 # already name the option win.

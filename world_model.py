@@ -218,7 +218,7 @@ class TrainState(NamedTuple):
 
 def make_epoch_fn(args: Args, optimizer, x_train, y_train, boot_idx):
     """x_train: standardised inputs on device; boot_idx: (E, N) bootstrap indices per member."""
-    n_batches = boot_idx.shape[1] // args.batch_size  # the last partial minibatch is dropped
+    n_batches = boot_idx.shape[1] // args.batch_size  # the last partial minibatch is dropped (deviation, README)
 
     def sgd_step(carry, idx):  # idx: (E, batch)
         params, opt_state = carry
@@ -242,7 +242,8 @@ def make_epoch_fn(args: Args, optimizer, x_train, y_train, boot_idx):
 @jax.jit
 def snapshot_improved(state: TrainState, mse, improvement):
     """Members with (best - new) / best > improvement take a snapshot of their parameters.
-    The log-variance bounds are shared by all members and not snapshotted (as OfflineRL-Kit)."""
+    The log-variance bounds are shared by all members and not snapshotted (as OfflineRL-Kit;
+    a deviation from LEQ.md's per-member snapshot, listed in the README)."""
     improved = (state.best_mse - mse) / state.best_mse > improvement
 
     best = dict(state.params)  # the shared log-variance bounds: as trained
@@ -274,8 +275,8 @@ def model_noise(wm: WorldModel, key, batch_shape):
 
 def model_step_given(wm: WorldModel, s, a, member, eps, done_fn):
     """(s, a) -> (s', r, done) for given randomness: sample [s' - s, r] = mu + eps * exp(lv / 2)
-    from elite `member` (sampling only the picked member's Gaussian is the same distribution as
-    sampling every member and then picking). Reparameterised, so s' and r are differentiable in
+    from elite `member` (deviation, README: sampling only the picked member's Gaussian is the same distribution
+    as sampling every member and then picking, at 1/5 of the work). Reparameterised, so s' and r are differentiable in
     (s, a) through mean and std; `done` (the task's true termination) carries no gradient.
     Works on any leading batch shape."""
     x = (jnp.concatenate([s, a], -1) - wm.input_mean) / wm.input_std

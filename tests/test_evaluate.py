@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,7 +21,7 @@ UMAZE = tasks.get_task("pointmaze-umaze")
 MEDIUM = tasks.get_task("pointmaze-medium")
 SUMMARY_FIELDS = {"env", "episodes", "score", "score_stderr", "success", "success_stderr", "return",
                   "return_stderr", "length", "length_stderr", "checkpoint", "seed", "env_goal",
-                  "termination_centre"}
+                  "termination_centre", "q_start"}
 
 
 def waypoint_policy(task):
@@ -179,6 +180,13 @@ def test_main_writes_json_and_trajectory_picture(tmp_path):
     for k in ("score", "success", "return", "length"):
         assert written[k] == pytest.approx(want[k]), k
         assert written[k + "_stderr"] == pytest.approx(want[k + "_stderr"]), k
+    # q_start: the saved critic at the 3 episodes' reset observations and the actor's actions
+    nets = pretrain.make_nets(UMAZE, HIDDEN, (mean, std))
+    f = np.load(path, allow_pickle=False)
+    critic = jax.tree.map(jnp.asarray, tasks.unflatten(f, "critic"))
+    s0 = np.stack([tasks.make_env(UMAZE).reset(seed=i)[0] for i in range(3)]).astype(np.float32)
+    want_q = np.mean(np.asarray(nets.q(critic, s0, jnp.asarray(np_policy(actor, mean, std)(s0), jnp.float32))))
+    assert written["q_start"] == pytest.approx(float(want_q), rel=1e-4, abs=1e-4)
     # the env's goal is the termination centre (section 8: report it so a user can check)
     goal = goal_of_the_env(UMAZE)
     assert written["env_goal"] == pytest.approx(list(goal))
