@@ -35,7 +35,7 @@ from pretrain import Nets
 
 # Per-task defaults for the built-in tasks (D4RL tasks keep the paper's settings):
 # (total steps, evaluation interval, expectile tau); tau 0.1 is the paper's first choice.
-BUILTIN = {"pointmaze-umaze": (40_000, 5_000, 0.1), "pointmaze-medium": (60_000, 10_000, 0.1),
+BUILTIN = {"pointmaze-umaze": (30_000, 5_000, 0.1), "pointmaze-medium": (30_000, 5_000, 0.1),
            "pointmaze-large": (80_000, 10_000, 0.1), "pointmaze-ultra": (100_000, 10_000, 0.1)}
 
 

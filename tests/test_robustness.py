@@ -119,6 +119,36 @@ def test_same_seed_twice_gives_identical_metrics(upstream, tiny_maze_file_module
     assert metric_rows(other) != metric_rows(uninterrupted)
 
 
+def test_leq_artifact_runs_in_evaluate(uninterrupted):
+    """End to end: the leq.npz of a 300-step run on a built-in maze loads and runs in evaluate.py."""
+    p = run([ROOT / "evaluate.py", "--checkpoint", uninterrupted / "leq.npz", "--episodes", 2, "--parallel", 2,
+             "--no-plot"], uninterrupted)
+    result = json.loads((uninterrupted / "leq.eval.json").read_text())
+    assert result["env"] == ENV and result["episodes"] == 2 and 0 <= result["success"] <= 1
+    assert 1 <= result["length"] <= tasks.get_task(ENV).max_episode_steps
+    assert "q_start" in result and np.isfinite(result["q_start"]) and "score" in p.stdout
+
+
+def test_one_compile_per_run(upstream, tiny_maze_file_module, tmp_path, monkeypatch):
+    """The chunk of K steps is traced once per run, across expansions, evaluations and checkpoints
+    (a Python side effect in the update runs only while JAX traces it)."""
+    import tyro
+    traces, make_update = [], leq.make_update
+
+    def counting_make_update(*a, **k):
+        update = make_update(*a, **k)
+
+        def counted(*args):
+            traces.append(1)
+            return update(*args)
+        return counted
+    monkeypatch.setattr(leq, "make_update", counting_make_update)
+    args = tyro.cli(leq.Args, args=[str(x) for x in leq_cmd(upstream, tiny_maze_file_module, tmp_path / "run")[1:]])
+    leq.train(args)
+    assert (tmp_path / "run" / "leq.npz").exists()
+    assert len(traces) == 1
+
+
 def test_world_model_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
     """world_model.py continues from its per-epoch checkpoint and ends with the same model."""
     def cmd(out):
