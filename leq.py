@@ -538,6 +538,8 @@ def save_checkpoint(run_dir: Path, task, args: Args, st: LEQState, buf: Buffer, 
     tasks.save_npz(path, arrays, "leq_checkpoint", task, args)
     for old in sorted(run_dir.glob("checkpoint_*.npz"))[:-2]:
         old.unlink()
+    for orphan in run_dir.glob("checkpoint_*.tmp"):  # temp files of writes killed before their rename
+        orphan.unlink()
     return path
 
 

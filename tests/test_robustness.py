@@ -97,8 +97,10 @@ def test_leq_killed_and_resumed_equals_an_uninterrupted_run(upstream, tiny_maze_
     run_and_kill_when(leq_cmd(upstream, tiny_maze_file_module, run_dir), upstream,
                       lambda: any(run_dir.glob("checkpoint_*.npz")) and not (run_dir / "leq.npz").exists())
     assert not (run_dir / "leq.npz").exists()
+    (run_dir / "checkpoint_00000150.npzkilled.tmp").write_bytes(b"partial")  # as a kill mid-write leaves
     p = run(leq_cmd(upstream, tiny_maze_file_module, run_dir), upstream)
     assert "resuming" in p.stdout
+    assert not list(run_dir.glob("*.tmp"))  # orphaned temp files are removed by the next write
     resumed, plain = npz_arrays(run_dir / "leq.npz"), npz_arrays(uninterrupted / "leq.npz")
     assert resumed.keys() == plain.keys() and len(plain) > 10
     for k in plain:  # bitwise: same compiled code, same keys, same data on the same CPU
