@@ -220,9 +220,10 @@ def main(args: Args) -> Optional[dict]:
     summary.update(checkpoint=str(args.checkpoint), seed=args.seed,
                    env_goal=tasks.env_goal(get_envs(task, 1)[0]).tolist(),
                    termination_centre=list(task.goal))
-    f = np.load(args.checkpoint, allow_pickle=False)
-    if any(k.startswith("critic/") for k in f.files):  # pretrain.npz, leq.npz: the critic's start value
-        critic = jax.tree.map(jnp.asarray, tasks.unflatten(f, "critic"))
+    with np.load(args.checkpoint, allow_pickle=False) as f:  # pretrain.npz, leq.npz hold a critic too
+        has_critic = any(k.startswith("critic/") for k in f.files)
+        critic = jax.tree.map(jnp.asarray, tasks.unflatten(f, "critic")) if has_critic else None
+    if critic is not None:  # the critic's value of the start states
         s0 = jnp.asarray([e["obs0"] for e in episodes], jnp.float32)
         summary["q_start"] = float(jnp.mean(nets.q(critic, s0, nets.pi(params, s0))))
     stem = str(args.checkpoint).removesuffix(".npz")
