@@ -275,10 +275,10 @@ def model_noise(wm: WorldModel, key, batch_shape):
 
 def model_step_given(wm: WorldModel, s, a, member, eps, done_fn):
     """(s, a) -> (s', r, done) for given randomness: sample [s' - s, r] = mu + eps * exp(lv / 2)
-    from elite `member` (deviation, README: sampling only the picked member's Gaussian is the same distribution
-    as sampling every member and then picking, at 1/5 of the work). Reparameterised, so s' and r are differentiable in
-    (s, a) through mean and std; `done` (the task's true termination) carries no gradient.
-    Works on any leading batch shape."""
+    from elite `member` (deviation, README: sampling only the picked member's Gaussian is the
+    same distribution as sampling every member and then picking, at 1/5 of the work).
+    Reparameterised, so s' and r are differentiable in (s, a) through mean and std; `done` (the
+    task's true termination) carries no gradient. Works on any leading batch shape."""
     x = (jnp.concatenate([s, a], -1) - wm.input_mean) / wm.input_std
     mu, logvar = picked_forward(wm.params, x.reshape(-1, x.shape[-1]), member.reshape(-1))
     sample = (mu + jnp.exp(0.5 * logvar) * eps.reshape(mu.shape)).reshape(*s.shape[:-1], -1)
