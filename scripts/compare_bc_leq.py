@@ -100,7 +100,7 @@ def plot(summary, path):
     ax.set_ylabel("success rate (%)")
     ax.set_ylim(-3, 103)
     ax.set_title(f"{summary['env']}: LEQ vs the BC actor it starts from")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
