@@ -153,10 +153,12 @@ def test_one_compile_per_run(upstream, tiny_maze_file_module, tmp_path, monkeypa
 
 def test_world_model_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
     """world_model.py continues from its per-epoch checkpoint and ends with the same model."""
+    # A tiny epoch takes ~20 ms: run 300 of them (no early stop) so that the kill, sent once the
+    # first checkpoint exists, lands seconds before the end (with 4 epochs CI once lost that race).
     def cmd(out):
         return [ROOT / "world_model.py", "--env", ENV, "--dataset-path", tiny_maze_file_module, "--out", out,
                 "--hidden-dims", 16, 16, "--weight-decay", 2.5e-5, 5e-5, 1e-4, "--ensemble-size", 3,
-                "--num-elites", 2, "--max-epochs", 4]
+                "--num-elites", 2, "--max-epochs", 300, "--patience", 1000]
     run(cmd(tmp_path / "plain.npz"), tmp_path)
     ckpt = tmp_path / "killed.ckpt.npz"
     run_and_kill_when(cmd(tmp_path / "killed.npz"), tmp_path, ckpt.exists)
