@@ -628,6 +628,7 @@ def train(args: Args) -> Path:
     ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
     data = pretrain.device_dataset(ds)
     wm = world_model.load_world_model(wm_path, task)
+    world_model.check_dataset(wm, wm_path, ds)
     done_fn = tasks.termination_fn(task, args.goal)
     k_init, k_train, k_expand = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     nets, actor, critic = initial_networks(args, task, wm, pt_path, k_init)

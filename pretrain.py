@@ -318,6 +318,7 @@ def train(args: Args) -> Path:
                                f"first, or pass --world-model PATH")
     wm = world_model.load_world_model(wm_path, task)
     ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
+    world_model.check_dataset(wm, wm_path, ds)
     data = device_dataset(ds)
     nets = make_nets(task, args.hidden_dims, (wm.input_mean, wm.input_std))
     k_init, k_train = jax.random.split(jax.random.PRNGKey(args.seed))

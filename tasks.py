@@ -99,8 +99,10 @@ MAZES = {
 POINTMAZE_LIMITS = {"umaze": 300, "medium": 600, "large": 800, "ultra": 1200}
 POINTMAZE_SIZES = {"umaze": 200_000, "medium": 400_000, "large": 600_000, "ultra": 1_000_000}
 # The data policy: the waypoint controller aiming at a random point of the next cell (jitter, so
-# that the data also touches walls and the world model can learn them) plus N(0, noise^2).
-DATA_NOISE, DATA_JITTER, DATA_VERSION = 1.0, 0.4, 2
+# that the data also touches walls and the world model can learn them) plus N(0, noise^2), and,
+# with probability DATA_EXCURSION per step, a 10-40-step excursion towards a random point up to
+# 1.5 cells away (often inside a wall: the point pushes against it; see README, Data).
+DATA_NOISE, DATA_JITTER, DATA_EXCURSION, DATA_VERSION = 1.0, 0.4, 0.02, 3
 GOAL_RADIUS = 0.5  # PointMaze: success (reward 1, episode end) when ||xy - goal|| < 0.5
 
 # AntMaze termination centres and radius used in imagination (LEQ.md section 2).
@@ -426,11 +428,13 @@ def builtin_dataset_path(task: Task, data_dir=None, size=None, seed=0) -> Path:
 
 
 def generate_pointmaze(task: Task, path: Path, size=None, seed=0, noise=DATA_NOISE, jitter=DATA_JITTER,
-                       episode_len=1000):
+                       episode_len=1000, excursion=DATA_EXCURSION):
     """A "diverse" dataset the way D4RL made its mazes: each 1000-step episode starts in a random
     free cell; the waypoint controller (aiming at the next cell's centre plus a uniform offset in
     [-jitter, jitter]^2, redrawn in every cell) plus N(0, noise^2) action noise drives to random
-    goal cells one after another. Rewards/terminals are relabelled for the evaluation goal (1 when
+    goal cells one after another. With probability `excursion` per step it leaves for 10-40 steps
+    to a random point within +-1.5 cells (PD control, same noise), so the data pushes into walls
+    as a clumsy ant's does. Rewards/terminals are relabelled for the evaluation goal (1 when
     ||xy' - goal|| < 0.5; the trajectory goes on); timeouts end each episode. Deterministic for a
     seed; written atomically in D4RL's format."""
     from tqdm import tqdm
@@ -449,13 +453,19 @@ def generate_pointmaze(task: Task, path: Path, size=None, seed=0, noise=DATA_NOI
             start = free[rng.integers(len(free))]
             obs, _ = env.reset(seed=int(rng.integers(2**31)), options=dict(reset_cell=np.array(start)))
             obs = obs["observation"]
-            target, cell = free[rng.integers(len(free))], None
+            target, cell, away = free[rng.integers(len(free))], None, 0
             for step in range(min(episode_len, size - t)):
                 if np.linalg.norm(obs[:2] - cell_xy(layout, target)) < GOAL_RADIUS:
                     target = free[rng.integers(len(free))]
                 if obs_cell(layout, obs) != cell:  # a new cell: a new random offset of its waypoint
                     cell, offset = obs_cell(layout, obs), rng.uniform(-jitter, jitter, size=2)
-                action = waypoint_action(layout, dists[target], target, obs, offset)
+                if away == 0 and rng.random() < excursion:  # leave the path for a while
+                    away, aim = int(rng.integers(10, 41)), obs[:2] + rng.uniform(-1.5, 1.5, size=2)
+                if away > 0:
+                    away -= 1
+                    action = np.clip(10.0 * (aim - obs[:2]) - obs[2:4], -1.0, 1.0)  # waypoint_action's PD law
+                else:
+                    action = waypoint_action(layout, dists[target], target, obs, offset)
                 action = np.clip(action + noise * rng.normal(size=2), -1.0, 1.0)
                 next_obs = env.step(action)[0]["observation"]
                 reached = np.linalg.norm(next_obs[:2] - goal) < GOAL_RADIUS
@@ -473,7 +483,8 @@ def generate_pointmaze(task: Task, path: Path, size=None, seed=0, noise=DATA_NOI
         f.create_dataset("terminals", data=out["terminals"].astype(bool))
         f.create_dataset("timeouts", data=out["timeouts"].astype(bool))
         f.create_dataset("infos/goal", data=out["goals"])
-        f.attrs.update(env=task.name, size=size, seed=seed, noise=noise, jitter=jitter, episode_len=episode_len,
+        f.attrs.update(env=task.name, size=size, seed=seed, noise=noise, jitter=jitter, excursion=excursion,
+                       episode_len=episode_len,
                        generator=f"tasks.generate_pointmaze v{DATA_VERSION}")
     os.replace(tmp, path)
     return time.time() - start_time
@@ -690,10 +701,12 @@ class Args:
     """std of the Gaussian action noise added to the waypoint controller"""
     jitter: float = DATA_JITTER
     """the controller aims at a uniform random point within +-jitter of each cell's centre"""
+    excursion: float = DATA_EXCURSION
+    """per-step probability of a 10-40-step excursion to a random point within +-1.5 cells"""
     data_dir: Optional[str] = None
     """folder for generated datasets (default: $LEQ_DATA_DIR or ./data next to this file)"""
     out: Optional[str] = None
-    """output path (default: <data_dir>/<env>_<size/1000>k_seed<seed>_v2.hdf5)"""
+    """output path (default: <data_dir>/<env>_<size/1000>k_seed<seed>_v<version>.hdf5)"""
     expert_episodes: int = 50
     """episodes to measure the controller on the evaluation task (0 to skip)"""
 
@@ -703,7 +716,8 @@ def main(args: Args):
     if task.family != "pointmaze":
         raise InputError(f"only built-in pointmaze tasks can be generated, not {task.name}")
     path = Path(args.out) if args.out else builtin_dataset_path(task, args.data_dir, args.size, args.seed)
-    seconds = generate_pointmaze(task, path, args.size, args.seed, args.noise, args.jitter)
+    seconds = generate_pointmaze(task, path, args.size, args.seed, args.noise, args.jitter,
+                                 excursion=args.excursion)
     data = qlearning_transitions(read_hdf5(path))
     print(f"wrote {path}: {len(data['rewards'])} transitions, {int(data['rewards'].sum())} at the "
           f"goal, in {seconds:.1f} s")

@@ -263,6 +263,7 @@ class WorldModel(NamedTuple):
     input_std: jnp.ndarray
     reward_scale: float      # task reward transform: r -> scale * r + shift
     reward_shift: float
+    dataset: str = ""        # the HDF5 file it was trained on (checked by later stages)
 
 
 def model_noise(wm: WorldModel, key, batch_shape):
@@ -311,7 +312,15 @@ def load_world_model(path, task: tasks.Task) -> WorldModel:
               **{f"member_{j}": params[f"member_{e}"] for j, e in enumerate(elites)}}  # elites only
     params = jax.tree.map(jnp.asarray, params)
     return WorldModel(params, jnp.asarray(f["model/input_mean"]), jnp.asarray(f["model/input_std"]),
-                      float(f["model/reward_scale"]), float(f["model/reward_shift"]))
+                      float(f["model/reward_scale"]), float(f["model/reward_shift"]), str(f["model/dataset_path"]))
+
+
+def check_dataset(wm: WorldModel, wm_path, ds: tasks.Dataset):
+    """Later stages must train on the data the model was fitted to: compare file names (the
+    built-in files carry the generator version, so a model of older data is caught)."""
+    if wm.dataset and Path(wm.dataset).name != Path(ds.path).name:
+        raise tasks.InputError(f"world model {wm_path} was trained on {Path(wm.dataset).name}, but this run "
+                               f"uses {Path(ds.path).name}: delete it to retrain, or pass --world-model")
 
 
 def save_world_model(path, task, args, params, mean, std, elites, mse, ds: tasks.Dataset, epochs):

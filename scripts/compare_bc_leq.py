@@ -54,12 +54,12 @@ def main(a: Args):
     results = []
     for seed in a.seeds:
         fmt = dict(env=a.env, seed=seed)
-        run_dir, pt_path = Path(a.run_dir.format(**fmt)), a.pretrain.format(**fmt)
+        run_dir, pt_path, wm_path = Path(a.run_dir.format(**fmt)), a.pretrain.format(**fmt), a.world_model.format(**fmt)
         start = time.time()
         if not (run_dir / "leq.npz").exists():
             leq.train(leq.Args(env=a.env, seed=seed, run_dir=str(run_dir), total_steps=a.total_steps,
                                expectile=a.expectile, pretrain=None if not Path(pt_path).exists() else pt_path,
-                               world_model=a.world_model.format(**fmt)))
+                               world_model=None if not Path(wm_path).exists() else wm_path))
         wall = time.time() - start
         config = json.loads((run_dir / "config.json").read_text())
         final = json.loads((run_dir / "final_eval.json").read_text())

@@ -273,6 +273,20 @@ def test_cli_errors_are_one_line(upstream, tiny_maze_file_module):
         assert p.returncode != 0 and len(lines) == 1 and message in lines[0], (extra, p.stderr[-2000:])
 
 
+def test_world_model_of_other_data_is_refused(upstream, tiny_maze_file_module, tmp_path):
+    """pretrain.py and leq.py refuse a world model fitted to another dataset file (e.g. an older
+    version of a built-in dataset), in one line that says what to do."""
+    other = tmp_path / "umaze_other.hdf5"
+    other.write_bytes(tiny_maze_file_module.read_bytes())
+    common = ["--env", ENV, "--dataset-path", other, "--world-model", upstream / "wm.npz"]
+    for cmd in ([ROOT / "pretrain.py", *common, "--out", tmp_path / "pt.npz"],
+                [ROOT / "leq.py", *common, "--pretrain", upstream / "pt.npz", "--run-dir", tmp_path / "r"]):
+        p = run(cmd, tmp_path, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and "was trained on umaze_tiny.hdf5, but this run uses umaze_other.hdf5" \
+            in lines[-1] and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
 def test_artifact_format_version_and_dims(tmp_path):
     task = tasks.get_task(ENV)
     path = tmp_path / "a.npz"
