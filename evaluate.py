@@ -212,7 +212,8 @@ def main(args: Args) -> Optional[dict]:
         raise tasks.InputError("pass --checkpoint PATH (an artifact with an actor) or --curve FILE")
     if args.episodes < 1 or args.parallel < 1:
         raise tasks.InputError("--episodes and --parallel must be >= 1")
-    task, nets, params = pretrain.load_actor(args.checkpoint, tasks.get_task(args.env) if args.env else None)
+    artifact = tasks.load_artifact(args.checkpoint, tasks.get_task(args.env) if args.env else None, need="actor")
+    task, nets, params = pretrain.actor_from_artifact(artifact)
     maze = task.family in ("pointmaze", "antmaze")
     episodes = run_episodes(task, actor_policy(nets, params), args.episodes, args.seed, args.parallel,
                             record=maze and args.plot)
@@ -220,10 +221,8 @@ def main(args: Args) -> Optional[dict]:
     summary.update(checkpoint=str(args.checkpoint), seed=args.seed,
                    env_goal=tasks.env_goal(get_envs(task, 1)[0]).tolist(),
                    termination_centre=list(task.goal))
-    with np.load(args.checkpoint, allow_pickle=False) as f:  # pretrain.npz, leq.npz hold a critic too
-        has_critic = any(k.startswith("critic/") for k in f.files)
-        critic = jax.tree.map(jnp.asarray, tasks.unflatten(f, "critic")) if has_critic else None
-    if critic is not None:  # the critic's value of the start states
+    if any(k.startswith("critic/") for k in artifact):  # pretrain.npz, leq.npz: Q of the start states
+        critic = jax.tree.map(jnp.asarray, tasks.unflatten(artifact, "critic"))
         s0 = jnp.asarray([e["obs0"] for e in episodes], jnp.float32)
         summary["q_start"] = float(jnp.mean(nets.q(critic, s0, nets.pi(params, s0))))
     stem = str(args.checkpoint).removesuffix(".npz")

@@ -294,7 +294,11 @@ def load_pretrained(path, task: tasks.Task):
 def load_actor(path, task: Optional[tasks.Task] = None):
     """(task, nets, actor params) from ANY artifact holding an actor (pretrain.npz, leq.npz, a
     leq checkpoint); the task comes from the artifact when not given."""
-    f = tasks.load_artifact(path, task, need="actor")
+    return actor_from_artifact(tasks.load_artifact(path, task, need="actor"), task)
+
+
+def actor_from_artifact(f: dict, task: Optional[tasks.Task] = None):
+    """load_actor for an artifact already read with tasks.load_artifact."""
     task = task or tasks.get_task(str(f["meta/env"]))
     actor = jax.tree.map(jnp.asarray, tasks.unflatten(f, "actor"))
     return task, make_nets(task, hidden_dims_of(actor), (f["stats/mean"], f["stats/std"])), actor

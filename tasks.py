@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import glob
 import io
 import json
 import os
@@ -624,6 +625,8 @@ def save_npz(path, arrays: dict, kind: str, task: Task, config) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for orphan in path.parent.glob(glob.escape(path.name) + "*.tmp"):  # left by writes killed before renaming
+        orphan.unlink(missing_ok=True)
 
 
 def load_artifact(path, task: Optional[Task] = None, kinds: tuple = (), need: str = "") -> dict:

@@ -214,6 +214,8 @@ tasks.save_npz({str(path)!r}, {{"x": np.ones(5_000_000)}}, "leq_checkpoint", tas
     f = tasks.load_artifact(path, task)
     np.testing.assert_array_equal(f["x"], np.zeros(3))
     assert [p.name for p in tmp_path.glob("*.tmp")]  # the orphan temp file, never read
+    tasks.save_npz(path, {"x": np.ones(3)}, "leq_checkpoint", task, {})  # the next write of that file
+    assert not list(tmp_path.glob("*.tmp"))  # removes it
     # and a crash inside the write (an exception) removes its temp file
     with pytest.raises(RuntimeError):
         tasks.save_npz(tmp_path / "y.npz", {"x": np.zeros(2), "bad": Unsavable()}, "leq", task, {})
