@@ -413,14 +413,18 @@ def waypoint_action(layout, dist, target_cell, obs, offset=(0.0, 0.0), kp=10.0, 
     """The maze2d-style controller: head for the centre (+ offset) of the neighbouring cell
     closest to the target, or for the target itself once in its cell, with a PD law clipped to
     [-1, 1]."""
-    xy, vel = obs[:2], obs[2:4]
     cell = obs_cell(layout, obs)
     if cell == tuple(target_cell) or not np.isfinite(dist[cell]):
         waypoint = cell_xy(layout, target_cell)
     else:
         i, j = cell
         waypoint = cell_xy(layout, min(((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)), key=lambda c: dist[c]))
-    return np.clip(kp * (waypoint + np.asarray(offset) - xy) - kd * vel, -1.0, 1.0)
+    return pd_action(obs, waypoint + np.asarray(offset), kp, kd)
+
+
+def pd_action(obs, point, kp=10.0, kd=1.0):
+    """PD control of the point towards `point`, clipped to [-1, 1]."""
+    return np.clip(kp * (point - obs[:2]) - kd * obs[2:4], -1.0, 1.0)
 
 
 def builtin_dataset_path(task: Task, data_dir=None, size=None, seed=0) -> Path:
@@ -464,7 +468,7 @@ def generate_pointmaze(task: Task, path: Path, size=None, seed=0, noise=DATA_NOI
                     away, aim = int(rng.integers(10, 41)), obs[:2] + rng.uniform(-1.5, 1.5, size=2)
                 if away > 0:
                     away -= 1
-                    action = np.clip(10.0 * (aim - obs[:2]) - obs[2:4], -1.0, 1.0)  # waypoint_action's PD law
+                    action = pd_action(obs, aim)
                 else:
                     action = waypoint_action(layout, dists[target], target, obs, offset)
                 action = np.clip(action + noise * rng.normal(size=2), -1.0, 1.0)

@@ -54,7 +54,8 @@ def main(a: Args):
     results = []
     for seed in a.seeds:
         fmt = dict(env=a.env, seed=seed)
-        run_dir, pt_path, wm_path = Path(a.run_dir.format(**fmt)), a.pretrain.format(**fmt), a.world_model.format(**fmt)
+        run_dir = Path(a.run_dir.format(**fmt))
+        pt_path, wm_path = a.pretrain.format(**fmt), a.world_model.format(**fmt)
         start = time.time()
         if not (run_dir / "leq.npz").exists():
             leq.train(leq.Args(env=a.env, seed=seed, run_dir=str(run_dir), total_steps=a.total_steps,
