@@ -6,7 +6,8 @@
 For each seed: runs leq.py (which runs the world model and pretraining first when their
 artifacts are missing; a run folder that already holds leq.npz is reused, one with a
 checkpoint resumes), evaluates the BC actor of pretrain.npz with the same protocol as LEQ's
-final evaluation (10 x 10 episodes), and collects the wall time of each stage that ran. Writes
+final evaluation (10 x 10 episodes), and records the wall time of the leq.py call (with the
+stages it ran first) when this call made the run (null for a reused one). Writes
 <out>.json (per-seed and mean numbers) and <out>.png (LEQ's periodic success per seed against
 steps, BC as dashed lines).
 """
@@ -56,12 +57,13 @@ def main(a: Args):
         fmt = dict(env=a.env, seed=seed)
         run_dir = Path(a.run_dir.format(**fmt))
         pt_path, wm_path = a.pretrain.format(**fmt), a.world_model.format(**fmt)
-        start = time.time()
+        wall = None  # a reused run's time is not known here (None in the JSON, not a near-zero number)
         if not (run_dir / "leq.npz").exists():
+            start = time.time()
             leq.train(leq.Args(env=a.env, seed=seed, run_dir=str(run_dir), total_steps=a.total_steps,
                                expectile=a.expectile, pretrain=None if not Path(pt_path).exists() else pt_path,
                                world_model=None if not Path(wm_path).exists() else wm_path))
-        wall = time.time() - start
+            wall = time.time() - start
         config = json.loads((run_dir / "config.json").read_text())
         final = json.loads((run_dir / "final_eval.json").read_text())
         _, nets, bc_actor = pretrain.load_actor(config["pretrain"] or pt_path, task)
