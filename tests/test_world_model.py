@@ -255,6 +255,22 @@ def make_state(params, best_params, best_mse):
     return world_model.TrainState(params, opt.init(params), best_params, jnp.asarray(best_mse, jnp.float32))
 
 
+def test_epoch_shuffle_is_a_fresh_permutation_of_each_bootstrap_sample():
+    """Each epoch walks every member's own bootstrap sample (the same multiset of rows) in a new order, repeatable from (seed, epoch)."""
+    boot = np.random.default_rng(3).integers(0, 50, (3, 40)).astype(np.int32)
+    a = np.asarray(world_model.shuffle_bootstrap(boot, seed=0, epoch=4))
+    for e in range(3):
+        np.testing.assert_array_equal(np.sort(a[e]), np.sort(boot[e]))
+    assert not np.array_equal(a, boot)
+    np.testing.assert_array_equal(a, np.asarray(world_model.shuffle_bootstrap(boot, seed=0, epoch=4)))
+    assert not np.array_equal(a, np.asarray(world_model.shuffle_bootstrap(boot, seed=0, epoch=5)))
+    assert not np.array_equal(a, np.asarray(world_model.shuffle_bootstrap(boot, seed=1, epoch=4)))
+    # uniform: over many epochs, row 0's first slot holds each of its 40 positions about equally often
+    firsts = np.array([np.asarray(world_model.shuffle_bootstrap(np.arange(40)[None], 0, k))[0, 0] for k in range(4000)])
+    counts = np.bincount(firsts, minlength=40)
+    assert counts.min() > 100 - 4 * 10 and counts.max() < 100 + 4 * 10  # 100 expected, sd about 9.9
+
+
 def test_snapshot_improved_keeps_best_members_and_not_the_logvar_bounds():
     """Only members whose holdout MSE improved by more than 1% relative take a snapshot; the shared log-variance bounds are always the trained ones."""
     params = world_model.init_ensemble(jax.random.PRNGKey(0), 6, OUT, (8,), 4)
