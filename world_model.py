@@ -137,13 +137,26 @@ def member_forward(member: dict, x):
     return x
 
 
+@jax.custom_jvp
+def softplus(x):
+    """log(1 + e^x) as max(x, 0) + log(1 + e^-|x|), derivative sigmoid(x). jax.nn.softplus uses
+    log1p, which XLA's CPU backend runs about 10x slower (a world-model epoch about 3% slower).
+    Without log1p the result is off by at most about 1e-7 in absolute terms where it is tiny;
+    here it is a log-variance, so that is a relative error of at most about 1e-7 in the variance,
+    float32's own rounding (deviation, README)."""
+    return jnp.maximum(x, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(x)))
+
+
+softplus.defjvps(lambda g, ans, x: g * jax.nn.sigmoid(x))
+
+
 def gaussian_head(params: dict, out):
     """Split [mean, logvar] and soft-clamp the log-variance between the learnable bounds:
     lv = max - softplus(max - lv); lv = min + softplus(lv - min)."""
     mean, logvar = jnp.split(out, 2, axis=-1)
     hi, lo = params["max_logvar"], params["min_logvar"]
-    logvar = hi - jax.nn.softplus(hi - logvar)
-    return mean, lo + jax.nn.softplus(logvar - lo)
+    logvar = hi - softplus(hi - logvar)
+    return mean, lo + softplus(logvar - lo)
 
 
 def ensemble_forward(params: dict, x):
@@ -188,17 +201,35 @@ def picked_forward(params: dict, x, member):
 # Loss: Gaussian NLL per member, summed; weight decay; log-variance bound regulariser
 # ============================================================================================
 
-def ensemble_loss(params: dict, x, y, weight_decay):
-    """sum_e [mean((mu - y)^2 exp(-lv)) + mean(lv)] + sum_l 0.5 wd_l sum(W_l^2)
-       + 0.01 sum(max_logvar) - 0.01 sum(min_logvar).   x: (E, B, in), y: (E, B, out).
+def ensemble_loss(params: dict, x, y):
+    """sum_e [mean((mu - y)^2 exp(-lv)) + mean(lv)] + 0.01 sum(max_logvar) - 0.01 sum(min_logvar),
+    for x: (E, B, in), y: (E, B, out). The weight decay, the loss's third part, is `decay_loss`.
     Each member's terms are summed on their own, never stacked: a member's backward pass can
     then start as soon as its own forward pass is done (an exact speed-up of about 3%)."""
     loss = 0.01 * jnp.sum(params["max_logvar"]) - 0.01 * jnp.sum(params["min_logvar"])
     for e, m in enumerate(members(params)):
         mean, logvar = gaussian_head(params, member_forward(m, x[e]))
         loss += jnp.mean((mean - y[e]) ** 2 * jnp.exp(-logvar)) + jnp.mean(logvar)
-        loss += sum(0.5 * wd * jnp.sum(m[f"layer_{i}"]["kernel"] ** 2) for i, wd in enumerate(weight_decay))
     return loss
+
+
+def decay_loss(params: dict, weight_decay):
+    """sum_e sum_l 0.5 wd_l sum(W_l^2) over the kernels (not the biases) of every member."""
+    return sum(0.5 * wd * jnp.sum(m[f"layer_{i}"]["kernel"] ** 2)
+               for m in members(params) for i, wd in enumerate(weight_decay))
+
+
+def loss_grads(params: dict, x, y, weight_decay):
+    """(ensemble_loss, gradient of ensemble_loss + decay_loss). The decay's gradient wd_l W_l is
+    added directly rather than differentiated, and its value is left out of the returned loss:
+    the same gradient, about 5% faster per epoch (XLA fuses the addition into Adam's update
+    instead of running a separate square, sum and derivative per kernel)."""
+    loss, grads = jax.value_and_grad(ensemble_loss)(params, x, y)
+    for e, m in enumerate(members(params)):
+        for i, wd in enumerate(weight_decay):
+            g = grads[f"member_{e}"][f"layer_{i}"]
+            g["kernel"] = g["kernel"] + wd * m[f"layer_{i}"]["kernel"]
+    return loss, grads
 
 
 def holdout_mse(params: dict, x, y):
@@ -223,8 +254,7 @@ def make_epoch_fn(args: Args, optimizer, x_train, y_train):
 
     def sgd_step(carry, idx):  # idx: (E, batch), one minibatch per member
         params, opt_state = carry
-        loss, grads = jax.value_and_grad(ensemble_loss)(params, x_train[idx], y_train[idx],
-                                                        args.weight_decay)
+        loss, grads = loss_grads(params, x_train[idx], y_train[idx], args.weight_decay)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -387,7 +417,8 @@ def train(args: Args) -> Path:
             raise FloatingPointError(f"world model loss is {float(loss)} at epoch {epoch}")
         save_checkpoint(ckpt, task, args, state, epoch, since)
         bar.update(1)
-        bar.set_postfix_str(f"loss {float(loss):.3f} | holdout mse "
+        decay = float(decay_loss(state.params, args.weight_decay))  # the loss's third part, at epoch end
+        bar.set_postfix_str(f"loss {float(loss):.3f} + decay {decay:.3f} | holdout mse "
                             f"{' '.join(f'{m:.2e}' for m in np.asarray(mse))} | since {since}")
     bar.close()
     best_mse = np.asarray(state.best_mse)
