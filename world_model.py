@@ -395,7 +395,7 @@ def train(args: Args) -> Path:
     x_train, y_train = jnp.asarray((x_tr - mean) / std), jnp.asarray(y_tr)
     x_hold, y_hold = jnp.asarray((x_ho - mean) / std), jnp.asarray(y_ho)
 
-    key_init, _ = jax.random.split(jax.random.PRNGKey(args.seed))  # (the second key was once the shuffle key)
+    key_init = jax.random.PRNGKey(args.seed)
     params = init_ensemble(key_init, x_tr.shape[1], y_tr.shape[1], args.hidden_dims, args.ensemble_size)
     optimizer = optax.adam(args.lr)
     state = TrainState(params, optimizer.init(params), params, jnp.full(args.ensemble_size, 1e10, jnp.float32))
