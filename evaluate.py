@@ -1,4 +1,4 @@
-"""Evaluation: run an actor in the real environment, report scores, draw pictures (LEQ.md 8).
+"""Evaluation: run an actor in the real environment, report scores, draw pictures (docs/ALGORITHM.md, section 5.8).
 
     python evaluate.py --checkpoint runs/<run>/leq.npz            # 10 episodes, table + JSON
     python evaluate.py --checkpoint pretrain.npz --episodes 100   # any artifact with an actor
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import pretrain
+import artifacts
+import mazes
+import networks
 import tasks
 
 
@@ -53,13 +54,13 @@ class Args:
 # ============================================================================================
 
 @functools.partial(jax.jit, static_argnames="actor")
-def deterministic_action(actor: pretrain.Actor, params, stats, obs):
+def deterministic_action(actor: networks.Actor, params, stats, obs):
     """tanh(mean(s)), clipped to [-1, 1]. Compiled once per network shape: parameters and
     statistics are arguments, so new parameters never trigger a re-trace."""
     return jnp.clip(jnp.tanh(actor.apply(params, obs, stats)), -1.0, 1.0)
 
 
-def actor_policy(nets: pretrain.Nets, params) -> Callable:
+def actor_policy(nets: networks.Nets, params) -> Callable:
     """A batched numpy policy obs (n, obs_dim) -> actions (n, act_dim) from an actor."""
     return lambda obs: np.asarray(
         deterministic_action(nets.actor, params, nets.stats, jnp.asarray(obs, jnp.float32)))
@@ -120,10 +121,19 @@ def summarize(task: tasks.Task, episodes: list) -> dict:
     return out
 
 
-def evaluate(task: tasks.Task, nets: pretrain.Nets, params, episodes: int = 10, seed: int = 0,
+def evaluate(task: tasks.Task, nets: networks.Nets, params, episodes: int = 10, seed: int = 0,
              parallel: int = 10) -> dict:
     """The function leq.py calls: summary of `episodes` deterministic episodes."""
     return summarize(task, run_episodes(task, actor_policy(nets, params), episodes, seed, parallel))
+
+
+def paper_protocol(task: tasks.Task, nets: networks.Nets, params, rounds: int = 10, episodes: int = 10,
+                   seed: int = 0) -> dict:
+    """The paper's final evaluation: `rounds` x `episodes` episodes (seeds seed, seed + 1, ...);
+    the summary of all of them plus each round's score and their standard deviation."""
+    eps = run_episodes(task, actor_policy(nets, params), rounds * episodes, seed)
+    round_scores = [summarize(task, eps[i * episodes:(i + 1) * episodes])["score"] for i in range(rounds)]
+    return {**summarize(task, eps), "round_scores": round_scores, "score_std": float(np.std(round_scores))}
 
 
 # ============================================================================================
@@ -135,8 +145,8 @@ def plot_trajectories(task: tasks.Task, episodes: list, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    walls, start, goal, cell = tasks.maze_geometry(task)
-    height, width = len(tasks.MAZES[task.maze]), len(tasks.MAZES[task.maze][0])
+    walls, start, goal, cell = mazes.maze_geometry(task)
+    height, width = len(mazes.MAZES[task.maze]), len(mazes.MAZES[task.maze][0])
     fig, ax = plt.subplots(figsize=(1 + 0.5 * width, 1.4 + 0.5 * height))
     for x, y in walls:
         ax.add_patch(plt.Rectangle((x - cell / 2, y - cell / 2), cell, cell, color="0.35"))
@@ -212,8 +222,8 @@ def main(args: Args) -> Optional[dict]:
         raise tasks.InputError("pass --checkpoint PATH (an artifact with an actor) or --curve FILE")
     if args.episodes < 1 or args.parallel < 1:
         raise tasks.InputError("--episodes and --parallel must be >= 1")
-    artifact = tasks.load_artifact(args.checkpoint, tasks.get_task(args.env) if args.env else None, need="actor")
-    task, nets, params = pretrain.actor_from_artifact(artifact)
+    artifact = artifacts.load_artifact(args.checkpoint, tasks.get_task(args.env) if args.env else None, need="actor")
+    task, nets, params = networks.actor_from_artifact(artifact)
     maze = task.family in ("pointmaze", "antmaze")
     episodes = run_episodes(task, actor_policy(nets, params), args.episodes, args.seed, args.parallel,
                             record=maze and args.plot)
@@ -222,7 +232,7 @@ def main(args: Args) -> Optional[dict]:
                    env_goal=tasks.env_goal(get_envs(task, 1)[0]).tolist(),
                    termination_centre=list(task.goal))
     if any(k.startswith("critic/") for k in artifact):  # pretrain.npz, leq.npz: Q of the start states
-        critic = jax.tree.map(jnp.asarray, tasks.unflatten(artifact, "critic"))
+        critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
         s0 = jnp.asarray([e["obs0"] for e in episodes], jnp.float32)
         summary["q_start"] = float(jnp.mean(nets.q(critic, s0, nets.pi(params, s0))))
     stem = str(args.checkpoint).removesuffix(".npz")
@@ -245,8 +255,4 @@ def main(args: Args) -> Optional[dict]:
 
 
 if __name__ == "__main__":
-    import tyro
-    try:
-        main(tyro.cli(Args))
-    except tasks.InputError as e:
-        sys.exit(f"error: {e}")
+    tasks.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)

@@ -1,4 +1,4 @@
-"""Stage 3: Lower Expectile Q-learning (LEQ.md sections 6, 7 and 10).
+"""Stage 3: Lower Expectile Q-learning (docs/ALGORITHM.md, sections 5 and 7).
 
     python leq.py --env pointmaze-umaze
     python leq.py --env antmaze-ultra-diverse-v0   # the paper's settings; needs the d4rl extra
@@ -17,21 +17,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Annotated, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 
+import artifacts
 import evaluate
+import networks
 import pretrain
 import tasks
 import world_model
-from pretrain import Nets
+from networks import Nets
 
 # Per-task defaults for the built-in tasks (D4RL tasks keep the paper's settings):
 # (total steps, evaluation interval, expectile tau); tau 0.1 is the paper's first choice. Measured
@@ -41,16 +43,8 @@ BUILTIN = {"pointmaze-umaze": (30_000, 5_000, 0.1), "pointmaze-medium": (15_000,
 
 
 @dataclasses.dataclass
-class Args:
-    # --- Experiment ---
-    env: str = "pointmaze-umaze"
-    """task name (see tasks.py / README for the supported names)"""
-    dataset_path: Optional[str] = None
-    """a D4RL-format HDF5 file to use instead of the task's own dataset"""
-    data_dir: Optional[str] = None
-    """folder of the built-in datasets (default: $LEQ_DATA_DIR or ./data)"""
-    seed: int = 0
-    """random seed of this run (and of the upstream stages it runs when their artifacts are missing)"""
+class Args(tasks.TaskArgs):
+    # --- Experiment (and --env, --dataset-path, --data-dir, --seed: tasks.TaskArgs) ---
     world_model: Optional[str] = None
     """world_model.npz (default: runs/<env>__world_model__s<seed>/, trained first if missing)"""
     pretrain: Optional[str] = None
@@ -62,8 +56,8 @@ class Args:
     wandb_project: str = "leq"
     """W&B project name"""
     # --- LEQ ---
-    expectile: Optional[float] = None
-    """tau of the lower expectile (default: per-task for built-in tasks, else 0.1 as the paper advises)"""
+    expectile: Annotated[Optional[float], tyro.conf.arg(help_behavior_hint="", help=tasks.per_task_help(
+        "tau of the lower expectile", BUILTIN, 2, "0.1, the paper's first choice"))] = None
     gamma: float = 0.997
     """discount factor"""
     lam: float = 0.95
@@ -84,8 +78,8 @@ class Args:
     """decay of the critic's EMA copy"""
     ema_weight: float = 1.0
     """weight of the EMA regulariser"""
-    total_steps: Optional[int] = None
-    """gradient steps (default: 1M as the paper; per-task for built-in tasks)"""
+    total_steps: Annotated[Optional[int], tyro.conf.arg(help_behavior_hint="", help=tasks.per_task_help(
+        "gradient steps", BUILTIN, 0, "1,000,000 as the paper"))] = None
     independent_rollouts: bool = True
     """draw the actor's and the critic's imagined rollouts with different model samples (as released)"""
     goal: Optional[tuple[float, float]] = None
@@ -101,7 +95,7 @@ class Args:
     """std of the Gaussian noise added to the actor's mean before tanh"""
     expand_retain: int = 5
     """expansions kept in the FIFO buffer"""
-    # --- Ablations (LEQ.md section 10) ---
+    # --- Ablations (docs/ALGORITHM.md, section 7) ---
     critic_target: Literal["lambda", "hstep", "1step"] = "lambda"
     """critic target on imagined states: lambda-return, H-step return or 1-step return"""
     actor_objective: Literal["lambda", "hstep", "q"] = "lambda"
@@ -119,8 +113,8 @@ class Args:
     action_grad: Literal["adjoint", "jacobian"] = "adjoint"
     """dG_t/da_t by one backward sweep, or by the release's full Jacobian (same numbers, slower)"""
     # --- Evaluation, logging, checkpoints ---
-    eval_every: Optional[int] = None
-    """steps between evaluations (default: 50k as the paper; per-task for built-in tasks)"""
+    eval_every: Annotated[Optional[int], tyro.conf.arg(help_behavior_hint="", help=tasks.per_task_help(
+        "steps between evaluations", BUILTIN, 1, "50,000 as the paper"))] = None
     eval_episodes: int = 10
     """episodes per periodic evaluation"""
     final_eval_rounds: int = 10
@@ -166,7 +160,7 @@ class Rollout(NamedTuple):
     actions: jnp.ndarray  # (H + 1, B, act)   a_t = pi(s_t)
     rewards: jnp.ndarray  # (H, B)            r_t (transformed)
     dones: jnp.ndarray    # (H, B)            done_t = T(s_t, a_t, s_{t+1})
-    noise: tuple          # the model's randomness per step: (member (H, B), eps (H, B, obs + 1))
+    noise: world_model.ModelNoise  # the model's randomness per step: member (H, B), eps (H, B, obs + 1)
 
 
 def imagine(nets: Nets, actor, wm: world_model.WorldModel, done_fn, s0, key, horizon) -> Rollout:
@@ -181,7 +175,7 @@ def imagine(nets: Nets, actor, wm: world_model.WorldModel, done_fn, s0, key, hor
     s_H, (states, actions, rewards, dones) = jax.lax.scan(step, s0, noise, unroll=True)
     states = jnp.concatenate([states, s_H[None]])
     actions = jnp.concatenate([actions, nets.pi(actor, s_H)[None]])
-    return Rollout(states, actions, rewards, dones.astype(jnp.float32), noise)
+    return Rollout(states, actions, rewards, dones.astype(s0.dtype), noise)
 
 
 def alive_masks(dones):
@@ -221,7 +215,7 @@ def returns(q, rewards, masks, coefficients, gamma):
 
 
 def lambda_returns(q, rewards, masks, gamma, lam):
-    """LEQ.md section 6: G_t = (q_t + lam c_t (m_t r_t + gamma m_{t+1} G_{t+1})) / (1 + lam c_t)."""
+    """docs/ALGORITHM.md, section 5: G_t = (q_t + lam c_t (m_t r_t + gamma m_{t+1} G_{t+1})) / (1 + lam c_t)."""
     return returns(q, rewards, masks, return_coefficients("lambda", rewards.shape[0], lam), gamma)
 
 
@@ -241,22 +235,23 @@ def critic_targets(kind, q, rewards, masks, args: Args):
 # ============================================================================================
 
 def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma):
-    """Imagine H steps from s0 and get every D_t in ONE backward sweep (LEQ.md "O(H) action
-    gradients", exact). With G_t = al_t q(s_t, a_t) + bp_t m_t r(s_t, a_t) + be_t G_{t+1},
-    be_t = bp_t gamma m_{t+1} (G_H = q_H, i.e. al_H = 1), carry S_t = dG_t/ds_t (the total
-    derivative when a_t = pi(s_t)):
-      D_H = dq/da(s_H, a_H),  S_H = dq/ds(s_H, a_H) + (dpi/ds)^T D_H
-      t = H-1..0: (g_s, g_a) = VJP of (s, a) -> (q, r, s') at (s_t, a_t) with cotangents
-                  (al_t, bp_t m_t, be_t S_{t+1});  D_t = g_a,  S_t = g_s + (dpi/ds)^T D_t.
-    The q part of every VJP has the constant cotangent al_t, so it is done for all t at once
-    (one batched critic VJP over the (H + 1) B states) and only the model and policy VJPs stay in
-    the sweep. Inputs-only VJPs (parameters are closed-over constants), with the residuals kept
-    from the forward scan. Returns D (H + 1, B, act), the rollout, q (H + 1, B) and the masks."""
-    al, bp = (jnp.asarray(c, jnp.float32) for c in coefficients)
+    """Imagine H steps from s0 and get every D_t = dG_t/da_t in ONE backward sweep (exact; the
+    "O(H) action gradients" of docs/ALGORITHM.md). Write one step of the returns as
+        G_t = al_t q(s_t, a_t) + bp_t m_t r(s_t, a_t) + be_t G_{t+1},   be_t = bp_t gamma m_{t+1},
+    with G_H = q_H (al_H = 1), and carry S_t = dG_t/ds_t, the total derivative when a_t = pi(s_t).
+    The recursion, from t = H down to 0:
+        D_H = dq/da(s_H, a_H),                      S_H = dq/ds(s_H, a_H) + (dpi/ds)^T D_H
+        (g_s, g_a) = VJP of (s, a) -> (q, r, s') at (s_t, a_t), cotangents (al_t, bp_t m_t, be_t S_{t+1})
+        D_t = g_a,                                  S_t = g_s + (dpi/ds)^T D_t
+    The q part of every VJP has the constant cotangent al_t, so it is done for all t at once (one
+    batched critic VJP over the (H + 1) B states); the sweep keeps only the model and policy VJPs.
+    The VJPs are with respect to the inputs only (parameters are closed-over constants) and keep
+    the forward pass's residuals. Returns D (H + 1, B, act), the rollout, q (H + 1, B), the masks."""
+    al, bp = (jnp.asarray(c, s0.dtype) for c in coefficients)
     noise = world_model.model_noise(wm, key, (horizon, s0.shape[0]))
 
-    # forward: a_t = pi(s_t), (r_t, s_{t+1}) = model(s_t, a_t), keeping both VJPs (a Python loop
-    # over the H steps: XLA sees straight-line code and keeps the residuals where they are)
+    # forward pass: a_t = pi(s_t), (r_t, s_{t+1}) = model(s_t, a_t), keeping both VJPs (a Python
+    # loop over the H steps: XLA sees straight-line code and keeps the residuals where they are)
     states, actions, r, dones, model_vjps, pi_vjps = [s0], [], [], [], [], []
     for t in range(horizon + 1):
         a, pi_vjp = jax.vjp(lambda s_: nets.pi(actor, s_), states[t])
@@ -266,28 +261,28 @@ def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizo
             break
 
         def model(s_, a_, t=t):
-            s2, r_t, done = world_model.model_step_given(wm, s_, a_, noise[0][t], noise[1][t], done_fn)
+            s2, r_t, done = world_model.model_step_given(wm, s_, a_, noise.member[t], noise.eps[t], done_fn)
             return (r_t, s2), done
         (r_t, s2), model_vjp, done = jax.vjp(model, states[t], a, has_aux=True)
         states.append(s2)
         r.append(r_t)
-        dones.append(done.astype(jnp.float32))
+        dones.append(done.astype(s0.dtype))
         model_vjps.append(model_vjp)
     states, actions, r, dones = jnp.stack(states), jnp.stack(actions), jnp.stack(r), jnp.stack(dones)
     masks = alive_masks(dones)
 
-    # the critic's part of every step at once: d(al_t q_t)/d(s_t, a_t), al_H = 1
+    # the q part of every step at once: al_t (dq/ds, dq/da) at (s_t, a_t), al_H = 1
     q, q_vjp = jax.vjp(lambda s_, a_: nets.q(critic, s_, a_), states, actions)
-    gq_s, gq_a = q_vjp(jnp.concatenate([al, jnp.ones(1)])[:, None] * jnp.ones_like(q))
+    gq_s, gq_a = q_vjp(jnp.concatenate([al, jnp.ones(1, al.dtype)])[:, None] * jnp.ones_like(q))
 
-    # backward sweep
-    D = [gq_a[horizon]]
-    S = gq_s[horizon] + pi_vjps[horizon](D[0])[0]
+    # the backward sweep
+    D = [gq_a[horizon]]                                         # D_H
+    S = gq_s[horizon] + pi_vjps[horizon](D[0])[0]               # S_H
     for t in reversed(range(horizon)):
         be_t = bp[t] * gamma * masks[t + 1]
-        g_s, g_a = model_vjps[t]((bp[t] * masks[t], be_t[:, None] * S))
-        D.append(g_a + gq_a[t])
-        S = g_s + gq_s[t] + pi_vjps[t](D[-1])[0]
+        g_s, g_a = model_vjps[t]((bp[t] * masks[t], be_t[:, None] * S))  # the r and s' parts
+        D.append(g_a + gq_a[t])                                 # D_t = g_a
+        S = g_s + gq_s[t] + pi_vjps[t](D[-1])[0]                # S_t = g_s + (dpi/ds)^T D_t
     D = jnp.stack(D[::-1])
     return D, Rollout(states, actions, r, dones, noise), q, masks
 
@@ -300,7 +295,7 @@ def returns_of_perturbation(nets, actor, critic, wm, done_fn, ro: Rollout, masks
     for t in range(ro.rewards.shape[0]):
         a = nets.pi(actor, s) + deltas[t]
         q.append(nets.q(critic, s, a))
-        s, r_t, _ = world_model.model_step_given(wm, s, a, ro.noise[0][t], ro.noise[1][t], done_fn)
+        s, r_t, _ = world_model.model_step_given(wm, s, a, ro.noise.member[t], ro.noise.eps[t], done_fn)
         r.append(r_t)
     q.append(nets.q(critic, s, nets.pi(actor, s) + deltas[-1]))
     return returns(jnp.stack(q), jnp.stack(r), masks, coefficients, gamma)
@@ -325,8 +320,19 @@ def action_grads_jacobian(nets, actor, critic, wm, done_fn, s0, key, horizon, co
 # ============================================================================================
 
 def expectile_weights(G, q, tau):
-    """|tau - 1(G < q)|: targets above the prediction get tau (small: conservative)."""
+    """|tau - 1(G < q)|: returns above the value get tau, below it 1 - tau (tau < 1/2: a lower
+    expectile, conservative). The critic's model loss and the actor's surrogate both use it."""
     return jnp.where(G < q, 1.0 - tau, tau)
+
+
+def actor_weights(G, q, tau, objective: str):
+    """W_t of Eq. 11's surrogate: expectile_weights(G_t, q_t) for t < H and W_H = 1/2. (Deviation,
+    docs: LEQ's rule is tau if G_t > q_t else 1 - tau, the same but at an exact tie G_t == q_t.)
+    For the `q` ablation (plain DDPG on imagined states, no expectile): W_t = 1/2 for every one of
+    the H + 1 terms (deviation, docs: the paper gives no weight for it)."""
+    if objective == "q":
+        return jnp.full_like(G, 0.5)
+    return jnp.concatenate([expectile_weights(G[:-1], q[:-1], tau), jnp.full_like(G[-1:], 0.5)])
 
 
 def actor_surrogate_loss(actor, nets: Nets, states, weights, D):
@@ -336,7 +342,7 @@ def actor_surrogate_loss(actor, nets: Nets, states, weights, D):
 
 
 def critic_loss(critic, ema, nets: Nets, data, data_targets, ro: Rollout, masks, args: Args):
-    """(1 - beta) L_data + beta L_model + ema_weight L_ema (LEQ.md section 6), with
+    """(1 - beta) L_data + beta L_model + ema_weight L_ema (docs/ALGORITHM.md, section 5), with
       L_data  = mean(1/2 (y - Q(s, a))^2),  y = r + gamma mask Q(s', pi(s'))  (constant)
       L_model = mean_{t<H, batch} w_t |tau - 1(G_t < Q(s_t, a_t))| (G_t - Q(s_t, a_t))^2,
                 G_t the (lambda-)returns of the current critic (constant), w_t = gamma^t m_t
@@ -344,9 +350,9 @@ def critic_loss(critic, ema, nets: Nets, data, data_targets, ro: Rollout, masks,
       L_ema   = beta mean_t w_t (Q_ema(s_t, a_t) - Q(s_t, a_t))^2 + (1 - beta) mean_data (Q_ema - Q)^2
     Gradients flow only through Q_phi(s, a). Returns (loss, metrics)."""
     # one critic call over [data batch; imagined states] (fewer, larger operations)
-    n_data, (steps, batch) = data[0].shape[0], ro.states.shape[:2]
-    s = jnp.concatenate([data[0], ro.states.reshape(steps * batch, -1)])
-    a = jnp.concatenate([data[1], ro.actions.reshape(steps * batch, -1)])
+    n_data, (steps, batch) = data.observations.shape[0], ro.states.shape[:2]
+    s = jnp.concatenate([data.observations, ro.states.reshape(steps * batch, -1)])
+    a = jnp.concatenate([data.actions, ro.actions.reshape(steps * batch, -1)])
     q_all = nets.q(critic, s, a)
     q_data, q_model = q_all[:n_data], q_all[n_data:].reshape(steps, batch)  # q_model: the old q_t
 
@@ -401,12 +407,7 @@ def make_actor_grads(nets: Nets, wm, done_fn, args: Args):
         D, ro, q, masks = action_grads(nets, st.actor, st.critic, wm, done_fn, s0, key, args.horizon,
                                        coefficients, args.gamma)
         G = returns(q, ro.rewards, masks, coefficients, args.gamma)
-        if args.actor_objective == "q":  # plain DDPG on imagined states: no expectile weighting
-            # (deviation, README: LEQ.md gives no weight for this ablation; W = 1/2 as W_H)
-            W = jnp.full_like(G, 0.5)
-        else:  # W_t = tau if G_t > q_t else 1 - tau (t < H), W_H = 1/2
-            W = jnp.concatenate([jnp.where(G[:-1] > q[:-1], args.expectile, 1 - args.expectile),
-                                 jnp.full_like(G[-1:], 0.5)])
+        W = actor_weights(G, q, args.expectile, args.actor_objective)
         states, W, D = jax.lax.stop_gradient((ro.states, W, D))
         loss, grads = jax.value_and_grad(actor_surrogate_loss)(st.actor, nets, states, W, D)
         return grads, dict(actor_loss=loss, return_model=G[0].mean(), action_grad_norm=jnp.abs(D).mean())
@@ -417,8 +418,8 @@ def make_critic_grads(nets: Nets, wm, done_fn, args: Args):
     """(state, data batch, s0, key) -> (critic gradient, metrics), with the OLD actor."""
     def critic_grads(st: LEQState, batch, s0, key):
         ro = imagine(nets, st.actor, wm, done_fn, s0, key, args.horizon)
-        s2, mask = batch[3], batch[4]
-        y = batch[2] + args.gamma * mask * nets.q(st.critic, s2, nets.pi(st.actor, s2))
+        s2 = batch.next_observations
+        y = batch.rewards + args.gamma * batch.masks * nets.q(st.critic, s2, nets.pi(st.actor, s2))
         (_, metrics), grads = jax.value_and_grad(critic_loss, has_aux=True)(
             st.critic, st.critic_ema, nets, batch, jax.lax.stop_gradient(y), ro, alive_masks(ro.dones), args)
         metrics["done_rate"] = ro.dones.max(0).mean()
@@ -433,8 +434,7 @@ def make_update(nets: Nets, wm, done_fn, actor_opt, critic_opt, args: Args):
 
     def update(st: LEQState, data, starts, n_starts, key):
         k_data, k_start, k_actor, k_critic = jax.random.split(key, 4)
-        idx = jax.random.randint(k_data, (args.batch_size,), 0, data[0].shape[0])
-        batch = tuple(x[idx] for x in data)                                          # B_D
+        batch = tasks.sample(data, k_data, args.batch_size)                         # B_D
         s0 = starts[jax.random.randint(k_start, (args.model_batch_size,), 0, n_starts)]  # B_M
         # the release draws the two rollouts independently (same starts, other model samples)
         g_actor, m_actor = actor_grads(st, s0, k_actor)
@@ -501,10 +501,10 @@ def make_expand(nets: Nets, wm, done_fn, args: Args):
         def step(s, k):
             k_noise, k_model = jax.random.split(k)
             mean = nets.actor.apply(actor, s, nets.stats)
-            a = jnp.tanh(mean + args.expand_noise * jnp.exp(pretrain.ACTOR_LOG_STD)
+            a = jnp.tanh(mean + args.expand_noise * jnp.exp(networks.ACTOR_LOG_STD)
                          * jax.random.normal(k_noise, mean.shape))
             s2, r, done = world_model.model_step(wm, s, a, k_model, done_fn)
-            return s2, (s, a, r, s2, 1.0 - done.astype(jnp.float32))
+            return s2, (s, a, r, s2, 1.0 - done.astype(s.dtype))
 
         _, rows = jax.lax.scan(step, s, jax.random.split(k_roll, args.expand_length))
         return buffer_add(buf, *(x.reshape(-1, *x.shape[2:]) for x in rows))
@@ -515,67 +515,38 @@ def make_expand(nets: Nets, wm, done_fn, args: Args):
 # Evaluation, checkpoints, logging
 # ============================================================================================
 
-def final_evaluation(task, nets, actor, args: Args) -> dict:
-    """The paper's protocol: final_eval_rounds x eval_episodes episodes (seeds seed, seed + 1, ...);
-    the score's spread is the standard deviation over the rounds."""
-    n = args.eval_episodes
-    episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), args.final_eval_rounds * n,
-                                     args.seed)
-    rounds = [evaluate.summarize(task, episodes[i * n:(i + 1) * n])["score"]
-              for i in range(args.final_eval_rounds)]
-    return {**evaluate.summarize(task, episodes), "round_scores": rounds, "score_std": float(np.std(rounds))}
-
-
 def save_checkpoint(run_dir: Path, task, args: Args, st: LEQState, buf: Buffer, step: int, stats):
     """The whole training state (the filled part of the buffer), atomically; keeps the last two."""
     filled = int(buf.filled)
-    arrays = {**tasks.tree_arrays(jax.device_get(st), "state"),
-              **tasks.flatten(jax.device_get(st.actor), "actor"),
+    arrays = {**artifacts.tree_arrays(jax.device_get(st), "state"),
+              **artifacts.flatten(jax.device_get(st.actor), "actor"),
               **{f"buffer/{k}": np.asarray(getattr(buf, k)[:filled]) for k in Buffer._fields[:5]},
               "buffer/ptr": np.asarray(buf.ptr), "buffer/filled": np.asarray(buf.filled),
               "progress/step": np.array(step), "stats/mean": np.asarray(stats[0]),
               "stats/std": np.asarray(stats[1])}
-    path = run_dir / f"checkpoint_{step:08d}.npz"
-    tasks.save_npz(path, arrays, "leq_checkpoint", task, args)
-    for old in sorted(run_dir.glob("checkpoint_*.npz"))[:-2]:
-        old.unlink()
-    for orphan in run_dir.glob("checkpoint_*.tmp"):  # temp files of writes killed before their rename
-        orphan.unlink()
-    return path
+    return artifacts.save_checkpoint(run_dir, step, arrays, "leq_checkpoint", task, args)
 
 
 def load_checkpoint(path: Path, task, args: Args, template: LEQState, buf: Buffer):
-    f = tasks.load_artifact(path, task, kinds=("leq_checkpoint",))
-    tasks.check_same_config(path, f["meta/config"], args, ignore=("run_dir", "track", "inject_nan_at"))
-    st = tasks.tree_from_arrays(template, f, "state")
+    f = artifacts.load_artifact(path, task, kinds=("leq_checkpoint",))
+    artifacts.check_same_config(path, f["meta/config"], args, ignore=("run_dir", "track", "inject_nan_at"))
+    st = artifacts.tree_from_arrays(template, f, "state")
     filled = int(f["buffer/filled"])
     rows = [getattr(buf, k).at[:filled].set(f[f"buffer/{k}"]) for k in Buffer._fields[:5]]
     buf = Buffer(*rows, jnp.asarray(f["buffer/ptr"]), jnp.asarray(f["buffer/filled"]))
     return st, buf, int(f["progress/step"])
 
 
-class Logger:
-    """metrics.jsonl (truncated to the resumed step), stdout, and W&B when tracked."""
-
-    def __init__(self, run_dir: Path, args: Args, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():  # drop rows written after the checkpoint we resume from
-            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
-        self.wandb = None
-        if args.track:
-            try:
-                import wandb
-            except ImportError:
-                raise tasks.InputError("--track needs Weights & Biases: pip install wandb") from None
-            self.wandb = wandb.init(project=args.wandb_project, name=run_dir.name,
-                                    config=dataclasses.asdict(args), resume="allow", id=run_dir.name)
-
-    def log(self, row: dict):
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.wandb:
-            self.wandb.log(row, step=row["step"])
+def wandb_run(run_dir: Path, args: Args):
+    """A Weights & Biases run (resumed under the run folder's name) when --track, else None."""
+    if not args.track:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise tasks.InputError("--track needs Weights & Biases: pip install wandb") from None
+    return wandb.init(project=args.wandb_project, name=run_dir.name, config=dataclasses.asdict(args),
+                      resume="allow", id=run_dir.name)
 
 
 # ============================================================================================
@@ -583,10 +554,10 @@ class Logger:
 # ============================================================================================
 
 def initial_networks(args: Args, task, wm, pt_path, key):
-    """The BC actor and FQE critic (LEQ.md 5), or fresh networks with --no-pretrain."""
+    """The BC actor and FQE critic (docs/ALGORITHM.md, section 4), or fresh networks with --no-pretrain."""
     if args.no_pretrain:
-        nets = pretrain.make_nets(task, pretrain.Args().hidden_dims, (wm.input_mean, wm.input_std))
-        return (nets, *pretrain.init_params(nets, key, task.obs_dim, task.act_dim))
+        nets = networks.make_nets(task, pretrain.Args().hidden_dims, (wm.input_mean, wm.input_std))
+        return (nets, *networks.init_params(nets, key, task.obs_dim, task.act_dim))
     nets, actor, critic, _ = pretrain.load_pretrained(pt_path, task)
     return nets, actor, critic
 
@@ -594,7 +565,7 @@ def initial_networks(args: Args, task, wm, pt_path, key):
 def start_states(args: Args, data, buf: Buffer):
     """B_M is drawn from (array, number of valid rows): the filled part of the expansion
     buffer, or the dataset's states with --no-expansion."""
-    return (data[0], data[0].shape[0]) if args.no_expansion else (buf.observations, buf.filled)
+    return (data.observations, data.observations.shape[0]) if args.no_expansion else (buf.observations, buf.filled)
 
 
 def upstream_artifacts(args: Args):
@@ -621,12 +592,18 @@ def train(args: Args) -> Path:
     args = resolve(args)
     task = tasks.get_task(args.env)
     run_dir = Path(args.run_dir or f"runs/{args.env}__leq__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    # chunk boundaries fall on every expansion, evaluation and checkpoint step: one compile
+    chunk = math.gcd(args.chunk, args.expand_every, args.eval_every, args.checkpoint_every,
+                     args.total_steps or args.chunk)
+    print(f"[leq] {args.env}, seed {args.seed}: {args.total_steps:,} steps (evaluation every {args.eval_every:,}, "
+          f"checkpoint every {args.checkpoint_every:,}, chunks of {chunk}), tau {args.expectile}, "
+          f"H {args.horizon}; {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     wm_path, pt_path = upstream_artifacts(args)
 
     # --- data, model, networks ---
     ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
-    data = pretrain.device_dataset(ds)
+    data = tasks.device_dataset(ds)
     wm = world_model.load_world_model(wm_path, task)
     world_model.check_dataset(wm, wm_path, ds)
     done_fn = tasks.termination_fn(task, args.goal)
@@ -640,26 +617,22 @@ def train(args: Args) -> Path:
     buf = empty_buffer(0 if args.no_expansion else capacity, task.obs_dim, task.act_dim)
 
     step = 0
-    checkpoints = sorted(run_dir.glob("checkpoint_*.npz"))
+    checkpoints = artifacts.checkpoints(run_dir)
     if checkpoints:
         st, buf, step = load_checkpoint(checkpoints[-1], task, args, st, buf)
         print(f"[leq] resuming {run_dir} from step {step}")
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    logger = Logger(run_dir, args, step)
+    metrics_log = artifacts.MetricsLog(run_dir, step, wandb_run(run_dir, args))
 
     update = make_update(nets, wm, done_fn, actor_opt, critic_opt, args)
     train_chunk = make_train_chunk(update, args)
     expand = make_expand(nets, wm, done_fn, args)
-    # chunk boundaries fall on every expansion, evaluation and checkpoint step: one compile
-    chunk = math.gcd(args.chunk, args.expand_every, args.eval_every, args.checkpoint_every,
-                     args.total_steps or args.chunk)
-    print(f"[leq] {args.env}: {args.total_steps} steps, tau {args.expectile}, chunks of {chunk}; {run_dir}")
 
     bar = tqdm(total=args.total_steps, initial=step, desc=f"LEQ {args.env}", unit="step", mininterval=2)
     last_score, t_last = float("nan"), time.time()
     while step < args.total_steps:
         if not args.no_expansion and step % args.expand_every == 0:
-            buf = expand(buf, st.actor, data[0], jax.random.fold_in(k_expand, step))
+            buf = expand(buf, st.actor, data.observations, jax.random.fold_in(k_expand, step))
         if args.inject_nan_at is not None and step == args.inject_nan_at:
             st = st._replace(critic=jax.tree.map(lambda x: x * jnp.nan, st.critic))
         st, metrics, finite = train_chunk(st, data, *start_states(args, data, buf), k_train, step, chunk)
@@ -667,7 +640,7 @@ def train(args: Args) -> Path:
         metrics = {k: float(v) for k, v in metrics.items()}
         bad = [k for k, v in metrics.items() if not np.isfinite(v)] + ([] if bool(finite) else ["parameters"])
         if bad:
-            last = sorted(run_dir.glob("checkpoint_*.npz"))
+            last = artifacts.checkpoints(run_dir)
             raise FloatingPointError(f"non-finite {', '.join(bad)} in the chunk ending at step {step}; "
                                      f"stopped; last good checkpoint: {last[-1] if last else 'none'}")
         now = time.time()
@@ -678,7 +651,7 @@ def train(args: Args) -> Path:
             last_score = result["score"]
             row.update(score=last_score, success=result["success"])
             t_last = time.time()  # evaluation time is not training speed
-        logger.log(row)
+        metrics_log.log(row)
         if step % args.checkpoint_every == 0 and step < args.total_steps:
             save_checkpoint(run_dir, task, args, st, buf, step, nets.stats)
         bar.update(chunk)
@@ -686,23 +659,16 @@ def train(args: Args) -> Path:
                             f"score {last_score:.1f}")
     bar.close()
 
-    final = final_evaluation(task, nets, st.actor, args)
-    arrays = {**tasks.flatten(jax.device_get(st.actor), "actor"),
-              **tasks.flatten(jax.device_get(st.critic), "critic"),
-              **tasks.flatten(jax.device_get(st.critic_ema), "critic_ema"),
-              "stats/mean": np.asarray(nets.stats[0]), "stats/std": np.asarray(nets.stats[1]),
+    final = evaluate.paper_protocol(task, nets, st.actor, args.final_eval_rounds, args.eval_episodes, args.seed)
+    arrays = {**networks.networks_arrays(nets, st.actor, st.critic, st.critic_ema),
               "summary/final_score": np.array(final["score"])}
-    tasks.save_npz(run_dir / "leq.npz", arrays, "leq", task, args)
+    artifacts.save_npz(run_dir / "leq.npz", arrays, "leq", task, args)
     (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
-    logger.log({"step": step, "final_score": final["score"], "final_score_std": final.get("score_std", 0.0)})
+    metrics_log.log({"step": step, "final_score": final["score"], "final_score_std": final.get("score_std", 0.0)})
     print(f"[leq] final score {final['score']:.1f} +- {final.get('score_std', 0.0):.1f} "
           f"({args.final_eval_rounds} x {args.eval_episodes} episodes); wrote {run_dir / 'leq.npz'}")
     return run_dir
 
 
 if __name__ == "__main__":
-    import tyro
-    try:
-        train(tyro.cli(Args))
-    except (tasks.InputError, FloatingPointError) as e:  # bad input, or a non-finite loss: one line
-        sys.exit(f"error: {e}")
+    tasks.run_script(train, Args)  # with an XLA CPU compiler option (deviation, README)

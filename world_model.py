@@ -1,4 +1,4 @@
-"""Stage 1: the ensemble world model of LEQ (LEQ.md section 3), all in JAX.
+"""Stage 1: the ensemble world model of LEQ (docs/ALGORITHM.md, section 3), all in JAX.
 
     python world_model.py --env pointmaze-umaze
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -23,20 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import artifacts
 import tasks
 
 
 @dataclasses.dataclass
-class Args:
-    # --- Experiment ---
-    env: str = "pointmaze-umaze"
-    """task name (see tasks.py / README for the supported names)"""
-    dataset_path: Optional[str] = None
-    """a D4RL-format HDF5 file to use instead of the task's own dataset"""
-    data_dir: Optional[str] = None
-    """folder of the built-in datasets (default: $LEQ_DATA_DIR or ./data)"""
-    seed: int = 0
-    """random seed (holdout split, bootstrap, init, minibatches)"""
+class Args(tasks.TaskArgs):
+    # --- Experiment (and --env, --dataset-path, --data-dir, --seed: tasks.TaskArgs) ---
     out: Optional[str] = None
     """output file (default: runs/<env>__world_model__s<seed>/world_model.npz)"""
     # --- Ensemble ---
@@ -283,7 +275,7 @@ def shuffle_bootstrap(boot_idx: np.ndarray, seed: int, epoch: int):
 def snapshot_improved(state: TrainState, mse, improvement):
     """Members with (best - new) / best > improvement take a snapshot of their parameters.
     The log-variance bounds are shared by all members and not snapshotted (as OfflineRL-Kit;
-    a deviation from LEQ.md's per-member snapshot, listed in the README)."""
+    a deviation from the per-member snapshot of docs/ALGORITHM.md, listed in the README)."""
     improved = (state.best_mse - mse) / state.best_mse > improvement
 
     best = dict(state.params)  # the shared log-variance bounds: as trained
@@ -306,12 +298,18 @@ class WorldModel(NamedTuple):
     dataset: str = ""        # the HDF5 file it was trained on (checked by later stages)
 
 
-def model_noise(wm: WorldModel, key, batch_shape):
+class ModelNoise(NamedTuple):
+    """The randomness of model steps, for any batch shape (...,)."""
+    member: jnp.ndarray  # (...,) which elite predicts each sample
+    eps: jnp.ndarray     # (..., obs + 1) N(0, 1) noise for [s' - s, r]
+
+
+def model_noise(wm: WorldModel, key, batch_shape) -> ModelNoise:
     """The randomness of one model step: an elite per sample, and N(0, 1) noise for [s' - s, r]."""
     k_member, k_eps = jax.random.split(key)
     n_elites, out_dim = len(members(wm.params)), wm.params["max_logvar"].shape[0]
-    return (jax.random.randint(k_member, batch_shape, 0, n_elites),
-            jax.random.normal(k_eps, (*batch_shape, out_dim)))
+    return ModelNoise(jax.random.randint(k_member, batch_shape, 0, n_elites),
+                      jax.random.normal(k_eps, (*batch_shape, out_dim)))
 
 
 def model_step_given(wm: WorldModel, s, a, member, eps, done_fn):
@@ -345,8 +343,8 @@ def default_path(env: str, seed: int) -> Path:
 
 
 def load_world_model(path, task: tasks.Task) -> WorldModel:
-    f = tasks.load_artifact(path, task, kinds=("world_model",))
-    params = tasks.unflatten(f, "model/params")
+    f = artifacts.load_artifact(path, task, kinds=("world_model",))
+    params = artifacts.unflatten(f, "model/params")
     elites = f["model/elites"]
     params = {"max_logvar": params["max_logvar"], "min_logvar": params["min_logvar"],
               **{f"member_{j}": params[f"member_{e}"] for j, e in enumerate(elites)}}  # elites only
@@ -364,13 +362,13 @@ def check_dataset(wm: WorldModel, wm_path, ds: tasks.Dataset):
 
 
 def save_world_model(path, task, args, params, mean, std, elites, mse, ds: tasks.Dataset, epochs):
-    arrays = {**tasks.flatten(jax.device_get(params), "model/params"),
+    arrays = {**artifacts.flatten(jax.device_get(params), "model/params"),
               "model/input_mean": mean, "model/input_std": std, "model/elites": np.asarray(elites),
               "model/holdout_mse": np.asarray(mse), "model/epochs": np.array(epochs),
               "model/reward_scale": np.array(ds.reward_scale),
               "model/reward_shift": np.array(ds.reward_shift),
               "model/dataset_path": np.array(ds.path)}
-    tasks.save_npz(path, arrays, "world_model", task, args)
+    artifacts.save_npz(path, arrays, "world_model", task, args)
 
 
 # ============================================================================================
@@ -431,21 +429,17 @@ def train(args: Args) -> Path:
 
 
 def save_checkpoint(path, task, args, state: TrainState, epoch, since):
-    arrays = tasks.tree_arrays(jax.device_get(state), "state")
+    arrays = artifacts.tree_arrays(jax.device_get(state), "state")
     arrays.update({"progress/epoch": np.array(epoch), "progress/since": np.array(since)})
-    tasks.save_npz(path, arrays, "world_model_checkpoint", task, args)
+    artifacts.save_npz(path, arrays, "world_model_checkpoint", task, args)
 
 
 def load_checkpoint(path, task, args, template: TrainState):
-    f = tasks.load_artifact(path, task, kinds=("world_model_checkpoint",))
-    tasks.check_same_config(path, f["meta/config"], args, ignore=("resume", "max_epochs", "out"))
-    state = tasks.tree_from_arrays(template, f, "state")
+    f = artifacts.load_artifact(path, task, kinds=("world_model_checkpoint",))
+    artifacts.check_same_config(path, f["meta/config"], args, ignore=("resume", "max_epochs", "out"))
+    state = artifacts.tree_from_arrays(template, f, "state")
     return state, int(f["progress/epoch"]), int(f["progress/since"])
 
 
 if __name__ == "__main__":
-    import tyro
-    try:
-        train(tyro.cli(Args))
-    except (tasks.InputError, FloatingPointError) as e:  # bad input, or a non-finite loss: one line
-        sys.exit(f"error: {e}")
+    tasks.run_script(train, Args)  # with an XLA CPU compiler option (deviation, README)

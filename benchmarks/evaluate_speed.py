@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import evaluate  # noqa: E402
-import pretrain  # noqa: E402
+import networks  # noqa: E402
 import tasks  # noqa: E402
 
 
@@ -36,8 +36,8 @@ def main(a: Args):
     for maze in a.mazes:
         task = tasks.get_task(f"pointmaze-{maze}")
         stats = (np.zeros(task.obs_dim + task.act_dim), np.ones(task.obs_dim + task.act_dim))
-        nets = pretrain.make_nets(task, (256, 256, 256), stats)
-        actor, _ = pretrain.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim)
+        nets = networks.make_nets(task, (256, 256, 256), stats)
+        actor, _ = networks.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim)
         policy = evaluate.actor_policy(nets, actor)
         evaluate.run_episodes(task, policy, 10, seed=1000)  # make the envs, compile the policy
         t = time.perf_counter()
@@ -51,4 +51,5 @@ def main(a: Args):
 
 if __name__ == "__main__":
     import tyro
+    tasks.use_fast_cpu_kernels()  # as the stages do (README, Performance)
     main(tyro.cli(Args))

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 import evaluate  # noqa: E402
 import leq  # noqa: E402
-import pretrain  # noqa: E402
+import networks  # noqa: E402
 import tasks  # noqa: E402
 
 
@@ -66,8 +66,9 @@ def main(a: Args):
             wall = time.time() - start
         config = json.loads((run_dir / "config.json").read_text())
         final = json.loads((run_dir / "final_eval.json").read_text())
-        _, nets, bc_actor = pretrain.load_actor(config["pretrain"] or pt_path, task)
-        bc = leq.final_evaluation(task, nets, bc_actor, leq.resolve(leq.Args(**config)))
+        _, nets, bc_actor = networks.load_actor(config["pretrain"] or pt_path, task)
+        bc = evaluate.paper_protocol(task, nets, bc_actor, config["final_eval_rounds"], config["eval_episodes"],
+                                     config["seed"])
         rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
         results.append(dict(
             seed=seed, run_dir=str(run_dir), steps=config["total_steps"], expectile=config["expectile"],
@@ -110,8 +111,4 @@ def plot(summary, path):
 
 
 if __name__ == "__main__":
-    import tyro
-    try:
-        main(tyro.cli(Args))
-    except tasks.InputError as e:
-        sys.exit(f"error: {e}")
+    tasks.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import pretrain  # noqa: E402
+import networks  # noqa: E402
 import tasks  # noqa: E402
 import world_model  # noqa: E402
 
@@ -39,7 +39,7 @@ class Args:
 
 
 def main(a: Args):
-    task, nets, actor = pretrain.load_actor(a.checkpoint)
+    task, nets, actor = networks.load_actor(a.checkpoint)
     wm = world_model.load_world_model(a.world_model, task)
     done_fn = tasks.termination_fn(task)
     env = tasks.make_env(task)
@@ -59,8 +59,4 @@ def main(a: Args):
 
 
 if __name__ == "__main__":
-    import tyro
-    try:
-        main(tyro.cli(Args))
-    except tasks.InputError as e:
-        sys.exit(f"error: {e}")
+    tasks.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)

@@ -10,6 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tasks  # noqa: E402
+
+tasks.use_fast_cpu_kernels()  # the compiler options the scripts use, before JAX starts
+
 
 def write_d4rl_file(path, observations, actions, rewards, terminals, timeouts=None, **extra):
     """A file in D4RL's format (the keys and dtypes d4rl's own files use)."""
@@ -28,8 +32,9 @@ def write_d4rl_file(path, observations, actions, rewards, terminals, timeouts=No
 @pytest.fixture
 def tiny_maze_file(tmp_path):
     """A small generated built-in dataset (pointmaze-umaze, 6000 steps), shared shape for tests."""
+    import mazes
     import tasks
     task = tasks.get_task("pointmaze-umaze")
     path = tmp_path / "umaze_tiny.hdf5"
-    tasks.generate_pointmaze(task, path, size=6000, seed=3, episode_len=1000)
+    mazes.generate_pointmaze(task, path, size=6000, seed=3, episode_len=1000)
     return path

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+import d4rl_tasks
+import networks
 import tasks
 from conftest import ROOT
 
@@ -23,7 +25,7 @@ def d4rl_importable() -> bool:
     if importlib.util.find_spec("d4rl") is None:
         return False
     try:
-        tasks.import_d4rl(tasks.get_task("hopper-medium-v2"))
+        d4rl_tasks.import_d4rl(tasks.get_task("hopper-medium-v2"))
         return True
     except tasks.InputError:
         return False
@@ -67,7 +69,7 @@ def record_random_episodes(env_name, episodes, length, seed=0):
 
 
 def write_under_d4rl_name(env_name, data, folder):
-    gym, _ = tasks.import_d4rl(tasks.get_task(env_name))
+    gym, _ = d4rl_tasks.import_d4rl(tasks.get_task(env_name))
     path = Path(folder) / os.path.basename(gym.make(env_name).dataset_url)
     with h5py.File(path, "w") as f:
         for k in ("observations", "actions", "rewards"):
@@ -94,7 +96,7 @@ def test_real_envs_with_the_gymnasium_api(name):
 @pytest.mark.parametrize("name,maze", [("antmaze-umaze-v2", "umaze"), ("antmaze-medium-diverse-v2", "medium"),
                                        ("antmaze-large-play-v2", "large"), ("antmaze-ultra-diverse-v0", "ultra")])
 def test_antmaze_termination_centre_is_the_env_goal(name, maze):
-    """The env draws its goal around our termination centre (LEQ.md section 2)."""
+    """The env draws its goal around our termination centre (docs/ALGORITHM.md, section 2)."""
     task = tasks.get_task(name)
     env = tasks.make_env(task)
     goals = []
@@ -118,7 +120,7 @@ def test_dataset_found_under_its_d4rl_name_and_read_like_qlearning_dataset(datas
     path = write_under_d4rl_name(name, data, dataset_dir)
     ds = tasks.load_dataset(tasks.get_task(name))
     assert Path(ds.path) == path
-    gym, _ = tasks.import_d4rl(tasks.get_task(name))
+    gym, _ = d4rl_tasks.import_d4rl(tasks.get_task(name))
     ref = d4rl.qlearning_dataset(gym.make(name))
     for k in ("observations", "next_observations", "rewards", "terminals"):
         np.testing.assert_allclose(getattr(ds, k), ref[k], err_msg=k)
@@ -139,12 +141,11 @@ def test_scores_are_normalised(tmp_path):
     """A checkpoint evaluated in real d4rl envs: D4RL's normalised score; AntMaze: success x 100."""
     import d4rl
     import evaluate
-    import pretrain
     for name in ("hopper-medium-v2", "antmaze-umaze-v2"):
         task = tasks.get_task(name)
         dim = task.obs_dim + task.act_dim
-        nets = pretrain.make_nets(task, (32, 32), (np.zeros(dim, np.float32), np.ones(dim, np.float32)))
-        actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim)
+        nets = networks.make_nets(task, (32, 32), (np.zeros(dim, np.float32), np.ones(dim, np.float32)))
+        actor, critic = networks.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim)
         episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), 2, seed=0, parallel=2)
         summary = evaluate.summarize(task, episodes)
         if task.family == "hopper":

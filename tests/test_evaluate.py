@@ -1,4 +1,4 @@
-"""Evaluation (LEQ.md section 8): scripted policies with known outcomes on the built-in mazes,
+"""Evaluation (docs/ALGORITHM.md, section 5.8): scripted policies with known outcomes on the built-in mazes,
 seeding, the CLI's JSON and pictures, bad checkpoints, video, and compiling the policy once."""
 
 import json
@@ -12,7 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import artifacts
 import evaluate
+import mazes
+import networks
 import pretrain
 import tasks
 from conftest import ROOT
@@ -26,10 +29,10 @@ SUMMARY_FIELDS = {"env", "episodes", "score", "score_stderr", "success", "succes
 
 def waypoint_policy(task):
     """The dataset's waypoint controller driving to the goal cell, batched: (n, 4) -> (n, 2)."""
-    layout = tasks.MAZES[task.maze]
-    target = tasks.maze_cells(layout, "G")[0]
-    dist = tasks.bfs_distances(layout, target)
-    return lambda obs: np.stack([tasks.waypoint_action(layout, dist, target, o) for o in obs])
+    layout = mazes.MAZES[task.maze]
+    target = mazes.maze_cells(layout, "G")[0]
+    dist = mazes.bfs_distances(layout, target)
+    return lambda obs: np.stack([mazes.waypoint_action(layout, dist, target, o) for o in obs])
 
 
 def zero_policy(obs):
@@ -37,10 +40,10 @@ def zero_policy(obs):
 
 
 def goal_of_the_env(task):
-    """The goal cell's centre as gymnasium-robotics' own maze computes it (not tasks.cell_xy)."""
+    """The goal cell's centre as gymnasium-robotics' own maze computes it (not mazes.cell_xy)."""
     env = tasks.make_env(task)
     env.reset(seed=0)
-    return env.unwrapped.maze.cell_rowcol_to_xy(np.array(tasks.maze_cells(tasks.MAZES[task.maze], "G")[0]))
+    return env.unwrapped.maze.cell_rowcol_to_xy(np.array(mazes.maze_cells(mazes.MAZES[task.maze], "G")[0]))
 
 
 def one_line(excinfo):
@@ -64,7 +67,7 @@ def test_waypoint_controller_succeeds_every_episode(task):
         dist = np.linalg.norm(xy - goal, axis=1)
         assert e["success"] is True and e["ret"] == 1.0
         assert e["length"] == len(xy) - 1 < task.max_episode_steps
-        assert dist[-1] < tasks.GOAL_RADIUS and np.all(dist[:-1] >= tasks.GOAL_RADIUS)
+        assert dist[-1] < mazes.GOAL_RADIUS and np.all(dist[:-1] >= mazes.GOAL_RADIUS)
     s = evaluate.summarize(task, episodes)
     assert (s["env"], s["episodes"]) == (task.name, 3)
     assert (s["success"], s["success_stderr"], s["score"], s["score_stderr"]) == (1.0, 0.0, 100.0, 0.0)
@@ -124,7 +127,7 @@ def test_seeds_make_episodes_repeatable():
     for a, b in zip(first, other):
         assert a["xy"] != b["xy"]
     # all starts are in the start cell, within the documented +-0.25 noise of its centre
-    start = tasks.cell_xy(tasks.MAZES["umaze"], tasks.maze_cells(tasks.MAZES["umaze"], "R")[0])
+    start = mazes.cell_xy(mazes.MAZES["umaze"], mazes.maze_cells(mazes.MAZES["umaze"], "R")[0])
     assert np.abs(starts - start).max() <= 0.25 + 1e-9
 
 
@@ -155,12 +158,12 @@ def save_actor_artifact(path, task, hidden=HIDDEN, seed=0):
     rng = np.random.default_rng(seed)
     mean = np.concatenate([rng.normal(size=2) * 0.5, np.zeros(4)]).astype(np.float32)
     std = rng.uniform(0.5, 2.0, size=6).astype(np.float32)
-    nets = pretrain.make_nets(task, hidden, (mean, std))
-    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(seed), task.obs_dim, task.act_dim)
+    nets = networks.make_nets(task, hidden, (mean, std))
+    actor, critic = networks.init_params(nets, jax.random.PRNGKey(seed), task.obs_dim, task.act_dim)
     actor, critic = jax.device_get((actor, critic))
-    arrays = {**tasks.flatten(actor, "actor"), **tasks.flatten(critic, "critic"),
-              **tasks.flatten(critic, "critic_ema"), "stats/mean": mean, "stats/std": std}
-    tasks.save_npz(path, arrays, "pretrain", task, pretrain.Args(env=task.name, hidden_dims=hidden))
+    arrays = {**artifacts.flatten(actor, "actor"), **artifacts.flatten(critic, "critic"),
+              **artifacts.flatten(critic, "critic_ema"), "stats/mean": mean, "stats/std": std}
+    artifacts.save_npz(path, arrays, "pretrain", task, pretrain.Args(env=task.name, hidden_dims=hidden))
     return actor, mean, std
 
 
@@ -181,9 +184,9 @@ def test_main_writes_json_and_trajectory_picture(tmp_path):
         assert written[k] == pytest.approx(want[k]), k
         assert written[k + "_stderr"] == pytest.approx(want[k + "_stderr"]), k
     # q_start: the saved critic at the 3 episodes' reset observations and the actor's actions
-    nets = pretrain.make_nets(UMAZE, HIDDEN, (mean, std))
+    nets = networks.make_nets(UMAZE, HIDDEN, (mean, std))
     f = np.load(path, allow_pickle=False)
-    critic = jax.tree.map(jnp.asarray, tasks.unflatten(f, "critic"))
+    critic = jax.tree.map(jnp.asarray, artifacts.unflatten(f, "critic"))
     s0 = np.stack([tasks.make_env(UMAZE).reset(seed=i)[0] for i in range(3)]).astype(np.float32)
     want_q = np.mean(np.asarray(nets.q(critic, s0, jnp.asarray(np_policy(actor, mean, std)(s0), jnp.float32))))
     assert written["q_start"] == pytest.approx(float(want_q), rel=1e-4, abs=1e-4)
@@ -230,7 +233,7 @@ def test_checkpoint_without_actor_or_for_another_env_fails(tmp_path):
     """A world-model artifact (no actor), an artifact evaluated in another env, a missing file,
     and no checkpoint at all each stop evaluate.main with a one-line InputError, writing nothing."""
     wm_like = tmp_path / "world_model.npz"
-    tasks.save_npz(wm_like, {"model/input_mean": np.zeros(6, np.float32),
+    artifacts.save_npz(wm_like, {"model/input_mean": np.zeros(6, np.float32),
                              "model/input_std": np.ones(6, np.float32)}, "world_model", UMAZE, {})
     with pytest.raises(tasks.InputError) as e:
         evaluate.main(evaluate.Args(checkpoint=str(wm_like), episodes=1, parallel=1))
@@ -257,7 +260,7 @@ def test_checkpoint_without_actor_or_for_another_env_fails(tmp_path):
 def test_cli_prints_one_line_error_for_a_checkpoint_without_actor(tmp_path):
     """`python evaluate.py --checkpoint world_model.npz` exits non-zero with one 'error:' line."""
     wm_like = tmp_path / "world_model.npz"
-    tasks.save_npz(wm_like, {"model/input_mean": np.zeros(6, np.float32)}, "world_model", UMAZE, {})
+    artifacts.save_npz(wm_like, {"model/input_mean": np.zeros(6, np.float32)}, "world_model", UMAZE, {})
     p = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(wm_like)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
@@ -274,12 +277,12 @@ VIDEO_SCRIPT = """
 import sys
 import numpy as np
 sys.path.insert(0, {root!r})
-import evaluate, tasks
+import evaluate, mazes, tasks
 task = tasks.get_task("pointmaze-umaze")
-layout = tasks.MAZES["umaze"]
-target = tasks.maze_cells(layout, "G")[0]
-dist = tasks.bfs_distances(layout, target)
-policy = lambda obs: np.stack([tasks.waypoint_action(layout, dist, target, o) for o in obs])
+layout = mazes.MAZES["umaze"]
+target = mazes.maze_cells(layout, "G")[0]
+dist = mazes.bfs_distances(layout, target)
+policy = lambda obs: np.stack([mazes.waypoint_action(layout, dist, target, o) for o in obs])
 try:
     evaluate.save_video(task, policy, sys.argv[1], seed=0)
     print("WROTE")
@@ -335,8 +338,8 @@ def test_policy_compiles_once_per_network_shape():
     def build(hidden, seed):
         rng = np.random.default_rng(seed)
         mean, std = rng.normal(size=6).astype(np.float32), rng.uniform(0.5, 2, 6).astype(np.float32)
-        nets = pretrain.make_nets(UMAZE, hidden, (mean, std))
-        actor, _ = pretrain.init_params(nets, jax.random.PRNGKey(seed), 4, 2)
+        nets = networks.make_nets(UMAZE, hidden, (mean, std))
+        actor, _ = networks.init_params(nets, jax.random.PRNGKey(seed), 4, 2)
         return nets, actor, np_policy(jax.device_get(actor), mean, std)
 
     nets, actor, reference = build(HIDDEN, 1)

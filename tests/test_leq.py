@@ -1,4 +1,4 @@
-"""LEQ's maths against slow, independent references (LEQ.md section 6, 7 and 10)."""
+"""LEQ's maths against slow, independent references (docs/ALGORITHM.md, sections 5 and 7)."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import leq
-import pretrain
+import networks
 import tasks
 import world_model
 
@@ -87,8 +87,8 @@ def system():
     wm_params = world_model.init_ensemble(key, 6, 5, (32, 32), 3)
     stats = (jnp.zeros(6), jnp.ones(6))
     wm = world_model.WorldModel(wm_params, *stats, 1.0, -1.0)
-    nets = pretrain.make_nets(task, (32, 32), stats)
-    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(1), 4, 2)
+    nets = networks.make_nets(task, (32, 32), stats)
+    actor, critic = networks.init_params(nets, jax.random.PRNGKey(1), 4, 2)
 
     def done_fn(s, a, s2):  # terminations at various steps for some samples, never for others
         return s2[..., 0] - s[..., 0] > 0.45
@@ -157,7 +157,7 @@ def test_critic_loss_terms_by_hand(data_expectile):
                                critic_target="1step", data_expectile=data_expectile)
     nets, critic, ema = LinearNets(), {"w": jnp.array(2.0)}, {"w": jnp.array(1.5)}
     # data: two transitions with constant targets y
-    data = (jnp.array([[1.0], [3.0]]), jnp.array([[0.5], [-0.5]]))
+    data = tasks.Transitions(jnp.array([[1.0], [3.0]]), jnp.array([[0.5], [-0.5]]), None, None, None)
     y = jnp.array([4.0, 4.0])
     # imagination: one sample, H = 2, terminating at t = 1
     states = jnp.array([[[1.0]], [[2.0]], [[4.0]]])
@@ -198,8 +198,8 @@ def test_critic_loss_terms_by_hand(data_expectile):
 
 
 def test_actor_surrogate_is_the_weighted_policy_gradient():
-    nets = pretrain.make_nets(tasks.get_task("pointmaze-umaze"), (8,), (jnp.zeros(6), jnp.ones(6)))
-    actor, _ = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = networks.make_nets(tasks.get_task("pointmaze-umaze"), (8,), (jnp.zeros(6), jnp.ones(6)))
+    actor, _ = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     states = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 4))
     W = jnp.array([[0.1] * 5, [0.9] * 5, [0.5] * 5])
     D = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 2))

@@ -1,4 +1,4 @@
-"""Every ablation switch of LEQ.md section 10 changes the computation it names, and nothing else."""
+"""Every ablation switch of docs/ALGORITHM.md, section 7 changes the computation it names, and nothing else."""
 
 import dataclasses
 
@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
+import artifacts
 import leq
-import pretrain
+import networks
 import tasks
 import world_model
 
@@ -21,13 +22,14 @@ def setup():
     task = tasks.get_task("pointmaze-umaze")
     stats = (jnp.zeros(6), jnp.ones(6))
     wm = world_model.WorldModel(world_model.init_ensemble(jax.random.PRNGKey(0), 6, 5, (16,), 3), *stats, 1.0, -1.0)
-    nets = pretrain.make_nets(task, (16, 16), stats)
-    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(1), 4, 2)
+    nets = networks.make_nets(task, (16, 16), stats)
+    actor, critic = networks.init_params(nets, jax.random.PRNGKey(1), 4, 2)
     ema = jax.tree.map(lambda x: x * 0.9, critic)  # an EMA copy that differs from the critic
     st = leq.LEQState(actor, critic, ema, None, None)
     s0 = jax.random.normal(jax.random.PRNGKey(2), (B, 4))
-    batch = (jax.random.normal(jax.random.PRNGKey(3), (B, 4)), jnp.tanh(jax.random.normal(jax.random.PRNGKey(4), (B, 2))),
-             -jnp.ones(B), jax.random.normal(jax.random.PRNGKey(5), (B, 4)), jnp.ones(B))
+    batch = tasks.Transitions(jax.random.normal(jax.random.PRNGKey(3), (B, 4)),
+                              jnp.tanh(jax.random.normal(jax.random.PRNGKey(4), (B, 2))),
+                              -jnp.ones(B), jax.random.normal(jax.random.PRNGKey(5), (B, 4)), jnp.ones(B))
 
     def done_fn(s, a, s2):
         return s2[..., 0] - s[..., 0] > 0.4
@@ -113,7 +115,7 @@ def test_horizon_changes_the_imagination(setup, base):
 
 def test_independent_rollouts(setup):
     task, wm, nets, st, s0, batch, done_fn = setup
-    data = tuple(jnp.concatenate([x] * 4) for x in batch)
+    data = tasks.Transitions(*(jnp.concatenate([x] * 4) for x in batch))
     results = {}
     for independent in (True, False):
         args = dataclasses.replace(leq.resolve(leq.Args(horizon=H, batch_size=B, model_batch_size=B)),
@@ -128,25 +130,25 @@ def test_independent_rollouts(setup):
 
 
 def test_no_expansion_draws_starts_from_the_dataset():
-    data = (jnp.arange(10.0)[:, None],)
+    data = tasks.Transitions(jnp.arange(10.0)[:, None], *([None] * 4))
     buf = leq.empty_buffer(20, 1, 1)._replace(filled=jnp.array(7))
     args = leq.resolve(leq.Args())
     starts, n = leq.start_states(args, data, buf)
     assert starts is buf.observations and int(n) == 7
     starts, n = leq.start_states(dataclasses.replace(args, no_expansion=True), data, buf)
-    assert starts is data[0] and n == 10
+    assert starts is data.observations and n == 10
 
 
 def test_no_pretrain_starts_from_fresh_networks(tmp_path):
     task = tasks.get_task("pointmaze-umaze")
     stats = (np.zeros(6, np.float32), np.ones(6, np.float32))
-    nets = pretrain.make_nets(task, (256, 256, 256), stats)
-    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(11), 4, 2)
+    nets = networks.make_nets(task, (256, 256, 256), stats)
+    actor, critic = networks.init_params(nets, jax.random.PRNGKey(11), 4, 2)
     actor = jax.tree.map(lambda x: x + 1.0, actor)  # a "trained" actor
-    arrays = {**tasks.flatten(actor, "actor"), **tasks.flatten(critic, "critic"),
-              **tasks.flatten(critic, "critic_ema"), "stats/mean": stats[0], "stats/std": stats[1]}
+    arrays = {**artifacts.flatten(actor, "actor"), **artifacts.flatten(critic, "critic"),
+              **artifacts.flatten(critic, "critic_ema"), "stats/mean": stats[0], "stats/std": stats[1]}
     path = tmp_path / "pretrain.npz"
-    tasks.save_npz(path, arrays, "pretrain", task, {})
+    artifacts.save_npz(path, arrays, "pretrain", task, {})
     wm = world_model.WorldModel({}, jnp.asarray(stats[0]), jnp.asarray(stats[1]), 1.0, -1.0)
     args = leq.resolve(leq.Args())
     _, a_pre, c_pre = leq.initial_networks(args, task, wm, path, jax.random.PRNGKey(0))

@@ -1,4 +1,4 @@
-"""Stage 2 (LEQ.md sections 4 and 5): the networks against hand-written numpy forward passes,
+"""Stage 2 (docs/ALGORITHM.md, section 4): the networks against hand-written numpy forward passes,
 behaviour cloning of a known policy, FQE against the exact Q of a small chain MDP, and the
 pretrain.npz artifact."""
 
@@ -13,6 +13,8 @@ import numpy as np
 import optax
 import pytest
 
+import artifacts
+import networks
 import pretrain
 import tasks
 import world_model
@@ -27,7 +29,7 @@ DEEP = (32, 32, 32)  # the paper's depth, same kernel shapes
 
 
 # --------------------------------------------------------------------------------------------
-# Slow references: the networks of LEQ.md section 4 written out in numpy (float64)
+# Slow references: the networks of docs/ALGORITHM.md, section 4 written out in numpy (float64)
 # --------------------------------------------------------------------------------------------
 
 def np_symlog(x):
@@ -87,7 +89,7 @@ def one_line(excinfo):
 
 
 # --------------------------------------------------------------------------------------------
-# Networks (LEQ.md section 4)
+# Networks (docs/ALGORITHM.md, section 4)
 # --------------------------------------------------------------------------------------------
 
 def test_actor_and_critic_match_numpy_forward_passes():
@@ -95,8 +97,8 @@ def test_actor_and_critic_match_numpy_forward_passes():
     ReLU] x 3 -> Dense(1) on symlog(((s, a) - mu) / std): both equal a numpy forward pass."""
     rng = np.random.default_rng(0)
     mean, std = random_stats(rng)
-    nets = pretrain.make_nets(TASK, DEEP, (mean, std))
-    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = networks.make_nets(TASK, DEEP, (mean, std))
+    actor, critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     actor, critic = perturbed(actor, 1), perturbed(critic, 2)
     # states far outside the statistics' range too, where symlog differs most from the identity
     s = (rng.normal(size=(64, 4)) * np.array([1.0, 1.0, 30.0, 300.0])).astype(np.float32)
@@ -116,8 +118,8 @@ def test_actor_and_critic_match_numpy_forward_passes():
 def test_layernorm_only_in_the_critic():
     """Parameter names: the actor has Dense layers only; the critic has one LayerNorm (scale,
     bias) after each hidden Dense and none after the output layer."""
-    nets = pretrain.make_nets(TASK, DEEP, (np.zeros(6), np.ones(6)))
-    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = networks.make_nets(TASK, DEEP, (np.zeros(6), np.ones(6)))
+    actor, critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     assert sorted(actor["params"]) == ["Dense_0", "Dense_1", "Dense_2", "Dense_3"]
     assert sorted(critic["params"]) == ["Dense_0", "Dense_1", "Dense_2", "Dense_3",
                                         "LayerNorm_0", "LayerNorm_1", "LayerNorm_2"]
@@ -128,7 +130,7 @@ def test_layernorm_only_in_the_critic():
     assert actor["params"]["Dense_3"]["kernel"].shape == (32, 2)
     assert critic["params"]["Dense_0"]["kernel"].shape == (6, 32)
     assert critic["params"]["Dense_3"]["kernel"].shape == (32, 1)
-    assert pretrain.hidden_dims_of(actor) == DEEP
+    assert networks.hidden_dims_of(actor) == DEEP
     # the default networks are the paper's 3 x 256
     assert pretrain.Args().hidden_dims == (256, 256, 256)
 
@@ -136,8 +138,8 @@ def test_layernorm_only_in_the_critic():
 def test_deterministic_action_is_inside_the_box():
     """tanh(mean) lies in (-1, 1) on ordinary states and stays finite in [-1, 1] on huge ones."""
     rng = np.random.default_rng(1)
-    nets = pretrain.make_nets(TASK, HIDDEN, random_stats(rng))
-    actor, _ = pretrain.init_params(nets, jax.random.PRNGKey(3), 4, 2)
+    nets = networks.make_nets(TASK, HIDDEN, random_stats(rng))
+    actor, _ = networks.init_params(nets, jax.random.PRNGKey(3), 4, 2)
     a = np.asarray(nets.pi(actor, jnp.asarray(rng.normal(size=(1000, 4)), jnp.float32)))
     assert a.shape == (1000, 2) and np.all(np.abs(a) < 1.0) and np.abs(a).max() > 0.1
     huge = np.asarray(nets.pi(actor, jnp.asarray(rng.normal(size=(100, 4)) * 1e30, jnp.float32)))
@@ -147,8 +149,8 @@ def test_deterministic_action_is_inside_the_box():
 def test_orthogonal_init_with_scale_sqrt2_and_zero_biases():
     """Every Dense kernel K (in, out) of actor and critic has K^T K = 2 I (in >= out) or
     K K^T = 2 I (in < out); every bias starts at 0."""
-    nets = pretrain.make_nets(TASK, DEEP, (np.zeros(6), np.ones(6)))
-    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(5), 4, 2)
+    nets = networks.make_nets(TASK, DEEP, (np.zeros(6), np.ones(6)))
+    actor, critic = networks.init_params(nets, jax.random.PRNGKey(5), 4, 2)
     shapes = []
     for params in (actor, critic):
         for k, b in dense_layers(params):
@@ -162,7 +164,7 @@ def test_orthogonal_init_with_scale_sqrt2_and_zero_biases():
 
 @pytest.mark.parametrize("shape", [(16,), (7, 16), (3, 5, 16)])
 def test_hand_written_layernorm_equals_flax(shape):
-    """pretrain.LayerNorm (hand-written VJP) equals flax.linen.LayerNorm in value and in the
+    """networks.LayerNorm (hand-written VJP) equals flax.linen.LayerNorm in value and in the
     gradients w.r.t. input, scale and bias, for 0, 1 and 2 batch axes."""
     rng = np.random.default_rng(len(shape))
     x = rng.normal(size=shape) * 3.0 + 1.5
@@ -173,7 +175,7 @@ def test_hand_written_layernorm_equals_flax(shape):
     params = {"params": {"scale": jnp.asarray(rng.normal(size=shape[-1]) + 1.0, jnp.float32),
                          "bias": jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)}}
     cot = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    ours, theirs = pretrain.LayerNorm(), nn.LayerNorm()
+    ours, theirs = networks.LayerNorm(), nn.LayerNorm()
 
     def objective(module):
         return lambda p, x: jnp.sum(module.apply(p, x) * cot)
@@ -189,13 +191,13 @@ def test_hand_written_layernorm_equals_flax(shape):
                                atol=1e-3 * float(jnp.abs(g_theirs[1]).max()), err_msg="input")
     # and the same numbers in float64 numpy
     np.testing.assert_allclose(
-        pretrain.layer_norm(x, params["params"]["scale"], params["params"]["bias"]),
+        networks.layer_norm(x, params["params"]["scale"], params["params"]["bias"]),
         np_layer_norm(np.asarray(x, np.float64), np.asarray(params["params"]["scale"], np.float64),
                       np.asarray(params["params"]["bias"], np.float64)), rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
-# Behaviour cloning (LEQ.md section 5)
+# Behaviour cloning (docs/ALGORITHM.md, section 4)
 # --------------------------------------------------------------------------------------------
 
 BC_TOLERANCE = 0.025  # RMS action error on held-out states after 4000 steps at lr 3e-3
@@ -221,10 +223,10 @@ def test_bc_clones_a_known_deterministic_policy():
     sa = np.concatenate([s, a], 1)
     stats = (sa.mean(0), sa.std(0))  # as the world model's input statistics
     ds = tasks.Dataset(s, a, np.zeros(n, np.float32), s, np.zeros(n, np.float32), 1.0, 0.0, "bc")
-    nets = pretrain.make_nets(TASK, HIDDEN, stats)
-    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = networks.make_nets(TASK, HIDDEN, stats)
+    actor, critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     args = pretrain.Args(hidden_dims=HIDDEN, bc_batch_size=256, bc_lr=3e-3)
-    state, bc_chunk, _ = chunks_for(nets, actor, critic, pretrain.device_dataset(ds), args,
+    state, bc_chunk, _ = chunks_for(nets, actor, critic, tasks.device_dataset(ds), args,
                                     optax.adam(args.bc_lr), optax.adam(args.fqe_lr))
 
     # bc_loss is mean((tanh(mean(s)) - a)^2), checked against the numpy forward pass
@@ -250,7 +252,7 @@ def test_bc_clones_a_known_deterministic_policy():
 
 
 # --------------------------------------------------------------------------------------------
-# Fitted Q evaluation (LEQ.md section 5)
+# Fitted Q evaluation (docs/ALGORITHM.md, section 4)
 # --------------------------------------------------------------------------------------------
 
 FQE_TOLERANCE = 0.02  # max |Q - Q_true| over the chain (|Q_true| up to ~9)
@@ -300,8 +302,8 @@ def test_fqe_matches_the_exact_q_of_a_chain():
 
     sa = np.concatenate([S[:K], A], 1)
     stats = (np.concatenate([s_mean, sa[:, 4:].mean(0)]), np.concatenate([s_std, sa[:, 4:].std(0)]))
-    nets = pretrain.make_nets(TASK, hidden, stats)
-    _, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = networks.make_nets(TASK, hidden, stats)
+    _, critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     actor = linear_actor(W, b, hidden)
     np.testing.assert_allclose(np.asarray(nets.pi(actor, jnp.asarray(S))), policy(S), atol=1e-5)
 
@@ -309,7 +311,7 @@ def test_fqe_matches_the_exact_q_of_a_chain():
     steps, per_call = 10_000, 500
     # Adam with the lr annealed to 0 so the critic settles (the chunk takes any optax optimiser)
     fqe_opt = optax.adam(optax.cosine_decay_schedule(args.fqe_lr, steps))
-    state, _, fqe_chunk = chunks_for(nets, actor, critic, pretrain.device_dataset(ds), args,
+    state, _, fqe_chunk = chunks_for(nets, actor, critic, tasks.device_dataset(ds), args,
                                      optax.adam(args.bc_lr), fqe_opt)
 
     def q_error(params):
@@ -331,8 +333,8 @@ def test_fqe_loss_is_a_semi_gradient_with_ema_term():
     ema <- d ema + (1 - d) critic."""
     rng = np.random.default_rng(2)
     mean, std = random_stats(rng)
-    nets = pretrain.make_nets(TASK, HIDDEN, (mean, std))
-    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = networks.make_nets(TASK, HIDDEN, (mean, std))
+    actor, critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     actor, critic = perturbed(actor, 1), perturbed(critic, 2)
     ema = perturbed(critic, 3, 0.1)
     n, w = 32, 0.7
@@ -340,7 +342,7 @@ def test_fqe_loss_is_a_semi_gradient_with_ema_term():
     a = rng.uniform(-1, 1, (n, 2)).astype(np.float32)
     r = rng.normal(size=n).astype(np.float32)
     m = (rng.uniform(size=n) > 0.3).astype(np.float32)
-    batch = tuple(jnp.asarray(v) for v in (s, a, r, s2, m))
+    batch = tasks.Transitions(*(jnp.asarray(v) for v in (s, a, r, s2, m)))
 
     a2 = np.tanh(np_actor_mean(actor, s2, mean, std))
     y = r + GAMMA * m * np_critic(critic, s2, a2, mean, std)
@@ -370,7 +372,7 @@ def test_fqe_loss_is_a_semi_gradient_with_ema_term():
     args = pretrain.Args(hidden_dims=HIDDEN, fqe_batch_size=16)
     fqe_opt = optax.adam(args.fqe_lr)
     state = pretrain.PretrainState(actor, optax.adam(1e-3).init(actor), critic, ema, fqe_opt.init(critic))
-    _, fqe_chunk = pretrain.make_chunks(nets, optax.adam(1e-3), fqe_opt, pretrain.device_dataset(ds), args)
+    _, fqe_chunk = pretrain.make_chunks(nets, optax.adam(1e-3), fqe_opt, tasks.device_dataset(ds), args)
     new, _ = fqe_chunk(state, jax.random.split(jax.random.PRNGKey(0), 1))
     trees = (new.critic_ema, ema, new.critic, critic)
     for e_new, e_old, c_new, c_old in zip(*(jax.tree.leaves(t) for t in trees)):
@@ -419,7 +421,7 @@ def test_train_writes_a_loadable_artifact_that_round_trips(trained):
     nets2, actor2, critic2, ema2 = pretrain.load_pretrained(out, TASK)
     for prefix, tree, again in (("actor", actor, actor2), ("critic", critic, critic2),
                                 ("critic_ema", ema, ema2)):
-        flat = tasks.flatten(jax.device_get(tree), prefix)
+        flat = artifacts.flatten(jax.device_get(tree), prefix)
         assert set(flat) == {k for k in raw if k.startswith(prefix + "/")}
         for name, value in flat.items():
             np.testing.assert_array_equal(value, raw[name], err_msg=name)
@@ -427,10 +429,10 @@ def test_train_writes_a_loadable_artifact_that_round_trips(trained):
         for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(again)):
             np.testing.assert_array_equal(x, y)
     # structure as the networks define it
-    fresh_actor, fresh_critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    fresh_actor, fresh_critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     assert jax.tree.structure(actor) == jax.tree.structure(fresh_actor)
     assert jax.tree.structure(critic) == jax.tree.structure(ema) == jax.tree.structure(fresh_critic)
-    assert pretrain.hidden_dims_of(actor) == HIDDEN
+    assert networks.hidden_dims_of(actor) == HIDDEN
     wm = world_model.load_world_model(trained["wm"], TASK)
     np.testing.assert_array_equal(nets.stats[0], wm.input_mean)
     np.testing.assert_array_equal(nets.stats[1], wm.input_std)
@@ -442,7 +444,7 @@ def test_train_writes_a_loadable_artifact_that_round_trips(trained):
                                np.tanh(np_actor_mean(actor, ds.observations[:4096], *nets.stats)),
                                rtol=1e-4, atol=1e-5)
     # load_actor reads the task from the artifact and gives the same actor and statistics
-    task, nets3, actor3 = pretrain.load_actor(out)
+    task, nets3, actor3 = networks.load_actor(out)
     assert task == TASK
     for x, y in zip(jax.tree.leaves(actor3), jax.tree.leaves(actor)):
         np.testing.assert_array_equal(x, y)
@@ -472,11 +474,11 @@ def test_hand_saved_parameters_round_trip_exactly(tmp_path):
 
     actor, critic, ema = mlp(4, 2, False), mlp(6, 1, True), mlp(6, 1, True)
     path = tmp_path / "p.npz"
-    tasks.save_npz(path, {**tasks.flatten(actor, "actor"), **tasks.flatten(critic, "critic"),
-                          **tasks.flatten(ema, "critic_ema"), "stats/mean": mean, "stats/std": std},
+    artifacts.save_npz(path, {**artifacts.flatten(actor, "actor"), **artifacts.flatten(critic, "critic"),
+                          **artifacts.flatten(ema, "critic_ema"), "stats/mean": mean, "stats/std": std},
                    "pretrain", TASK, pretrain.Args(hidden_dims=tuple(hidden)))
     got_nets, got_actor, got_critic, got_ema = pretrain.load_pretrained(path, TASK)
-    _, actor_nets, only_actor = pretrain.load_actor(path, TASK)
+    _, actor_nets, only_actor = networks.load_actor(path, TASK)
     for want, got in ((actor, got_actor), (critic, got_critic), (ema, got_ema), (actor, only_actor)):
         assert jax.tree.structure(want) == jax.tree.structure(got)
         for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
@@ -491,7 +493,7 @@ def test_hand_saved_parameters_round_trip_exactly(tmp_path):
 def test_loading_for_another_env_fails_with_one_line(trained):
     """A pretrain.npz made for pointmaze-umaze is refused for pointmaze-medium, naming both."""
     other = tasks.get_task("pointmaze-medium")
-    for load in (pretrain.load_pretrained, pretrain.load_actor):
+    for load in (pretrain.load_pretrained, networks.load_actor):
         with pytest.raises(tasks.InputError) as e:
             load(trained["out"], other)
         assert "made for env 'pointmaze-umaze', not 'pointmaze-medium'" in one_line(e)

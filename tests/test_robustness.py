@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import artifacts
 import leq
+import mazes
 import tasks
 from conftest import ROOT
 
@@ -58,7 +60,7 @@ def upstream(tmp_path_factory, tiny_maze_file_module):
 @pytest.fixture(scope="module")
 def tiny_maze_file_module(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "umaze_tiny.hdf5"
-    tasks.generate_pointmaze(tasks.get_task(ENV), path, size=6000, seed=3, episode_len=1000)
+    mazes.generate_pointmaze(tasks.get_task(ENV), path, size=6000, seed=3, episode_len=1000)
     return path
 
 
@@ -194,31 +196,31 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     """save_npz writes a temp file and renames it: a kill before the rename changes nothing."""
     task = tasks.get_task(ENV)
     path = tmp_path / "checkpoint.npz"
-    tasks.save_npz(path, {"x": np.zeros(3)}, "leq_checkpoint", task, {})
+    artifacts.save_npz(path, {"x": np.zeros(3)}, "leq_checkpoint", task, {})
     script = f"""
 import os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-import numpy as np, tasks
+import numpy as np, artifacts, tasks
 real_replace = os.replace
 def slow_replace(a, b):
     print("written", flush=True)
     time.sleep(60)  # killed here: the new file is complete but not yet renamed
     real_replace(a, b)
 os.replace = slow_replace
-tasks.save_npz({str(path)!r}, {{"x": np.ones(5_000_000)}}, "leq_checkpoint", tasks.get_task({ENV!r}), {{}})
+artifacts.save_npz({str(path)!r}, {{"x": np.ones(5_000_000)}}, "leq_checkpoint", tasks.get_task({ENV!r}), {{}})
 """
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "written"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    f = tasks.load_artifact(path, task)
+    f = artifacts.load_artifact(path, task)
     np.testing.assert_array_equal(f["x"], np.zeros(3))
     assert [p.name for p in tmp_path.glob("*.tmp")]  # the orphan temp file, never read
-    tasks.save_npz(path, {"x": np.ones(3)}, "leq_checkpoint", task, {})  # the next write of that file
+    artifacts.save_npz(path, {"x": np.ones(3)}, "leq_checkpoint", task, {})  # the next write of that file
     assert not list(tmp_path.glob("*.tmp"))  # removes it
     # and a crash inside the write (an exception) removes its temp file
     with pytest.raises(RuntimeError):
-        tasks.save_npz(tmp_path / "y.npz", {"x": np.zeros(2), "bad": Unsavable()}, "leq", task, {})
+        artifacts.save_npz(tmp_path / "y.npz", {"x": np.zeros(2), "bad": Unsavable()}, "leq", task, {})
     assert not (tmp_path / "y.npz").exists() and len(list(tmp_path.glob("y.npz*.tmp"))) == 0
 
 
@@ -236,7 +238,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(upstream, tiny_maz
     message = p.stderr.strip().splitlines()[-1]
     assert message.startswith("error: non-finite")
     assert "step 250" in message and "critic_loss" in message and "checkpoint_00000200.npz" in message
-    good = tasks.load_artifact(run_dir / "checkpoint_00000200.npz", tasks.get_task(ENV))
+    good = artifacts.load_artifact(run_dir / "checkpoint_00000200.npz", tasks.get_task(ENV))
     assert all(np.isfinite(v).all() for k, v in good.items() if k.startswith("state/"))
     assert not (run_dir / "leq.npz").exists()
 
@@ -292,16 +294,16 @@ def test_world_model_of_other_data_is_refused(upstream, tiny_maze_file_module, t
 def test_artifact_format_version_and_dims(tmp_path):
     task = tasks.get_task(ENV)
     path = tmp_path / "a.npz"
-    tasks.save_npz(path, {"actor/w": np.zeros(2)}, "pretrain", task, {})
+    artifacts.save_npz(path, {"actor/w": np.zeros(2)}, "pretrain", task, {})
     with np.load(path) as f:
         arrays = dict(f)
     np.savez(tmp_path / "old.npz", **{**arrays, "meta/format_version": np.array(0)})
     with pytest.raises(tasks.InputError) as e:
-        tasks.load_artifact(tmp_path / "old.npz", task)
+        artifacts.load_artifact(tmp_path / "old.npz", task)
     assert "format version 0" in str(e.value)
     np.savez(tmp_path / "dims.npz", **{**arrays, "meta/obs_dim": np.array(29)})
     with pytest.raises(tasks.InputError) as e:
-        tasks.load_artifact(tmp_path / "dims.npz", task)
+        artifacts.load_artifact(tmp_path / "dims.npz", task)
     assert "obs/action dims (29, 2)" in str(e.value)
 
 

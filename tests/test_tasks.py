@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import artifacts
+import mazes
 import tasks
 from conftest import ROOT, write_d4rl_file
 
@@ -160,8 +162,8 @@ def test_generator_schema_and_determinism(tmp_path, tiny_maze_file):
     task = tasks.get_task("pointmaze-umaze")
     again = tmp_path / "again.hdf5"
     other = tmp_path / "other.hdf5"
-    tasks.generate_pointmaze(task, again, size=6000, seed=3, episode_len=1000)
-    tasks.generate_pointmaze(task, other, size=6000, seed=4, episode_len=1000)
+    mazes.generate_pointmaze(task, again, size=6000, seed=3, episode_len=1000)
+    mazes.generate_pointmaze(task, other, size=6000, seed=4, episode_len=1000)
     with h5py.File(tiny_maze_file) as f, h5py.File(again) as g, h5py.File(other) as h:
         assert set(f.keys()) == {"observations", "actions", "rewards", "terminals", "timeouts", "infos"}
         assert f["observations"].shape == (6000, 4) and f["observations"].dtype == np.float32
@@ -171,7 +173,7 @@ def test_generator_schema_and_determinism(tmp_path, tiny_maze_file):
         assert np.abs(f["actions"][()]).max() <= 1.0
         # rewards/terminals are relabelled for the evaluation goal from the NEXT position
         xy_next = f["observations"][1:, :2]
-        near = np.linalg.norm(xy_next - np.asarray(task.goal), axis=1) < tasks.GOAL_RADIUS
+        near = np.linalg.norm(xy_next - np.asarray(task.goal), axis=1) < mazes.GOAL_RADIUS
         keep = ~f["timeouts"][:-1]
         np.testing.assert_array_equal(f["rewards"][:-1][keep], near[keep])
         np.testing.assert_array_equal(f["terminals"][:-1], f["rewards"][:-1] > 0)
@@ -188,8 +190,8 @@ def test_generator_excursions_push_into_walls(tmp_path):
     """The excursions put the point against walls: count, with a plain loop over the transitions,
     those that end within 0.13 of a wall square while a strong action barely moves the point."""
     task = tasks.get_task("pointmaze-umaze")
-    layout = tasks.MAZES[task.maze]
-    walls = [tasks.cell_xy(layout, c) for c in tasks.maze_cells(layout, "#")]
+    layout = mazes.MAZES[task.maze]
+    walls = [mazes.cell_xy(layout, c) for c in mazes.maze_cells(layout, "#")]
 
     def pushes(path):
         with h5py.File(path) as f:
@@ -203,9 +205,9 @@ def test_generator_excursions_push_into_walls(tmp_path):
             count += gap < 0.13 and np.linalg.norm(act[t]) > 0.5 and np.linalg.norm(xy_next - xy) < 0.02
         return count
 
-    for excursion in (0.0, tasks.DATA_EXCURSION):
-        tasks.generate_pointmaze(task, tmp_path / f"{excursion}.hdf5", size=6000, seed=3, excursion=excursion)
-    without, with_ = pushes(tmp_path / "0.0.hdf5"), pushes(tmp_path / f"{tasks.DATA_EXCURSION}.hdf5")
+    for excursion in (0.0, mazes.DATA_EXCURSION):
+        mazes.generate_pointmaze(task, tmp_path / f"{excursion}.hdf5", size=6000, seed=3, excursion=excursion)
+    without, with_ = pushes(tmp_path / "0.0.hdf5"), pushes(tmp_path / f"{mazes.DATA_EXCURSION}.hdf5")
     assert with_ > 3 * without and with_ > 300, (without, with_)  # measured: 124 and 516
 
 
@@ -213,7 +215,7 @@ def test_builtin_env_reward_and_termination_at_the_goal():
     task = tasks.get_task("pointmaze-medium")
     env = tasks.make_env(task)
     obs, _ = env.reset(seed=1)
-    start = tasks.cell_xy(tasks.MAZES["medium"], tasks.maze_cells(tasks.MAZES["medium"], "R")[0])
+    start = mazes.cell_xy(mazes.MAZES["medium"], mazes.maze_cells(mazes.MAZES["medium"], "R")[0])
     assert obs.shape == (4,) and np.abs(obs[:2] - start).max() <= 0.25 + 1e-9
     obs, r, terminated, truncated, info = env.step(np.zeros(2))
     assert (r, terminated, info["success"]) == (0.0, False, False)
@@ -231,8 +233,8 @@ def test_builtin_env_reward_and_termination_at_the_goal():
 
 def test_waypoint_controller_reaches_the_goal():
     for maze in ("umaze", "medium"):
-        rate, steps = tasks.controller_success(tasks.get_task(f"pointmaze-{maze}"), episodes=3)
-        assert rate == 1.0 and steps < tasks.POINTMAZE_LIMITS[maze] / 2
+        rate, steps = mazes.controller_success(tasks.get_task(f"pointmaze-{maze}"), episodes=3)
+        assert rate == 1.0 and steps < mazes.POINTMAZE_LIMITS[maze] / 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,24 +320,24 @@ def test_artifact_round_trip_and_mismatch(tmp_path):
     task = tasks.get_task("pointmaze-umaze")
     tree = {"Dense_0": {"kernel": np.arange(6.0).reshape(2, 3), "bias": np.ones(3)}}
     path = tmp_path / "a.npz"
-    tasks.save_npz(path, tasks.flatten(tree, "actor"), "pretrain", task, {"lr": 0.1})
+    artifacts.save_npz(path, artifacts.flatten(tree, "actor"), "pretrain", task, {"lr": 0.1})
     np.load(path, allow_pickle=False)  # no pickle anywhere
-    f = tasks.load_artifact(path, task, kinds=("pretrain",))
-    back = tasks.unflatten(f, "actor")
+    f = artifacts.load_artifact(path, task, kinds=("pretrain",))
+    back = artifacts.unflatten(f, "actor")
     np.testing.assert_array_equal(back["Dense_0"]["kernel"], tree["Dense_0"]["kernel"])
     assert f["meta/config"] == {"lr": 0.1} and list(path.parent.iterdir()) == [path]
     for bad, message in [(tasks.get_task("pointmaze-large"), "made for env 'pointmaze-umaze'")]:
         with pytest.raises(tasks.InputError) as e:
-            tasks.load_artifact(path, bad)
+            artifacts.load_artifact(path, bad)
         assert message in one_line(e)
     with pytest.raises(tasks.InputError) as e:
-        tasks.load_artifact(path, task, kinds=("world_model",))
+        artifacts.load_artifact(path, task, kinds=("world_model",))
     assert "is a 'pretrain' artifact" in one_line(e)
     with pytest.raises(tasks.InputError) as e:
-        tasks.load_artifact(path, task, need="critic")
+        artifacts.load_artifact(path, task, need="critic")
     assert "has no critic parameters" in one_line(e)
     cut = tmp_path / "cut.npz"
     cut.write_bytes(path.read_bytes()[:200])
     with pytest.raises(tasks.InputError) as e:
-        tasks.load_artifact(cut, task)
+        artifacts.load_artifact(cut, task)
     assert "not a readable .npz" in one_line(e)

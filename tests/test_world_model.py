@@ -1,4 +1,4 @@
-"""The world model (LEQ.md section 3) against known ground truths and slow, independent references.
+"""The world model (docs/ALGORITHM.md, section 3) against known ground truths and slow, independent references.
 
 Everything here is small (hidden layers of 32, 3 members, a few thousand transitions) so that the
 file runs in well under a minute on a 2-core CPU; every random number comes from a fixed seed.
@@ -13,6 +13,8 @@ import numpy as np
 import optax
 import pytest
 
+import artifacts
+import mazes
 import tasks
 import world_model
 from conftest import write_d4rl_file
@@ -25,7 +27,7 @@ SMALL = dict(env=ENV, ensemble_size=3, num_elites=2, hidden_dims=(32, 32),
 
 
 # --------------------------------------------------------------------------------------------
-# Slow references, written from LEQ.md section 3 (float64 numpy, loops where it helps clarity)
+# Slow references, written from docs/ALGORITHM.md, section 3 (float64 numpy, loops where it helps clarity)
 # --------------------------------------------------------------------------------------------
 
 def np_tree(tree):
@@ -180,7 +182,7 @@ def linear_run(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 
 def test_init_loss_and_holdout_mse_follow_the_spec():
-    """init_ensemble, ensemble_loss, decay_loss, loss_grads and holdout_mse equal LEQ.md section 3's formulas (init statistically, the rest exactly)."""
+    """init_ensemble, ensemble_loss, decay_loss, loss_grads and holdout_mse equal docs/ALGORITHM.md section 3's formulas (init statistically, the rest exactly)."""
     big = world_model.init_ensemble(jax.random.PRNGKey(0), 50, OUT, (400,), 2)
     for e in range(2):
         for i, fan_in in enumerate((50, 400)):
@@ -337,7 +339,7 @@ def test_training_run_snapshots_stops_and_picks_elites(linear_run):
     """In a real run the saved members are each one's best-epoch parameters, the run stops after 5 epochs without improvement, and the elites have the lowest holdout MSE."""
     epochs, args = linear_run["epochs"], linear_run["args"]
     f = np.load(linear_run["out"], allow_pickle=False)
-    saved = tasks.unflatten(dict(f), "model/params")
+    saved = artifacts.unflatten(dict(f), "model/params")
     E = args.ensemble_size
     # reference stopping/snapshot rule over the observed per-epoch holdout MSEs
     best, since, best_epoch = np.full(E, 1e10), 0, [None] * E
@@ -468,7 +470,7 @@ def test_done_follows_the_termination_function_without_gradient():
     a = jnp.asarray(rng.uniform(-1, 1, size=(300, ACT)), jnp.float32)
     key = jax.random.PRNGKey(3)
     s2, _, done = world_model.model_step(wm, s, a, key, tasks.termination_fn(TASK))
-    want = np.linalg.norm(np.asarray(s2)[:, :2] - goal, axis=1) < tasks.GOAL_RADIUS
+    want = np.linalg.norm(np.asarray(s2)[:, :2] - goal, axis=1) < mazes.GOAL_RADIUS
     np.testing.assert_array_equal(done, want)
     assert 0 < want.sum() < 300
     custom = lambda s, a, s2: s2[..., 0] > s[..., 1] + a[..., 0]  # noqa: E731
@@ -570,7 +572,7 @@ def test_only_elites_are_used(linear_run, tmp_path):
     """load_world_model keeps exactly the elites, in order: poisoning the non-elites (NaN or huge) leaves every step finite and unchanged."""
     clean = world_model.load_world_model(linear_run["out"], TASK)
     with np.load(linear_run["out"], allow_pickle=False) as f:
-        saved, elites = tasks.unflatten(dict(f), "model/params"), f["model/elites"]
+        saved, elites = artifacts.unflatten(dict(f), "model/params"), f["model/elites"]
     assert n_members(clean.params) == len(elites) == 2
     for j, e in enumerate(elites):
         jax.tree.map(np.testing.assert_array_equal, clean.params[f"member_{j}"], saved[f"member_{e}"])
@@ -648,7 +650,7 @@ def test_mismatched_artifacts_and_inputs_are_refused(tiny_run, tmp_path):
         (TASK, tmp_path / "missing.npz", "does not exist"),
     ]
     other = tmp_path / "other.npz"
-    tasks.save_npz(other, {"actor/w": np.zeros(3)}, "pretrain", TASK, {})
+    artifacts.save_npz(other, {"actor/w": np.zeros(3)}, "pretrain", TASK, {})
     cases.append((TASK, other, "is a 'pretrain' artifact; expected one of ['world_model']"))
     for task, path, message in cases:
         with pytest.raises(tasks.InputError) as e:
