@@ -140,7 +140,7 @@ def paper_protocol(task: tasks.Task, nets: networks.Nets, params, rounds: int = 
 # Pictures
 # ============================================================================================
 
-def plot_trajectories(task: tasks.Task, episodes: list, path) -> None:
+def plot_trajectories(task: tasks.Task, episodes: list, path, title: str = "") -> None:
     """The maze's walls, start and goal, and every trajectory (green: success, red: failure)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -159,8 +159,8 @@ def plot_trajectories(task: tasks.Task, episodes: list, path) -> None:
     ax.set_aspect("equal")
     ax.autoscale_view()
     wins = sum(e["success"] for e in episodes)
-    ax.set_title(f"{task.name}: {wins}/{len(episodes)} successes\n(green: success, red: failure; "
-                 f"start blue, goal gold)", fontsize=9)
+    ax.set_title(f"{task.name}{': ' + title if title else ''}: {wins}/{len(episodes)} successes\n"
+                 f"(green: success, red: failure; start blue, goal gold)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

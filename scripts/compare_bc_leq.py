@@ -1,20 +1,28 @@
 """The learning result: LEQ's final success against the BC actor it starts from, over seeds.
 
     python scripts/compare_bc_leq.py --env pointmaze-umaze --seeds 0 1 2
-    python scripts/compare_bc_leq.py --env pointmaze-medium --seeds 0 --total-steps 30000
+    python scripts/compare_bc_leq.py --env pointmaze-large --seeds 0 1 2 --eval-every 5000 \
+        --ablations "1step=--critic-target 1step" "mean=--expectile 0.5"
 
 For each seed: runs leq.py (which runs the world model and pretraining first when their
-artifacts are missing; a run folder that already holds leq.npz is reused, one with a
-checkpoint resumes), evaluates the BC actor of pretrain.npz with the same protocol as LEQ's
-final evaluation (10 x 10 episodes), and records the wall time of the leq.py call (with the
-stages it ran first) when this call made the run (null for a reused one). Writes
-<out>.json (per-seed and mean numbers) and <out>.png (LEQ's periodic success per seed against
-steps, BC as dashed lines).
+artifacts are missing; a run folder that already holds leq.npz is reused, one with a checkpoint
+resumes), then evaluates LEQ's final actor and the BC actor of pretrain.npz with the paper's
+protocol (10 x 10 episodes, `evaluate.paper_protocol`). Each ablation is a leq.py run of seed
+`--ablation-seed` with extra flags, on that seed's world model and pretraining. Writes
+<out>.json (per run: success, score and its sd over the rounds, steps, episode lengths, the
+critic's Q(s0, pi(s0)) against the Monte-Carlo value of the episodes driven, wall time per
+stage), <out>.png (periodic success against steps; BC dashed) and, for the first seed,
+<out>_{bc,leq}_trajectories.png on maze tasks.
+
+Wall times: the time of the leq.py call this script made (null for a reused run), and, when
+`--log` names the run's log file, each stage's time as the stages printed it there.
 """
 
 import dataclasses
 import json
 import os
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,11 +30,16 @@ from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import tyro  # noqa: E402
 
+import artifacts  # noqa: E402
 import evaluate  # noqa: E402
 import leq  # noqa: E402
 import networks  # noqa: E402
+import pretrain  # noqa: E402
 import tasks  # noqa: E402
 
 
@@ -38,52 +51,129 @@ class Args:
     """seeds (each one a full pipeline: world model, pretraining, LEQ)"""
     total_steps: Optional[int] = None
     """LEQ steps (default: leq.py's default for the task)"""
-    expectile: Optional[float] = None
-    """LEQ's tau (default: leq.py's default for the task)"""
+    eval_every: Optional[int] = None
+    """LEQ's evaluation interval (default: leq.py's default for the task)"""
+    ablations: tuple[str, ...] = ()
+    """extra runs, each "label=leq.py flags" (e.g. "1step=--critic-target 1step"), of --ablation-seed"""
+    ablation_seed: int = 0
+    """seed of the ablation runs (they reuse its world model and pretraining)"""
     run_dir: str = "runs/{env}__leq__s{seed}"
-    """LEQ run folder per seed (a format string with {env} and {seed})"""
+    """LEQ run folder per seed (a format string with {env} and {seed}; ablations add __<label>)"""
     pretrain: str = "runs/{env}__pretrain__s{seed}/pretrain.npz"
     """pretrain.npz per seed (format string; made by leq.py when missing)"""
     world_model: str = "runs/{env}__world_model__s{seed}/world_model.npz"
     """world_model.npz per seed (format string; made by leq.py when missing)"""
+    log: Optional[str] = None
+    """the run's log file per seed (format string with {env}, {seed}, {run}), to read stage times from"""
     out: str = "docs/{env}_leq_vs_bc"
     """output stem for .json and .png (format string with {env})"""
 
 
+# ============================================================================================
+# One run: evaluate LEQ's and BC's actors with the paper's protocol
+# ============================================================================================
+
+def monte_carlo_values(episodes: list, gamma: float) -> list:
+    """The discounted return each episode actually got under the training rewards (r - 1: -1 per
+    step, 0 on the step into the goal): -(1 - gamma^(L - 1)) / (1 - gamma) for a success in L
+    steps; -(1 - gamma^L) / (1 - gamma) for an episode cut at the limit (a truncated value)."""
+    return [-(1 - gamma ** (e["length"] - 1 if e["success"] else e["length"])) / (1 - gamma) for e in episodes]
+
+
+def protocol(task, nets, actor, critic, config: dict, record: bool = False) -> dict:
+    """evaluate.paper_protocol's numbers plus the critic's Q(s0, pi(s0)) over the episodes' start
+    states and their Monte-Carlo values; with `record` the episodes' xy paths as well."""
+    rounds, n, seed = config["final_eval_rounds"], config["eval_episodes"], config["seed"]
+    episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), rounds * n, seed, record=record)
+    scores = [evaluate.summarize(task, episodes[i * n:(i + 1) * n])["score"] for i in range(rounds)]
+    s0 = jnp.asarray([e["obs0"] for e in episodes], jnp.float32)
+    out = {**evaluate.summarize(task, episodes), "round_scores": scores, "score_std": float(np.std(scores)),
+           "q_start": float(jnp.mean(nets.q(critic, s0, nets.pi(actor, s0)))),
+           "mc_value": float(np.mean(monte_carlo_values(episodes, config["gamma"])))}
+    return out, episodes
+
+
+def stage_times(log_path: Optional[Path]) -> dict:
+    """Each stage's wall time in seconds as printed in a run's log (summed over resumed segments):
+    world_model.py's "N epochs in X s", pretrain.py's "X s; wrote", and the LEQ bar's elapsed time."""
+    if not log_path or not log_path.exists():
+        return {}
+    text = log_path.read_text(errors="replace").replace("\r", "\n")
+    times = {"world_model_s": sum(float(x) for x in re.findall(r"\[world_model\] \d+ epochs in (\d+) s", text)),
+             "pretrain_s": sum(float(x) for x in re.findall(r"\[pretrain\] BC mse .*?, (\d+) s; wrote", text))}
+    leq_s = 0.0
+    for segment in re.split(r"\[leq\] resuming", text):  # each process's bar restarts its clock
+        stamps = re.findall(r"LEQ [^|]*\|[^|]*\| *\d+/\d+ \[(?:(\d+):)?(\d+):(\d+)<", segment)
+        if stamps:
+            h, m, s = stamps[-1]
+            leq_s += 3600 * int(h or 0) + 60 * int(m) + int(s)
+    times["leq_s"] = leq_s
+    return {k: v or None for k, v in times.items()}
+
+
+def run_one(a: Args, task, seed: int, label: str = "", flags: str = ""):
+    fmt = dict(env=a.env, seed=seed)
+    run_dir = Path(a.run_dir.format(**fmt) + (f"__{label}" if label else ""))
+    pt_path, wm_path = Path(a.pretrain.format(**fmt)), Path(a.world_model.format(**fmt))
+    wall = None  # a reused run's time is not known here (null in the JSON, not a near-zero number)
+    if not (run_dir / "leq.npz").exists():
+        base = ["--env", a.env, "--seed", str(seed), "--run-dir", str(run_dir)]
+        base += ["--total-steps", str(a.total_steps)] if a.total_steps else []
+        base += ["--eval-every", str(a.eval_every)] if a.eval_every else []
+        base += ["--world-model", str(wm_path)] if wm_path.exists() else []
+        base += ["--pretrain", str(pt_path)] if pt_path.exists() else []
+        start = time.time()
+        leq.train(tyro.cli(leq.Args, args=base + shlex.split(flags)))
+        wall = time.time() - start
+    config = json.loads((run_dir / "config.json").read_text())
+    f = artifacts.load_artifact(run_dir / "leq.npz", task, kinds=("leq",))
+    _, nets, actor = networks.actor_from_artifact(f, task)
+    critic = jax.tree.map(jnp.asarray, artifacts.unflatten(f, "critic"))
+    leq_eval, leq_eps = protocol(task, nets, actor, critic, config, record=True)
+    bc_nets, bc_actor, bc_critic, _ = pretrain.load_pretrained(config["pretrain"] or pt_path, task)
+    bc_eval, bc_eps = protocol(task, bc_nets, bc_actor, bc_critic, config, record=True)
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    log = Path(a.log.format(**fmt, run=run_dir.name)) if a.log else None
+    result = dict(
+        seed=seed, label=label or "LEQ", flags=flags, run_dir=str(run_dir), steps=config["total_steps"],
+        expectile=config["expectile"], critic_target=config["critic_target"],
+        leq_success=leq_eval["success"], leq_score=leq_eval["score"], leq_score_std=leq_eval["score_std"],
+        bc_success=bc_eval["success"], bc_score=bc_eval["score"], bc_score_std=bc_eval["score_std"],
+        leq_length=leq_eval["length"], bc_length=bc_eval["length"],
+        leq_q_start=leq_eval["q_start"], leq_mc_value=leq_eval["mc_value"],
+        bc_q_start=bc_eval["q_start"], bc_mc_value=bc_eval["mc_value"],
+        wall_s_this_call=wall, **stage_times(log),
+        curve=[(r["step"], r["success"]) for r in rows if "success" in r])
+    print(f"{a.env} seed {seed} {label or 'LEQ'}: success {leq_eval['success']:.2f} (score {leq_eval['score']:.1f} "
+          f"+- {leq_eval['score_std']:.1f}), BC {bc_eval['success']:.2f}; length {leq_eval['length']:.0f} vs "
+          f"{bc_eval['length']:.0f}; Q(s0) {leq_eval['q_start']:.1f} vs Monte-Carlo {leq_eval['mc_value']:.1f}")
+    return result, leq_eps, bc_eps
+
+
+# ============================================================================================
+# Main: all runs, the JSON and the pictures
+# ============================================================================================
+
 def main(a: Args):
     task = tasks.get_task(a.env)
-    results = []
-    for seed in a.seeds:
-        fmt = dict(env=a.env, seed=seed)
-        run_dir = Path(a.run_dir.format(**fmt))
-        pt_path, wm_path = a.pretrain.format(**fmt), a.world_model.format(**fmt)
-        wall = None  # a reused run's time is not known here (None in the JSON, not a near-zero number)
-        if not (run_dir / "leq.npz").exists():
-            start = time.time()
-            leq.train(leq.Args(env=a.env, seed=seed, run_dir=str(run_dir), total_steps=a.total_steps,
-                               expectile=a.expectile, pretrain=None if not Path(pt_path).exists() else pt_path,
-                               world_model=None if not Path(wm_path).exists() else wm_path))
-            wall = time.time() - start
-        config = json.loads((run_dir / "config.json").read_text())
-        final = json.loads((run_dir / "final_eval.json").read_text())
-        _, nets, bc_actor = networks.load_actor(config["pretrain"] or pt_path, task)
-        bc = evaluate.paper_protocol(task, nets, bc_actor, config["final_eval_rounds"], config["eval_episodes"],
-                                     config["seed"])
-        rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
-        results.append(dict(
-            seed=seed, run_dir=str(run_dir), steps=config["total_steps"], expectile=config["expectile"],
-            leq_success=final["success"], leq_score=final["score"], leq_score_std=final["score_std"],
-            bc_success=bc["success"], bc_score=bc["score"], bc_score_std=bc["score_std"],
-            leq_length=final["length"], bc_length=bc["length"],
-            wall_s_this_call=wall, curve=[(r["step"], r["success"]) for r in rows if "success" in r]))
-        print(f"seed {seed}: LEQ success {final['success']:.2f} (score {final['score']:.1f} +- "
-              f"{final['score_std']:.1f}), BC {bc['success']:.2f}; mean length LEQ {final['length']:.0f}, "
-              f"BC {bc['length']:.0f}")
-    summary = {"env": a.env, "seeds": list(a.seeds),
-               "leq_success_mean": float(np.mean([r["leq_success"] for r in results])),
-               "bc_success_mean": float(np.mean([r["bc_success"] for r in results])), "per_seed": results}
     out = Path(a.out.format(env=a.env))
     out.parent.mkdir(parents=True, exist_ok=True)
+    results, ablations = [], []
+    for i, seed in enumerate(a.seeds):
+        result, leq_eps, bc_eps = run_one(a, task, seed)
+        results.append(result)
+        if i == 0 and task.family in ("pointmaze", "antmaze"):
+            evaluate.plot_trajectories(task, leq_eps, f"{out}_leq_trajectories.png", title=f"LEQ, seed {seed}")
+            evaluate.plot_trajectories(task, bc_eps, f"{out}_bc_trajectories.png", title=f"BC actor, seed {seed}")
+    for spec in a.ablations:
+        label, _, flags = spec.partition("=")
+        if not label or not flags:
+            raise tasks.InputError(f"--ablations takes 'label=leq.py flags', got '{spec}'")
+        ablations.append(run_one(a, task, a.ablation_seed, label, flags)[0])
+    summary = {"env": a.env, "seeds": list(a.seeds),
+               "leq_success_mean": float(np.mean([r["leq_success"] for r in results])),
+               "bc_success_mean": float(np.mean([r["bc_success"] for r in results])),
+               "per_seed": results, "ablations": ablations}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     plot(summary, out.with_suffix(".png"))
     print(f"LEQ {summary['leq_success_mean']:.2f} vs BC {summary['bc_success_mean']:.2f} success over "
@@ -94,17 +184,20 @@ def plot(summary, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for i, r in enumerate(summary["per_seed"]):
-        colour = f"C{i}"
-        steps, success = zip(*([(0, r["bc_success"])] + r["curve"]))  # step 0 = the BC actor
-        ax.plot(steps, 100 * np.asarray(success), marker="o", ms=3, color=colour, label=f"LEQ seed {r['seed']}")
-        ax.axhline(100 * r["bc_success"], ls="--", color=colour, alpha=0.6, label=f"BC seed {r['seed']}")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    runs = summary["per_seed"] + summary.get("ablations", [])
+    for i, r in enumerate(runs):
+        colour, name = f"C{i}", (f"LEQ seed {r['seed']}" if r["label"] == "LEQ" else f"{r['label']} (seed {r['seed']})")
+        steps, success = zip(*([(0, r["bc_success"])] + [tuple(p) for p in r["curve"]]))  # step 0 = the BC actor
+        ax.plot(steps, 100 * np.asarray(success), marker="o", ms=3, color=colour, label=name,
+                ls="-" if r["label"] == "LEQ" else ":")
+        if r["label"] == "LEQ":
+            ax.axhline(100 * r["bc_success"], ls="--", color=colour, alpha=0.6, label=f"BC seed {r['seed']}")
     ax.set_xlabel("LEQ gradient step")
     ax.set_ylabel("success rate (%)")
     ax.set_ylim(-3, 103)
     ax.set_title(f"{summary['env']}: LEQ vs the BC actor it starts from")
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
