@@ -29,7 +29,7 @@ def main():
         task, args, data, wm, nets, st, done_fn, actor_opt, critic_opt = build(action_grad, 10_000)
         update = leq.make_update(nets, wm, done_fn, actor_opt, critic_opt, args)
         actor_grads = leq.make_actor_grads(nets, wm, done_fn, args)
-        key, starts = jax.random.PRNGKey(0), data[0]
+        key, starts = jax.random.PRNGKey(0), data.observations
         out[action_grad] = {
             "step_gflop": gflop(update, st, data, starts, starts.shape[0], key),
             "actor_gflop": gflop(lambda s, k: actor_grads(s, starts[:args.model_batch_size], k)[0], st, key)}

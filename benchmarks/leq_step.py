@@ -49,8 +49,8 @@ def build(action_grad: str, dataset_size: int):
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(dataset_size, task.obs_dim)).astype(np.float32)
     act = rng.uniform(-1, 1, size=(dataset_size, task.act_dim)).astype(np.float32)
-    data = tuple(jnp.asarray(x) for x in (obs, act, rng.normal(size=dataset_size).astype(np.float32),
-                                          obs + 0.01, np.ones(dataset_size, np.float32)))
+    data = tasks.Transitions(*(jnp.asarray(x) for x in (obs, act, rng.normal(size=dataset_size).astype(np.float32),
+                                                        obs + 0.01, np.ones(dataset_size, np.float32))))
     wm_args = world_model.Args()
     params = world_model.init_ensemble(jax.random.PRNGKey(1), task.obs_dim + task.act_dim,
                                        task.obs_dim + 1, wm_args.hidden_dims, wm_args.ensemble_size)
@@ -81,7 +81,7 @@ def bench(action_grad: str, a: Args, k: int, calls: int) -> dict:
     task, args, data, wm, nets, st, done_fn, actor_opt, critic_opt = build(action_grad, a.dataset_size)
     update = leq.make_update(nets, wm, done_fn, actor_opt, critic_opt, args)
     train_chunk = leq.make_train_chunk(update, args)
-    starts = data[0][:1_250_000]
+    starts = data.observations[:1_250_000]
     key = jax.random.PRNGKey(3)
     out = {}
 
@@ -101,8 +101,8 @@ def bench(action_grad: str, a: Args, k: int, calls: int) -> dict:
     # the two halves of a step, each K times in a scan
     actor_grads = leq.make_actor_grads(nets, wm, done_fn, args)
     critic_grads = leq.make_critic_grads(nets, wm, done_fn, args)
-    s0 = data[0][:args.model_batch_size]
-    batch = tuple(x[:args.batch_size] for x in data)
+    s0 = data.observations[:args.model_batch_size]
+    batch = tasks.Transitions(*(x[:args.batch_size] for x in data))
 
     @jax.jit
     def actor_part(st, keys):
@@ -121,12 +121,12 @@ def bench(action_grad: str, a: Args, k: int, calls: int) -> dict:
     # one dataset expansion of 50000 x 5
     expand = leq.make_expand(nets, wm, done_fn, args)
     buf = leq.empty_buffer(args.expand_retain * args.expand_size * args.expand_length, task.obs_dim, task.act_dim)
-    buf = expand(buf, st.actor, data[0], key)
+    buf = expand(buf, st.actor, data.observations, key)
     jax.block_until_ready(buf)
     holder["buf"] = buf
 
     def one_expansion():
-        holder["buf"] = expand(holder["buf"], st.actor, data[0], key)
+        holder["buf"] = expand(holder["buf"], st.actor, data.observations, key)
         return holder["buf"].filled
     out["expansion_s"] = timed(one_expansion, max(3, calls // 2))
     out["timed_steps_per_call"], out["timed_calls"] = k, calls
