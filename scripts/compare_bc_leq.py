@@ -40,6 +40,12 @@ class Args:
     """LEQ steps (default: leq.py's default for the task)"""
     expectile: Optional[float] = None
     """LEQ's tau (default: leq.py's default for the task)"""
+    eval_every: Optional[int] = None
+    """LEQ steps between evaluations, the points of the curve (default: leq.py's default for the task)"""
+    dataset_path: Optional[str] = None
+    """passed to leq.py (and the stages it runs): a dataset file instead of the task's own"""
+    data_dir: Optional[str] = None
+    """passed to leq.py: the folder of the task's datasets"""
     run_dir: str = "runs/{env}__leq__s{seed}"
     """LEQ run folder per seed (a format string with {env} and {seed})"""
     pretrain: str = "runs/{env}__pretrain__s{seed}/pretrain.npz"
@@ -54,14 +60,15 @@ def main(a: Args):
     task = tasks.get_task(a.env)
     results = []
     for seed in a.seeds:
-        fmt = dict(env=a.env, seed=seed)
+        fmt = dict(env=tasks.run_name(a.env), seed=seed)
         run_dir = Path(a.run_dir.format(**fmt))
         pt_path, wm_path = a.pretrain.format(**fmt), a.world_model.format(**fmt)
         wall = None  # a reused run's time is not known here (None in the JSON, not a near-zero number)
         if not (run_dir / "leq.npz").exists():
             start = time.time()
             leq.train(leq.Args(env=a.env, seed=seed, run_dir=str(run_dir), total_steps=a.total_steps,
-                               expectile=a.expectile, pretrain=None if not Path(pt_path).exists() else pt_path,
+                               expectile=a.expectile, eval_every=a.eval_every, dataset_path=a.dataset_path,
+                               data_dir=a.data_dir, pretrain=None if not Path(pt_path).exists() else pt_path,
                                world_model=None if not Path(wm_path).exists() else wm_path))
             wall = time.time() - start
         config = json.loads((run_dir / "config.json").read_text())
@@ -82,7 +89,7 @@ def main(a: Args):
     summary = {"env": a.env, "seeds": list(a.seeds),
                "leq_success_mean": float(np.mean([r["leq_success"] for r in results])),
                "bc_success_mean": float(np.mean([r["bc_success"] for r in results])), "per_seed": results}
-    out = Path(a.out.format(env=a.env))
+    out = Path(a.out.format(env=tasks.run_name(a.env)))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     plot(summary, out.with_suffix(".png"))
