@@ -110,6 +110,8 @@ def transitions(task: tasks.Task, path: Path) -> dict:
     for k in ("observations", "actions", "next_observations"):
         if d[k].ndim != 2 or not np.isfinite(d[k]).all() or len(d[k]) < 1:
             raise tasks.InputError(f"dataset file {path}: '{k}' is empty, not 2-d or not finite")
+    # ogbench's relabelling flags success(s_t); here success(s_{t+1}), as this project's other
+    # mazes and its imagination (choice, README: OGBench and Minari)
     done = np.asarray(tasks.termination_fn(task)(d["observations"], d["actions"], d["next_observations"]))
     terminals = done.astype(np.float32)
     return dict(observations=d["observations"],
