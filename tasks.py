@@ -440,11 +440,15 @@ def main(args: Args):
     data = qlearning_transitions(read_hdf5(path))
     print(f"wrote {path}: {len(data['rewards'])} transitions, {int(data['rewards'].sum())} at the "
           f"goal, in {seconds:.1f} s")
-    if args.expert_episodes:
-        for noise in (0.0, noise):
-            rate, steps = mazes.controller_success(task, args.expert_episodes, noise)
-            print(f"controller (noise {noise}) on the evaluation task: success {100 * rate:.0f}% "
-                  f"over {args.expert_episodes} episodes, {steps:.0f} steps to the goal")
+    report_controller(mazes.controller_success, task, args.expert_episodes, noise)
+
+
+def report_controller(controller_success: Callable, task: Task, episodes: int, noise: float):
+    """The data's controller on the evaluation task, without and with the data's action noise."""
+    for n in (0.0, noise) if episodes else ():
+        rate, steps = controller_success(task, episodes, n)
+        print(f"controller (noise {n}) on the evaluation task: success {100 * rate:.0f}% "
+              f"over {episodes} episodes, {steps:.0f} steps to the goal")
 
 
 def generate_ogbench(task: Task, args: Args):
@@ -457,11 +461,7 @@ def generate_ogbench(task: Task, args: Args):
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; {val.name} {val.stat().st_size / 1e6:.1f} MB): "
           f"{len(t['rewards'])} transitions, {int(t['terminals'].sum())} into the goal of {task.name}, "
           f"in {seconds:.1f} s")
-    if args.expert_episodes:
-        for noise in (0.0, noise):
-            rate, steps = ogbench_tasks.controller_success(task, args.expert_episodes, noise)
-            print(f"oracle controller (noise {noise}) on the evaluation task: success {100 * rate:.0f}% "
-                  f"over {args.expert_episodes} episodes, {steps:.0f} steps to the goal")
+    report_controller(ogbench_tasks.controller_success, task, args.expert_episodes, noise)
 
 
 if __name__ == "__main__":

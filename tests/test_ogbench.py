@@ -190,6 +190,9 @@ def test_bad_names_and_files_give_one_line(tmp_path):
     with pytest.raises(tasks.InputError) as e:
         tasks.load_dataset(tasks.get_task(POINT), str(tmp_path / "missing.npz"))
     assert "does not exist" in one_line(e)
+    with pytest.raises(tasks.InputError) as e:
+        tasks.main(tasks.Args(env="antmaze-large-navigate-singletask-v0"))
+    assert "only built-in pointmaze tasks and OGBench pointmaze" in one_line(e)
 
 
 def test_end_to_end_on_a_generated_dataset(tmp_path):
@@ -200,7 +203,7 @@ def test_end_to_end_on_a_generated_dataset(tmp_path):
         return p
     p = run(ROOT / "tasks.py", "--env", POINT, "--size", 3000, "--episode-len", 500, "--data-dir", "d",
             "--expert-episodes", 1)
-    assert "oracle controller (noise 0.0) on the evaluation task: success 100%" in p.stdout
+    assert "controller (noise 0.0) on the evaluation task: success 100%" in p.stdout
     common = ["--env", POINT, "--dataset-path", "d/pointmaze-medium-navigate-v0_3k_seed0_v1.npz"]
     run(ROOT / "world_model.py", *common, "--out", "wm.npz", "--hidden-dims", 16, 16, "--weight-decay",
         2.5e-5, 5e-5, 1e-4, "--ensemble-size", 3, "--num-elites", 2, "--max-epochs", 2)
