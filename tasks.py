@@ -418,7 +418,7 @@ class Args:
     episode_len: Optional[int] = None
     """OGBench: steps per trajectory (default 1000, giant 2000, as ogbench's navigate data)"""
     data_dir: Optional[str] = None
-    """folder for generated datasets (default: $LEQ_DATA_DIR or ./data next to this file; OGBench: its ogbench/ subfolder)"""
+    """folder for generated datasets (default: $LEQ_DATA_DIR or ./data next to this file; for OGBench its ogbench/ subfolder)"""
     out: Optional[str] = None
     """output path (default: <data_dir>/<env>_<size/1000>k_seed<seed>_v<version>.hdf5; OGBench
     <data_dir>/<dataset>_<size/1000>k_seed<seed>_v<version>.npz, and its -val.npz)"""
