@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import artifacts
-import mazes
 import networks
 import tasks
 
@@ -98,7 +97,7 @@ def run_episodes(task: tasks.Task, policy: Callable, episodes: int, seed: int = 
                 ep = eps[i]
                 ep["ret"] += float(r)
                 ep["length"] += 1
-                ep["success"] |= bool(info.get("success", False)) or (task.family in ("pointmaze", "antmaze") and r > 0)
+                ep["success"] |= bool(info.get("success", False)) or (task.is_maze and r > 0)
                 if record:
                     ep["xy"].append(o[:2].tolist())
                 obs[i] = o
@@ -145,16 +144,15 @@ def plot_trajectories(task: tasks.Task, episodes: list, path, title: str = "") -
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    walls, start, goal, cell = mazes.maze_geometry(task)
-    height, width = len(mazes.MAZES[task.maze]), len(mazes.MAZES[task.maze][0])
+    walls, start, goal, cell, radius = tasks.maze_geometry(task)
+    width, height = (walls.max(0) - walls.min(0)) / cell + 1  # in cells
     fig, ax = plt.subplots(figsize=(1 + 0.5 * width, 1.4 + 0.5 * height))
     for x, y in walls:
         ax.add_patch(plt.Rectangle((x - cell / 2, y - cell / 2), cell, cell, color="0.35"))
     for e in episodes:
         xy = np.asarray(e["xy"])
         ax.plot(xy[:, 0], xy[:, 1], color="tab:green" if e["success"] else "tab:red", lw=1, alpha=0.7)
-    ax.add_patch(plt.Circle(goal, task.goal_radius if task.family == "pointmaze" else 0.5,
-                            color="gold", zorder=3))
+    ax.add_patch(plt.Circle(goal, radius, color="gold", zorder=3))
     ax.plot(*start, "bo", ms=8, zorder=3)
     ax.set_aspect("equal")
     ax.autoscale_view()
@@ -224,7 +222,7 @@ def main(args: Args) -> Optional[dict]:
         raise tasks.InputError("--episodes and --parallel must be >= 1")
     artifact = artifacts.load_artifact(args.checkpoint, tasks.get_task(args.env) if args.env else None, need="actor")
     task, nets, params = networks.actor_from_artifact(artifact)
-    maze = task.family in ("pointmaze", "antmaze")
+    maze = task.is_maze
     episodes = run_episodes(task, actor_policy(nets, params), args.episodes, args.seed, args.parallel,
                             record=maze and args.plot)
     summary = summarize(task, episodes)

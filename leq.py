@@ -591,7 +591,7 @@ def train(args: Args) -> Path:
     from tqdm import tqdm
     args = resolve(args)
     task = tasks.get_task(args.env)
-    run_dir = Path(args.run_dir or f"runs/{args.env}__leq__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(args.run_dir or f"runs/{tasks.run_name(args.env)}__leq__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     # chunk boundaries fall on every expansion, evaluation and checkpoint step: one compile
     chunk = math.gcd(args.chunk, args.expand_every, args.eval_every, args.checkpoint_every,
                      args.total_steps or args.chunk)

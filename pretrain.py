@@ -145,7 +145,7 @@ def make_chunks(nets: networks.Nets, bc_opt, fqe_opt, data, args: Args):
 # ============================================================================================
 
 def default_path(env: str, seed: int) -> Path:
-    return Path("runs") / f"{env}__pretrain__s{seed}" / "pretrain.npz"
+    return Path("runs") / f"{tasks.run_name(env)}__pretrain__s{seed}" / "pretrain.npz"
 
 
 def load_pretrained(path, task: tasks.Task):

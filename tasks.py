@@ -7,16 +7,22 @@ Every stage imports this module. For an env name it gives
   * the TRUE termination function, in JAX, batched                  -> termination_fn
   * the evaluation environment (gymnasium API, whatever is behind)  -> make_env
   * the normalised score                                            -> normalized_score
-The sources behind them live in their own modules: mazes.py (the built-in PointMaze world and
-its dataset generator) and d4rl_tasks.py (the optional d4rl package).
+The sources behind them live in their own modules, imported only for their own names:
+mazes.py (the built-in PointMaze world and its dataset generator), d4rl_tasks.py (the optional
+d4rl package), ogbench_tasks.py (OGBench's single-task mazes, and a local generator of its
+PointMaze data) and minari_tasks.py (Minari datasets).
 
 Supported names: the built-in `pointmaze-{umaze,medium,large,ultra}` (datasets generated
 locally, see mazes.py), D4RL's `antmaze-*`, `hopper-*`, `walker2d-*`, `halfcheetah-*` (through
-the optional d4rl package), and `antmaze-ultra-{play,diverse}-v0`. Any D4RL-format HDF5 file can
+the optional d4rl package), `antmaze-ultra-{play,diverse}-v0`, OGBench's
+`{pointmaze,antmaze,humanoidmaze}-{medium,large,giant}-{navigate,stitch}-singletask[-task1..5]-v0`
+(and `antmaze-*-explore-*`), and `minari:<dataset id>` (AntMaze, PointMaze and MuJoCo
+hopper/walker2d/halfcheetah datasets). Any D4RL-format HDF5 file (OGBench: an OGBench .npz) can
 stand in for the dataset with `dataset_path`.
 
 Run `python tasks.py --env pointmaze-umaze` to (re)generate a built-in dataset and measure the
-waypoint controller ("expert") on the evaluation task.
+waypoint controller ("expert") on the evaluation task; `python tasks.py --env
+pointmaze-giant-navigate-singletask-v0` does the same for an OGBench PointMaze.
 """
 
 from __future__ import annotations
@@ -57,9 +63,10 @@ class TaskArgs:
     env: str = "pointmaze-umaze"
     """task name (see tasks.py / README for the supported names)"""
     dataset_path: Optional[str] = None
-    """a D4RL-format HDF5 file to use instead of the task's own dataset"""
+    """a D4RL-format HDF5 file (OGBench tasks: an OGBench .npz) to use instead of the task's own dataset"""
     data_dir: Optional[str] = None
-    """folder of the built-in datasets (default: $LEQ_DATA_DIR or ./data)"""
+    """folder of the built-in datasets (default: $LEQ_DATA_DIR or ./data); OGBench tasks: the folder
+    of its .npz files (default: ~/.ogbench/data, then data/ogbench for generated PointMaze files)"""
     seed: int = 0
     """random seed of everything the stage draws (leq.py: also of the upstream stages it runs)"""
 
@@ -82,36 +89,55 @@ ANTMAZE_RADIUS = 0.25
 ANTMAZE_LIMITS = {"umaze": 700, "medium": 1000, "large": 1000, "ultra": 2000}
 
 LOCOMOTION_DIMS = {"hopper": (11, 3), "walker2d": (17, 6), "halfcheetah": (17, 6)}
-NAME_PATTERNS = [
-    r"pointmaze-(umaze|medium|large|ultra)",
-    r"antmaze-umaze(-diverse)?-v[0-2]",
-    r"antmaze-(medium|large)-(play|diverse)-v[0-2]",
-    r"antmaze-ultra-(play|diverse)-v0",
-    r"(hopper|walker2d|halfcheetah)-(random|medium|expert|medium-replay|medium-expert|full-replay)-v[0-2]",
+NAME_PATTERNS = [  # (name, source)
+    (r"pointmaze-(umaze|medium|large|ultra)", "builtin"),
+    (r"antmaze-umaze(-diverse)?-v[0-2]", "d4rl"),
+    (r"antmaze-(medium|large)-(play|diverse)-v[0-2]", "d4rl"),
+    (r"antmaze-ultra-(play|diverse)-v0", "d4rl"),
+    (r"(hopper|walker2d|halfcheetah)-(random|medium|expert|medium-replay|medium-expert|full-replay)-v[0-2]", "d4rl"),
+    (r"(pointmaze|antmaze|humanoidmaze)-(medium|large|giant)-(navigate|stitch)-singletask(-task[1-5])?-v0", "ogbench"),
+    (r"antmaze-(medium|large|giant)-explore-singletask(-task[1-5])?-v0", "ogbench"),
+    (r"minari:.+", "minari"),
 ]
 SUPPORTED = ("pointmaze-{umaze,medium,large,ultra}, antmaze-umaze[-diverse]-v2, "
              "antmaze-{medium,large}-{play,diverse}-v2, antmaze-ultra-{play,diverse}-v0, "
-             "{hopper,walker2d,halfcheetah}-{random,medium,medium-replay,medium-expert,expert}-v2")
+             "{hopper,walker2d,halfcheetah}-{random,medium,medium-replay,medium-expert,expert}-v2, "
+             "OGBench {pointmaze,antmaze,humanoidmaze}-{medium,large,giant}-navigate-singletask[-task1..5]-v0 "
+             "(also -stitch-, antmaze -explore-), minari:<dataset id>")
+MAZE_FAMILIES = ("pointmaze", "antmaze", "humanoidmaze")
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     """Static facts of a task (hashable, so jitted functions can close over it)."""
     name: str
-    family: str              # pointmaze | antmaze | hopper | walker2d | halfcheetah
+    family: str              # pointmaze | antmaze | humanoidmaze | hopper | walker2d | halfcheetah
     obs_dim: int
     act_dim: int
     max_episode_steps: int
-    maze: str = ""           # umaze | medium | large | ultra (maze families only)
+    maze: str = ""           # umaze | medium | large | ultra | giant (maze families only)
     goal: tuple = ()         # termination centre (maze families only)
     goal_radius: float = 0.0
+    source: str = "builtin"  # builtin | d4rl | ogbench | minari: the module data and envs come from
+    goal_inclusive: bool = False  # the goal region is ||xy - goal|| <= radius (else < radius)
+
+    @property
+    def is_maze(self) -> bool:
+        return self.family in MAZE_FAMILIES
 
 
 
 def get_task(name: str) -> Task:
     """The static description of `name`; unknown names fail at once, listing the supported ones."""
-    if not any(re.fullmatch(p, name) for p in NAME_PATTERNS):
+    source = next((src for p, src in NAME_PATTERNS if re.fullmatch(p, name)), None)
+    if source is None:
         raise InputError(f"unknown env '{name}'. Supported: {SUPPORTED}")
+    if source == "ogbench":
+        import ogbench_tasks  # imported only for OGBench tasks (it imports this module)
+        return ogbench_tasks.describe(name)
+    if source == "minari":
+        import minari_tasks
+        return minari_tasks.describe(name)
     family = name.split("-")[0]
     if family == "pointmaze":
         maze = name.split("-")[1]
@@ -120,8 +146,14 @@ def get_task(name: str) -> Task:
     if family == "antmaze":
         maze = name.split("-")[1]
         return Task(name, family, 29, 8, ANTMAZE_LIMITS[maze], maze, ANTMAZE_CENTRES[maze],
-                    ANTMAZE_RADIUS)
-    return Task(name, family, *LOCOMOTION_DIMS[family], 1000)
+                    ANTMAZE_RADIUS, source="d4rl")
+    return Task(name, family, *LOCOMOTION_DIMS[family], 1000, source="d4rl")
+
+
+def run_name(env: str) -> str:
+    """The env name as a folder name (`minari:D4RL/antmaze/large-diverse-v1` ->
+    `minari_D4RL_antmaze_large-diverse-v1`); other names are unchanged."""
+    return re.sub(r"[^\w.-]+", "_", env)
 
 
 
@@ -131,11 +163,12 @@ def get_task(name: str) -> Task:
 
 def termination_fn(task: Task, goal: Optional[tuple] = None) -> Callable:
     """done(s, a, s') for a batch, as docs/ALGORITHM.md, section 2. `goal` overrides the maze centre."""
-    if task.family in ("pointmaze", "antmaze"):
+    if task.is_maze:
         centre, radius = jnp.asarray(goal if goal is not None else task.goal), task.goal_radius
+        inside = jnp.less_equal if task.goal_inclusive else jnp.less
 
-        def done(s, a, s2):  # reached the goal region: ||xy' - centre|| < radius
-            return jnp.linalg.norm(s2[..., :2] - centre, axis=-1) < radius
+        def done(s, a, s2):  # reached the goal region: ||xy' - centre|| < radius (OGBench, Minari: <=)
+            return inside(jnp.linalg.norm(s2[..., :2] - centre, axis=-1), radius)
     elif task.family == "hopper":
         def done(s, a, s2):  # alive iff finite, |s'[1:]| < 100, height > 0.7, |angle| < 0.2
             alive = (jnp.all(jnp.isfinite(s2), -1) & jnp.all(jnp.abs(s2[..., 1:]) < 100, -1)
@@ -227,8 +260,11 @@ def episode_returns(t: dict) -> np.ndarray:
 
 def reward_transform(task: Task, t: dict) -> tuple:
     """(scale, shift) of docs/ALGORITHM.md, section 2: mazes r - 1; locomotion (not random)
-    r * 1000 / (max return - min return) over the dataset's episodes; otherwise unscaled."""
-    if task.family in ("pointmaze", "antmaze"):
+    r * 1000 / (max return - min return) over the dataset's episodes; otherwise unscaled. OGBench
+    rewards are already -1 / 0 (ogbench_tasks.transitions): unscaled."""
+    if task.source == "ogbench":
+        return 1.0, 0.0
+    if task.is_maze:
         return 1.0, -1.0
     if "random" not in task.name:
         returns = episode_returns(t)
@@ -239,9 +275,29 @@ def reward_transform(task: Task, t: dict) -> tuple:
 def load_dataset(task: Task, dataset_path: Optional[str] = None,
                  data_dir: Optional[str] = None) -> Dataset:
     """The task's offline dataset as qlearning_dataset transitions (raw rewards)."""
+    if task.source == "ogbench":
+        import ogbench_tasks
+        path = ogbench_tasks.dataset_file(task, dataset_path, data_dir)
+        t = ogbench_tasks.transitions(task, path)
+    elif task.source == "minari":
+        import minari_tasks
+        path, t = minari_tasks.transitions(task, dataset_path, data_dir)
+    else:
+        path = d4rl_format_file(task, dataset_path, data_dir)
+        t = qlearning_transitions(read_hdf5(path, task.max_episode_steps))
+    dims = (t["observations"].shape[1], t["actions"].shape[1])
+    if dims != (task.obs_dim, task.act_dim):
+        raise InputError(f"dataset file {path} has obs/action dims {dims}, but {task.name} "
+                         f"needs {(task.obs_dim, task.act_dim)}")
+    scale, shift = reward_transform(task, t)
+    return Dataset(**t, reward_scale=scale, reward_shift=shift, path=str(path))
+
+
+def d4rl_format_file(task: Task, dataset_path: Optional[str], data_dir: Optional[str]) -> Path:
+    """--dataset-path, the built-in file (generated once when missing) or d4rl's file."""
     if dataset_path:
         path = Path(dataset_path)
-    elif task.family == "pointmaze":
+    elif task.source == "builtin":
         path = mazes.builtin_dataset_path(task, data_dir)
         if not path.exists():
             print(f"[tasks] generating the built-in dataset {path.name} (once) ...")
@@ -249,13 +305,7 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
     else:
         import d4rl_tasks  # imported only for D4RL tasks (it imports this module)
         path = d4rl_tasks.d4rl_dataset_path(task)
-    t = qlearning_transitions(read_hdf5(path, task.max_episode_steps))
-    dims = (t["observations"].shape[1], t["actions"].shape[1])
-    if dims != (task.obs_dim, task.act_dim):
-        raise InputError(f"dataset file {path} has obs/action dims {dims}, but {task.name} "
-                         f"needs {(task.obs_dim, task.act_dim)}")
-    scale, shift = reward_transform(task, t)
-    return Dataset(**t, reward_scale=scale, reward_shift=shift, path=str(path))
+    return path
 
 
 
@@ -287,23 +337,48 @@ def sample(data: Transitions, key, batch_size: int) -> Transitions:
 
 def make_env(task: Task, render_mode: Optional[str] = None):
     """The evaluation environment, always with the gymnasium API."""
-    if task.family == "pointmaze":
+    if task.source == "builtin":
         return mazes.make_pointmaze(task, render_mode=render_mode)
+    if task.source == "ogbench":
+        import ogbench_tasks
+        return ogbench_tasks.make_env(task, render_mode=render_mode)
+    if task.source == "minari":
+        import minari_tasks
+        return minari_tasks.make_env(task, render_mode=render_mode)
     import d4rl_tasks
     return d4rl_tasks.make_d4rl_env(task)
+
+
+def maze_geometry(task: Task):
+    """(wall cell centres (n, 2), start xy, goal xy, cell size, radius of the env's goal region)
+    of a maze task, for trajectory pictures."""
+    if task.source == "ogbench":
+        import ogbench_tasks
+        return (*ogbench_tasks.maze_geometry(task), task.goal_radius)
+    if task.source == "minari":
+        import minari_tasks
+        return (*minari_tasks.maze_geometry(task), task.goal_radius)
+    # built-in, or D4RL's AntMaze (its env succeeds within 0.5)
+    return (*mazes.maze_geometry(task), task.goal_radius if task.source == "builtin" else 0.5)
 
 
 def env_goal(env) -> Optional[np.ndarray]:
     """The goal the environment actually uses (to check the termination centre against)."""
     u = env.unwrapped
-    goal = getattr(u, "target_goal", None)
-    return np.asarray(goal if goal is not None else getattr(u, "goal", None), dtype=float)
+    for name in ("target_goal", "cur_goal_xy", "goal"):  # d4rl, ogbench, gymnasium-robotics
+        if getattr(u, name, None) is not None:
+            return np.asarray(getattr(u, name), dtype=float)
+    return np.asarray(None, dtype=float)
 
 
 def normalized_score(task: Task, mean_return: float, success_rate: float) -> float:
-    """Mazes: success rate x 100. Locomotion: D4RL's normalised score x 100."""
-    if task.family in ("pointmaze", "antmaze"):
+    """Mazes: success rate x 100. Locomotion: D4RL's normalised score x 100 (Minari: its
+    dataset's reference scores)."""
+    if task.is_maze:
         return 100.0 * success_rate
+    if task.source == "minari":
+        import minari_tasks
+        return minari_tasks.normalized_score(task, mean_return)
     import d4rl_tasks
     _, d4rl = d4rl_tasks.import_d4rl(task)
     return 100.0 * float(d4rl.get_normalized_score(task.name, mean_return))
@@ -323,46 +398,70 @@ def run_script(main: Callable, args_type) -> None:
 
 
 # ============================================================================================
-# CLI: generate a built-in dataset and measure the controller
+# CLI: generate a built-in (or OGBench PointMaze) dataset and measure the controller
 # ============================================================================================
 
 @dataclasses.dataclass
 class Args:
     env: str = "pointmaze-umaze"
-    """built-in task whose dataset to generate"""
+    """built-in task, or OGBench pointmaze-*-navigate-singletask task, whose dataset to generate"""
     size: Optional[int] = None
-    """number of transitions (default: the task's default size, see README)"""
+    """number of transitions (default: the task's default size, see README; OGBench 1,000,000)"""
     seed: int = 0
     """generator seed (the dataset is a deterministic function of it)"""
-    noise: float = mazes.DATA_NOISE
-    """std of the Gaussian action noise added to the waypoint controller"""
+    noise: Optional[float] = None
+    """std of the Gaussian action noise added to the controller (default: built-in 1.0, OGBench 0.5)"""
     jitter: float = mazes.DATA_JITTER
-    """the controller aims at a uniform random point within +-jitter of each cell's centre"""
+    """built-in: the controller aims at a uniform random point within +-jitter of each cell's centre"""
     excursion: float = mazes.DATA_EXCURSION
-    """per-step probability of a 10-40-step excursion to a random point within +-1.5 cells"""
+    """built-in: per-step probability of a 10-40-step excursion to a random point within +-1.5 cells"""
+    episode_len: Optional[int] = None
+    """OGBench: steps per trajectory (default 1000, giant 2000, as ogbench's navigate data)"""
     data_dir: Optional[str] = None
-    """folder for generated datasets (default: $LEQ_DATA_DIR or ./data next to this file)"""
+    """folder for generated datasets (default: $LEQ_DATA_DIR or ./data next to this file; for OGBench its ogbench/ subfolder)"""
     out: Optional[str] = None
-    """output path (default: <data_dir>/<env>_<size/1000>k_seed<seed>_v<version>.hdf5)"""
+    """output path (default: <data_dir>/<env>_<size/1000>k_seed<seed>_v<version>.hdf5; OGBench
+    <data_dir>/<dataset>_<size/1000>k_seed<seed>_v<version>.npz, and its -val.npz)"""
     expert_episodes: int = 50
     """episodes to measure the controller on the evaluation task (0 to skip)"""
 
 
 def main(args: Args):
     task = get_task(args.env)
-    if task.family != "pointmaze":
-        raise InputError(f"only built-in pointmaze tasks can be generated, not {task.name}")
+    if task.source == "ogbench" and task.family == "pointmaze":
+        return generate_ogbench(task, args)
+    if task.source != "builtin":
+        raise InputError(f"only built-in pointmaze tasks and OGBench pointmaze-*-singletask tasks can "
+                         f"be generated, not {task.name}")
+    noise = mazes.DATA_NOISE if args.noise is None else args.noise
     path = Path(args.out) if args.out else mazes.builtin_dataset_path(task, args.data_dir, args.size, args.seed)
-    seconds = mazes.generate_pointmaze(task, path, args.size, args.seed, args.noise, args.jitter,
-                                 excursion=args.excursion)
+    seconds = mazes.generate_pointmaze(task, path, args.size, args.seed, noise, args.jitter,
+                                       excursion=args.excursion)
     data = qlearning_transitions(read_hdf5(path))
     print(f"wrote {path}: {len(data['rewards'])} transitions, {int(data['rewards'].sum())} at the "
           f"goal, in {seconds:.1f} s")
-    if args.expert_episodes:
-        for noise in (0.0, args.noise):
-            rate, steps = mazes.controller_success(task, args.expert_episodes, noise)
-            print(f"controller (noise {noise}) on the evaluation task: success {100 * rate:.0f}% "
-                  f"over {args.expert_episodes} episodes, {steps:.0f} steps to the goal")
+    report_controller(mazes.controller_success, task, args.expert_episodes, noise)
+
+
+def report_controller(controller_success: Callable, task: Task, episodes: int, noise: float):
+    """The data's controller on the evaluation task, without and with the data's action noise."""
+    for n in (0.0, noise) if episodes else ():
+        rate, steps = controller_success(task, episodes, n)
+        print(f"controller (noise {n}) on the evaluation task: success {100 * rate:.0f}% "
+              f"over {episodes} episodes, {steps:.0f} steps to the goal")
+
+
+def generate_ogbench(task: Task, args: Args):
+    import ogbench_tasks
+    noise = ogbench_tasks.NAVIGATE_NOISE if args.noise is None else args.noise
+    path = Path(args.out) if args.out else ogbench_tasks.generated_file(task, args.data_dir, args.size, args.seed)
+    seconds = ogbench_tasks.generate(task, path, args.size, args.seed, noise, args.episode_len)
+    t = ogbench_tasks.transitions(task, path)
+    val = path.with_name(path.name.replace(".npz", "-val.npz"))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; {val.name} {val.stat().st_size / 1e6:.1f} MB): "
+          f"{len(t['rewards'])} transitions, {int(t['terminals'].sum())} into the goal of {task.name}, "
+          f"in {seconds:.1f} s")
+    report_controller(ogbench_tasks.controller_success, task, args.expert_episodes, noise)
 
 
 if __name__ == "__main__":

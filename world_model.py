@@ -339,7 +339,7 @@ def model_step(wm: WorldModel, s, a, key, done_fn):
 # ============================================================================================
 
 def default_path(env: str, seed: int) -> Path:
-    return Path("runs") / f"{env}__world_model__s{seed}" / "world_model.npz"
+    return Path("runs") / f"{tasks.run_name(env)}__world_model__s{seed}" / "world_model.npz"
 
 
 def load_world_model(path, task: tasks.Task) -> WorldModel:

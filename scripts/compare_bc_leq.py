@@ -57,6 +57,10 @@ class Args:
     """extra runs, each "label=leq.py flags" (e.g. "1step=--critic-target 1step"), of --ablation-seed"""
     ablation_seed: int = 0
     """seed of the ablation runs (they reuse its world model and pretraining)"""
+    dataset_path: Optional[str] = None
+    """passed to leq.py (and the stages it runs): a dataset file instead of the task's own"""
+    data_dir: Optional[str] = None
+    """passed to leq.py: the folder of the task's datasets"""
     run_dir: str = "runs/{env}__leq__s{seed}"
     """LEQ run folder per seed (a format string with {env} and {seed}; ablations add __<label>)"""
     pretrain: str = "runs/{env}__pretrain__s{seed}/pretrain.npz"
@@ -112,7 +116,7 @@ def stage_times(log_path: Optional[Path]) -> dict:
 
 
 def run_one(a: Args, task, seed: int, label: str = "", flags: str = ""):
-    fmt = dict(env=a.env, seed=seed)
+    fmt = dict(env=tasks.run_name(a.env), seed=seed)
     run_dir = Path(a.run_dir.format(**fmt) + (f"__{label}" if label else ""))
     pt_path, wm_path = Path(a.pretrain.format(**fmt)), Path(a.world_model.format(**fmt))
     wall = None  # a reused run's time is not known here (null in the JSON, not a near-zero number)
@@ -120,6 +124,8 @@ def run_one(a: Args, task, seed: int, label: str = "", flags: str = ""):
         base = ["--env", a.env, "--seed", str(seed), "--run-dir", str(run_dir)]
         base += ["--total-steps", str(a.total_steps)] if a.total_steps else []
         base += ["--eval-every", str(a.eval_every)] if a.eval_every else []
+        base += ["--dataset-path", a.dataset_path] if a.dataset_path else []
+        base += ["--data-dir", a.data_dir] if a.data_dir else []
         base += ["--world-model", str(wm_path)] if wm_path.exists() else []
         base += ["--pretrain", str(pt_path)] if pt_path.exists() else []
         start = time.time()
@@ -156,7 +162,7 @@ def run_one(a: Args, task, seed: int, label: str = "", flags: str = ""):
 
 def main(a: Args):
     task = tasks.get_task(a.env)
-    out = Path(a.out.format(env=a.env))
+    out = Path(a.out.format(env=tasks.run_name(a.env)))
     out.parent.mkdir(parents=True, exist_ok=True)
     results, ablations = [], []
     for i, seed in enumerate(a.seeds):
