@@ -4,7 +4,8 @@
     python leq.py --env antmaze-ultra-diverse-v0   # the paper's settings; needs the d4rl extra
 
 Starts from the BC actor and FQE critic of pretrain.py and the world model of world_model.py
-(running those stages first, with their defaults, when their artifacts are missing). Every
+(running those stages first when their artifacts are missing, with the settings given as
+--world-model-settings.* and --pretrain-settings.*, by default their own defaults). Every
 gradient step: imagine H steps from expansion-buffer states, form lambda-returns, update the
 actor with the lower-expectile lambda-return surrogate (old critic), update the critic with
 the lower-expectile loss on lambda-returns plus the Bellman loss on data plus the EMA
@@ -41,6 +42,10 @@ from networks import Nets
 BUILTIN = {"pointmaze-umaze": (30_000, 5_000, 0.1), "pointmaze-medium": (15_000, 5_000, 0.1),
            "pointmaze-large": (80_000, 10_000, 0.1), "pointmaze-ultra": (100_000, 10_000, 0.1)}
 
+# The upstream stages' hyperparameters, nested in Args (whose fields `world_model` and `pretrain`
+# hide the module names inside the class body).
+WorldModelSettings, PretrainSettings = world_model.Settings, pretrain.Settings
+
 
 @dataclasses.dataclass
 class Args(tasks.TaskArgs):
@@ -55,6 +60,11 @@ class Args(tasks.TaskArgs):
     """log to Weights & Biases"""
     wandb_project: str = "leq"
     """W&B project name"""
+    # --- The upstream stages leq.py runs when their artifacts are missing ---
+    world_model_settings: WorldModelSettings = dataclasses.field(default_factory=WorldModelSettings)
+    """settings of the world model trained when none exists (as world_model.py's flags)"""
+    pretrain_settings: PretrainSettings = dataclasses.field(default_factory=PretrainSettings)
+    """settings of the BC + FQE pretraining run when no pretrain.npz exists (as pretrain.py's flags)"""
     # --- LEQ ---
     expectile: Annotated[Optional[float], tyro.conf.arg(help_behavior_hint="", help=tasks.per_task_help(
         "tau of the lower expectile", BUILTIN, 2, "0.1, the paper's first choice"))] = None
@@ -529,7 +539,8 @@ def save_checkpoint(run_dir: Path, task, args: Args, st: LEQState, buf: Buffer, 
 
 def load_checkpoint(path: Path, task, args: Args, template: LEQState, buf: Buffer):
     f = artifacts.load_artifact(path, task, kinds=("leq_checkpoint",))
-    artifacts.check_same_config(path, f["meta/config"], args, ignore=("run_dir", "track", "inject_nan_at"))
+    artifacts.check_same_config(path, f["meta/config"], args, ignore=(  # the upstream settings act before LEQ
+        "run_dir", "track", "inject_nan_at", "world_model_settings", "pretrain_settings"))
     st = artifacts.tree_from_arrays(template, f, "state")
     filled = int(f["buffer/filled"])
     rows = [getattr(buf, k).at[:filled].set(f[f"buffer/{k}"]) for k in Buffer._fields[:5]]
@@ -556,7 +567,7 @@ def wandb_run(run_dir: Path, args: Args):
 def initial_networks(args: Args, task, wm, pt_path, key):
     """The BC actor and FQE critic (docs/ALGORITHM.md, section 4), or fresh networks with --no-pretrain."""
     if args.no_pretrain:
-        nets = networks.make_nets(task, pretrain.Args().hidden_dims, (wm.input_mean, wm.input_std))
+        nets = networks.make_nets(task, args.pretrain_settings.hidden_dims, (wm.input_mean, wm.input_std))
         return (nets, *networks.init_params(nets, key, task.obs_dim, task.act_dim))
     nets, actor, critic, _ = pretrain.load_pretrained(pt_path, task)
     return nets, actor, critic
@@ -568,22 +579,59 @@ def start_states(args: Args, data, buf: Buffer):
     return (data.observations, data.observations.shape[0]) if args.no_expansion else (buf.observations, buf.filled)
 
 
+def upstream_args(args: Args, wm_path: Path, pt_path: Path):
+    """The Args of world_model.py and pretrain.py that leq.py runs: its own task, data and seed,
+    the nested --world-model-settings.* and --pretrain-settings.*, and the artifact paths."""
+    common = dict(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir, seed=args.seed)
+    return (world_model.Args(**common, **dataclasses.asdict(args.world_model_settings), out=str(wm_path)),
+            pretrain.resolve(pretrain.Args(**common, **dataclasses.asdict(args.pretrain_settings),
+                                           world_model=str(wm_path), out=str(pt_path))))
+
+
+def settings_flags(settings, default) -> str:
+    """The settings that differ from the defaults, as flags ('' when none do)."""
+    changed = [(f.name, getattr(settings, f.name)) for f in dataclasses.fields(settings)
+               if getattr(settings, f.name) != getattr(default, f.name)]
+    return " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                    for k, v in changed)
+
+
+def note_other_settings(path: Path, flag: str, settings_type, wanted) -> None:
+    """One line when an existing upstream artifact was made with other settings than the
+    --<flag>.* ones leq.py would have used for it (they apply only to artifacts it makes)."""
+    recorded = artifacts.recorded_config(path)
+    now = json.loads(json.dumps(dataclasses.asdict(wanted), default=str))
+    diff = [f"{k} {recorded.get(k)} (not {now[k]})" for k in (f.name for f in dataclasses.fields(settings_type))
+            if recorded.get(k) != now[k]]
+    if diff:
+        print(f"[leq] note: using the existing {path} as it is, made with {', '.join(diff)}; --{flag}.* "
+              f"apply only to an artifact leq.py makes (delete this one to make it so)")
+
+
 def upstream_artifacts(args: Args):
-    """world_model.npz and pretrain.npz, running those stages (with their defaults) if missing."""
+    """world_model.npz and pretrain.npz, running those stages (with --world-model-settings.* and
+    --pretrain-settings.*) if missing."""
     wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
+    pt_path = Path(args.pretrain or pretrain.default_path(args.env, args.seed))
+    wm_args, pt_args = upstream_args(args, wm_path, pt_path)
     if not wm_path.exists():
         if args.world_model:
             raise tasks.InputError(f"--world-model {wm_path} does not exist")
-        print(f"[leq] no world model at {wm_path}: running world_model.py with its defaults")
-        world_model.train(world_model.Args(env=args.env, dataset_path=args.dataset_path,
-                                           data_dir=args.data_dir, seed=args.seed, out=str(wm_path)))
-    pt_path = Path(args.pretrain or pretrain.default_path(args.env, args.seed))
-    if not args.no_pretrain and not pt_path.exists():
+        flags = settings_flags(args.world_model_settings, world_model.Settings())
+        print(f"[leq] no world model at {wm_path}: running world_model.py {flags or 'with its defaults'}")
+        world_model.train(wm_args)
+    else:
+        note_other_settings(wm_path, "world-model-settings", world_model.Settings, wm_args)
+    if args.no_pretrain:
+        return wm_path, pt_path
+    if not pt_path.exists():
         if args.pretrain:
             raise tasks.InputError(f"--pretrain {pt_path} does not exist")
-        print(f"[leq] no pretrained actor/critic at {pt_path}: running pretrain.py with its defaults")
-        pretrain.train(pretrain.Args(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir,
-                                     seed=args.seed, world_model=str(wm_path), out=str(pt_path)))
+        flags = settings_flags(args.pretrain_settings, pretrain.Settings())
+        print(f"[leq] no pretrained actor/critic at {pt_path}: running pretrain.py {flags or 'with its defaults'}")
+        pretrain.train(pt_args)
+    else:
+        note_other_settings(pt_path, "pretrain-settings", pretrain.Settings, pt_args)
     return wm_path, pt_path
 
 
