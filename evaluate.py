@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,7 +45,8 @@ class Args:
     plot: bool = True
     """maze tasks: save a PNG of the trajectories on the maze (<checkpoint>.trajectories.png)"""
     video: bool = False
-    """save an MP4 of the first episode (needs MuJoCo rendering: set MUJOCO_GL=egl or osmesa)"""
+    """save an MP4 of the first episode (needs off-screen rendering: built-in tasks MUJOCO_GL=egl or
+    osmesa, D4RL tasks OSMesa or EGL through mujoco-py; see README)"""
     curve: Optional[str] = None
     """a run's metrics.jsonl: plot its learning curve to metrics.png (no checkpoint needed)"""
 
@@ -187,10 +189,15 @@ def plot_curve(metrics_path, png_path) -> None:
 
 
 def save_video(task: tasks.Task, policy: Callable, path, seed: int = 0) -> None:
-    """MP4 of one episode rendered by MuJoCo; a clear error when rendering is unavailable."""
+    """MP4 of one episode rendered by MuJoCo; one-line errors that name what is missing: the MP4
+    writer, or what the env's renderer needs (tasks.render_help)."""
     try:
         import imageio
         import imageio_ffmpeg  # noqa: F401  (the MP4 writer: fail before rendering, not after)
+    except ImportError as e:
+        raise tasks.InputError(f"--video needs the MP4 writer ({e}): pip install imageio==2.38.1 "
+                               f"imageio-ffmpeg==0.8.1 (both in requirements.txt)") from None
+    try:
         env = tasks.make_env(task, render_mode="rgb_array")
         obs, _ = env.reset(seed=seed)
         frames = [env.render()]
@@ -199,12 +206,15 @@ def save_video(task: tasks.Task, policy: Callable, path, seed: int = 0) -> None:
             frames.append(env.render())
             if terminated or truncated:
                 break
-        imageio.mimsave(path, frames, fps=50)
+    except tasks.InputError:
+        raise
     except Exception as e:
         raise tasks.InputError(f"cannot render a video here ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}); set MUJOCO_GL=egl "
-                               f"(GPU) or MUJOCO_GL=osmesa (CPU, needs libosmesa6) and install "
-                               f"imageio-ffmpeg") from None
+                               f"{str(e).splitlines()[0] if str(e) else ''}); {tasks.render_help(task)}") from None
+    with warnings.catch_warnings():  # JAX's warning about fork: imageio's ffmpeg child execs at once
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        # macro_block_size=1 keeps the frame size (mujoco-py's 500 x 500) instead of resizing with a warning
+        imageio.mimsave(path, frames, fps=50, macro_block_size=1)
 
 
 # ============================================================================================
@@ -228,9 +238,9 @@ def main(args: Args) -> Optional[dict]:
     episodes = run_episodes(task, actor_policy(nets, params), args.episodes, args.seed, args.parallel,
                             record=maze and args.plot)
     summary = summarize(task, episodes)
-    summary.update(checkpoint=str(args.checkpoint), seed=args.seed,
-                   env_goal=tasks.env_goal(get_envs(task, 1)[0]).tolist(),
-                   termination_centre=list(task.goal))
+    summary.update(checkpoint=str(args.checkpoint), seed=args.seed)
+    if maze:  # the goal the env used (the first env's last episode) beside the one imagination uses
+        summary.update(env_goal=tasks.env_goal(get_envs(task, 1)[0]).tolist(), termination_centre=list(task.goal))
     if any(k.startswith("critic/") for k in artifact):  # pretrain.npz, leq.npz: Q of the start states
         critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
         s0 = jnp.asarray([e["obs0"] for e in episodes], jnp.float32)
@@ -243,8 +253,10 @@ def main(args: Args) -> Optional[dict]:
         print(f"{k:>10} {summary[k]:>10.3f} {summary[k + '_stderr']:>10.3f}")
     if "q_start" in summary:
         print(f"critic's value of the start states, mean Q(s0, pi(s0)): {summary['q_start']:.2f}")
-    print(f"env goal {np.round(summary['env_goal'], 2).tolist()}, termination centre "
-          f"{np.round(task.goal, 2).tolist()}; wrote {out}")
+    if maze:
+        print(f"env goal {np.round(summary['env_goal'], 2).tolist()}, termination centre "
+              f"{np.round(task.goal, 2).tolist()}")
+    print(f"wrote {out}")
     if maze and args.plot:
         plot_trajectories(task, episodes, stem + ".trajectories.png")
         print(f"wrote {stem}.trajectories.png")

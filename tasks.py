@@ -290,7 +290,15 @@ def make_env(task: Task, render_mode: Optional[str] = None):
     if task.family == "pointmaze":
         return mazes.make_pointmaze(task, render_mode=render_mode)
     import d4rl_tasks
-    return d4rl_tasks.make_d4rl_env(task)
+    return d4rl_tasks.make_d4rl_env(task, render_mode)
+
+
+def render_help(task: Task) -> str:
+    """What rendering `task`'s env needs, for the error message of a video that cannot be made."""
+    if task.family == "pointmaze":
+        return mazes.render_help()
+    import d4rl_tasks
+    return d4rl_tasks.RENDER_HELP
 
 
 def env_goal(env) -> Optional[np.ndarray]:
