@@ -579,59 +579,49 @@ def start_states(args: Args, data, buf: Buffer):
     return (data.observations, data.observations.shape[0]) if args.no_expansion else (buf.observations, buf.filled)
 
 
-def upstream_args(args: Args, wm_path: Path, pt_path: Path):
-    """The Args of world_model.py and pretrain.py that leq.py runs: its own task, data and seed,
-    the nested --world-model-settings.* and --pretrain-settings.*, and the artifact paths."""
-    common = dict(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir, seed=args.seed)
-    return (world_model.Args(**common, **dataclasses.asdict(args.world_model_settings), out=str(wm_path)),
-            pretrain.resolve(pretrain.Args(**common, **dataclasses.asdict(args.pretrain_settings),
-                                           world_model=str(wm_path), out=str(pt_path))))
+def given_settings(settings) -> dict:
+    """The nested settings given on the command line: those that differ from their defaults."""
+    default = dataclasses.asdict(type(settings)())
+    return {k: v for k, v in dataclasses.asdict(settings).items() if v != default[k]}
 
 
-def settings_flags(settings, default) -> str:
-    """The settings that differ from the defaults, as flags ('' when none do)."""
-    changed = [(f.name, getattr(settings, f.name)) for f in dataclasses.fields(settings)
-               if getattr(settings, f.name) != getattr(default, f.name)]
-    return " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
-                    for k, v in changed)
-
-
-def note_other_settings(path: Path, flag: str, settings_type, wanted) -> None:
-    """One line when an existing upstream artifact was made with other settings than the
-    --<flag>.* ones leq.py would have used for it (they apply only to artifacts it makes)."""
+def note_other_settings(path: Path, flag: str, wanted: dict) -> None:
+    """One line when an existing upstream artifact was made with other values of the `wanted`
+    settings (the --<flag>.* apply only to an artifact leq.py makes)."""
     recorded = artifacts.recorded_config(path)
-    now = json.loads(json.dumps(dataclasses.asdict(wanted), default=str))
-    diff = [f"{k} {recorded.get(k)} (not {now[k]})" for k in (f.name for f in dataclasses.fields(settings_type))
-            if recorded.get(k) != now[k]]
+    diff = [f"{k} {recorded.get(k)} (not {v})" for k, v in json.loads(json.dumps(wanted)).items() if recorded.get(k) != v]
     if diff:
         print(f"[leq] note: using the existing {path} as it is, made with {', '.join(diff)}; --{flag}.* "
               f"apply only to an artifact leq.py makes (delete this one to make it so)")
 
 
 def upstream_artifacts(args: Args):
-    """world_model.npz and pretrain.npz, running those stages (with --world-model-settings.* and
-    --pretrain-settings.*) if missing."""
+    """world_model.npz and pretrain.npz. A missing one is made by its stage, with leq.py's task,
+    data and seed and the nested --world-model-settings.* / --pretrain-settings.*. An existing one
+    is used as it is, with a note where it differs from the nested settings given, or, at the
+    default path (leq.py's own), from all of them (e.g. the shrunk stages of a smoke run)."""
+    common = dict(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir, seed=args.seed)
     wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
     pt_path = Path(args.pretrain or pretrain.default_path(args.env, args.seed))
-    wm_args, pt_args = upstream_args(args, wm_path, pt_path)
-    if not wm_path.exists():
-        if args.world_model:
-            raise tasks.InputError(f"--world-model {wm_path} does not exist")
-        flags = settings_flags(args.world_model_settings, world_model.Settings())
-        print(f"[leq] no world model at {wm_path}: running world_model.py {flags or 'with its defaults'}")
-        world_model.train(wm_args)
-    else:
-        note_other_settings(wm_path, "world-model-settings", world_model.Settings, wm_args)
-    if args.no_pretrain:
-        return wm_path, pt_path
-    if not pt_path.exists():
-        if args.pretrain:
-            raise tasks.InputError(f"--pretrain {pt_path} does not exist")
-        flags = settings_flags(args.pretrain_settings, pretrain.Settings())
-        print(f"[leq] no pretrained actor/critic at {pt_path}: running pretrain.py {flags or 'with its defaults'}")
-        pretrain.train(pt_args)
-    else:
-        note_other_settings(pt_path, "pretrain-settings", pretrain.Settings, pt_args)
+    stages = [(world_model, wm_path, args.world_model, args.world_model_settings, dict(out=str(wm_path)))]
+    if not args.no_pretrain:
+        stages.append((pretrain, pt_path, args.pretrain, args.pretrain_settings,
+                       dict(world_model=str(wm_path), out=str(pt_path))))
+    for stage, path, path_flag, settings, paths in stages:
+        name = stage.__name__.split(".")[-1]  # world_model | pretrain
+        flag, given = name.replace("_", "-"), given_settings(settings)
+        stage_args = stage.Args(**common, **dataclasses.asdict(settings), **paths)
+        if path.exists():
+            resolved = pretrain.resolve(stage_args) if stage is pretrain else stage_args  # per-task step counts
+            note_other_settings(path, f"{flag}-settings", given if path_flag else
+                                {k: getattr(resolved, k) for k in dataclasses.asdict(settings)})
+        elif path_flag:
+            raise tasks.InputError(f"--{flag} {path} does not exist")
+        else:
+            flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                             for k, v in given.items())
+            print(f"[leq] no {path.name} at {path}: running {name}.py {flags or 'with its defaults'}")
+            stage.train(stage_args)
     return wm_path, pt_path
 
 

@@ -289,7 +289,8 @@ def test_one_leq_command_runs_shrunk_upstream_stages(upstream, tiny_maze_file_mo
     """leq.py without upstream artifacts runs world_model.py and pretrain.py with the nested
     --world-model-settings.* / --pretrain-settings.*: the world model is the one world_model.py
     makes with the same flags, array for array; a later run with other nested settings uses the
-    existing artifacts and says so in one line each."""
+    existing artifacts and says so in one line each where they differ from the settings it would
+    have used; artifacts passed by path are compared with the nested settings given only."""
     cmd = [ROOT / "leq.py", "--env", ENV, "--dataset-path", tiny_maze_file_module, "--total-steps", 0,
            "--eval-episodes", 1, "--final-eval-rounds", 1]
     p = run([*cmd, "--run-dir", "r1", *nested("world-model-settings", TINY_WORLD_MODEL),
@@ -305,12 +306,18 @@ def test_one_leq_command_runs_shrunk_upstream_stages(upstream, tiny_maze_file_mo
     assert (config["hidden_dims"], config["bc_steps"], config["fqe_steps"], config["bc_batch_size"]) == ([32, 32], 20, 20, 64)
     assert npz_arrays(pt, ("actor/params/Dense_0/kernel",))["actor/params/Dense_0/kernel"].shape == (4, 32)
 
-    p = run([*cmd, "--run-dir", "r2", "--world-model-settings.max-epochs", 3, "--pretrain-settings.bc-steps", 30,
-             *nested("world-model-settings", TINY_WORLD_MODEL[:-2]), "--pretrain-settings.hidden-dims", 32, 32], tmp_path)
+    # the existing artifacts at leq.py's default paths: a note where they differ from the settings
+    # leq.py would use (world model: the max_epochs given; pretraining: the defaults, no flags given)
+    p = run([*cmd, "--run-dir", "r2", *nested("world-model-settings", TINY_WORLD_MODEL[:-2]),
+             "--world-model-settings.max-epochs", 3], tmp_path)
     notes = [line for line in p.stdout.splitlines() if line.startswith("[leq] note:")]
     assert "running" not in p.stdout and len(notes) == 2, p.stdout
     assert f"{wm.relative_to(tmp_path)} as it is, made with max_epochs 2 (not 3);" in notes[0]
-    assert f"{pt.relative_to(tmp_path)} as it is, made with bc_steps 20 (not 30), bc_batch_size 64 (not 4096), fqe_steps 20 (not 20000);" in notes[1]
+    assert (f"{pt.relative_to(tmp_path)} as it is, made with hidden_dims [32, 32] (not [256, 256, 256]), bc_steps "
+            f"20 (not 20000), bc_batch_size 64 (not 4096), fqe_steps 20 (not 20000);") in notes[1]
+    # artifacts passed by path: compared with the nested settings given only (none here: no note)
+    p = run([*cmd, "--run-dir", "r3", "--world-model", wm, "--pretrain", pt], tmp_path)
+    assert "note:" not in p.stdout and "running" not in p.stdout, p.stdout
 
 
 def test_world_model_of_other_data_is_refused(upstream, tiny_maze_file_module, tmp_path):
