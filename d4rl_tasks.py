@@ -73,7 +73,8 @@ def d4rl_dataset_path(task: tasks.Task) -> Path:
     """Where d4rl keeps the task's file (downloading it when the network allows)."""
     gym, d4rl = import_d4rl(task)
     from d4rl import offline_env
-    url = gym.make(task.name).dataset_url
+    with contextlib.redirect_stdout(io.StringIO()):  # AntMaze prints "Target Goal: ..." when made
+        url = gym.make(task.name).dataset_url
     path = Path(offline_env.DATASET_PATH) / os.path.basename(url)
     if not path.exists():
         try:
@@ -124,7 +125,7 @@ class OldGymAPI:
 def make_d4rl_env(task: tasks.Task, render_mode=None):
     """The d4rl env of `task` with the gymnasium API (render_mode None or "rgb_array")."""
     gym, _ = import_d4rl(task)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):  # AntMaze prints "Target Goal: ..." when made
         return OldGymAPI(gym.make(task.name), render_mode)
 
 
