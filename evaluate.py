@@ -200,7 +200,7 @@ def plot_trajectories(task: tasks.Task, episodes: list, path, title: str = "") -
 
 
 # The learning curve's panels: metrics.jsonl key -> y-axis label
-CURVE_PANELS = {"score": "score (mazes: success %)", "critic_loss": "critic loss",
+CURVE_PANELS = {"score": "score (normalised; mazes: success %)", "critic_loss": "critic loss",
                 "actor_loss": "actor loss (surrogate)", "q_data": "mean Q(s, a), dataset batch",
                 "q_model": "mean Q(s0, pi(s0)), imagination starts"}
 
