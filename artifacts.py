@@ -104,6 +104,12 @@ def load_artifact(path, task: Optional[Task] = None, kinds: tuple = (), need: st
     return arrays
 
 
+def recorded_config(path) -> dict:
+    """The configuration an artifact was written with (reads only its meta/config entry)."""
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(str(f["meta/config"])) if "meta/config" in f.files else {}
+
+
 def tree_arrays(tree, prefix: str) -> dict:
     """Any pytree (optimiser states, training states) as numbered leaves: {prefix/0000: leaf}."""
     return {f"{prefix}/{i:04d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}

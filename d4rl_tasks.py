@@ -5,6 +5,8 @@ tasks.py calls this module only for D4RL task names, so nothing here is imported
   * import gym + d4rl, register the ultra mazes     -> import_d4rl
   * where d4rl keeps a task's HDF5 file              -> d4rl_dataset_path
   * the old gym API presented as gymnasium's         -> OldGymAPI, make_d4rl_env
+  * quiet: gym's and d4rl's messages that are not the user's business are silenced (quiet_gym;
+    AntMaze's "Target Goal: ..." on every reset in OldGymAPI.reset)
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +50,31 @@ def import_d4rl(task: tasks.Task):
                             eval=True, maze_size_scaling=4.0, ref_min_score=0.0, ref_max_score=1.0,
                             v2_resets=True,  # a new goal each episode, as D4RL's -v2 AntMazes
                             dataset_url=ULTRA_URL.format(kind == "diverse")))
+    quiet_gym()
     return gym, d4rl
+
+
+# Warnings gym 0.23 and d4rl give on every env creation or reset that say nothing about the
+# user's run: the observation Box's float64 bounds cast to float32, the old seeding API this
+# module calls (OldGymAPI.reset) and d4rl's use of the old `randn`. gym's logger prefixes them
+# with colour codes, hence the leading `.*`.
+QUIET_WARNINGS = (r".*Box bound precision lowered by casting to float32",
+                  r".*Function `env\.seed\(seed\)` is marked as deprecated",
+                  r".*Function `rng\.randn\(\*size\)` is marked as deprecated")
+
+
+def quiet_gym() -> None:
+    """Silence QUIET_WARNINGS (after gym's import, which resets the warning filters); others stay."""
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def d4rl_dataset_path(task: tasks.Task) -> Path:
     """Where d4rl keeps the task's file (downloading it when the network allows)."""
     gym, d4rl = import_d4rl(task)
     from d4rl import offline_env
-    url = gym.make(task.name).dataset_url
+    with contextlib.redirect_stdout(io.StringIO()):  # AntMaze prints "Target Goal: ..." when made
+        url = gym.make(task.name).dataset_url
     path = Path(offline_env.DATASET_PATH) / os.path.basename(url)
     if not path.exists():
         try:
@@ -71,8 +91,8 @@ class OldGymAPI:
     """Presents an old-gym env (reset -> obs; step -> 4 values), as d4rl's, with the gymnasium
     API: reset(seed=) -> (obs, info); step -> (obs, r, terminated, truncated, info)."""
 
-    def __init__(self, env):
-        self.env, self.unwrapped = env, env
+    def __init__(self, env, render_mode=None):
+        self.env, self.unwrapped, self.render_mode = env, env, render_mode
         while hasattr(self.unwrapped, "env") or hasattr(self.unwrapped, "wrapped_env"):  # gym and d4rl wrappers
             self.unwrapped = getattr(self.unwrapped, "env", None) or self.unwrapped.wrapped_env
         self.action_space, self.observation_space = env.action_space, env.observation_space
@@ -82,23 +102,34 @@ class OldGymAPI:
             self.unwrapped.seed(seed)  # d4rl's NormalizedBoxEnv does not pass seed() on
             self.env.action_space.seed(seed)
             np.random.seed(seed)  # d4rl's AntMaze draws its goal noise from np.random
-        return self.env.reset(), {}
+        with contextlib.redirect_stdout(io.StringIO()):  # AntMaze prints "Target Goal: ..." every reset
+            return self.env.reset(), {}
 
     def step(self, action):
         obs, reward, done, info = self.env.step(action)
         truncated = bool(info.get("TimeLimit.truncated", False))
         return obs, reward, done and not truncated, truncated, info
 
-    def render(self, *a, **k):
-        return self.env.render(*a, **k)
+    def render(self):
+        """The frame as gymnasium's render() gives it for render_mode="rgb_array" (old gym's
+        default mode, "human", opens a window)."""
+        if self.render_mode != "rgb_array":
+            raise ValueError(f"render() needs render_mode='rgb_array', this env has {self.render_mode!r}")
+        return self.env.render(mode="rgb_array")
 
     def close(self):
         self.env.close()
 
 
 
-def make_d4rl_env(task: tasks.Task):
-    """The d4rl env of `task` with the gymnasium API."""
+def make_d4rl_env(task: tasks.Task, render_mode=None):
+    """The d4rl env of `task` with the gymnasium API (render_mode None or "rgb_array")."""
     gym, _ = import_d4rl(task)
-    with contextlib.redirect_stdout(io.StringIO()):
-        return OldGymAPI(gym.make(task.name))
+    with contextlib.redirect_stdout(io.StringIO()):  # AntMaze prints "Target Goal: ..." when made
+        return OldGymAPI(gym.make(task.name), render_mode)
+
+
+# What rendering needs, for the error message of a video that cannot be made.
+RENDER_HELP = ("D4RL envs render with mujoco-py, which draws off-screen with OSMesa (Debian: libosmesa6, "
+               "which scripts/install_d4rl.sh installs) or, in the build it makes where it finds an NVIDIA "
+               "driver, with EGL (MUJOCO_PY_FORCE_CPU=1 picks OSMesa); MUJOCO_GL does not apply to it")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -43,7 +44,8 @@ class Args:
     plot: bool = True
     """maze tasks: save a PNG of the trajectories on the maze (<checkpoint>.trajectories.png)"""
     video: bool = False
-    """save an MP4 of the first episode (needs MuJoCo rendering: set MUJOCO_GL=egl or osmesa)"""
+    """save an MP4 of the first episode (needs off-screen rendering: built-in tasks MUJOCO_GL=egl or
+    osmesa, D4RL tasks OSMesa or EGL through mujoco-py; see README)"""
     curve: Optional[str] = None
     """a run's metrics.jsonl: plot its learning curve to metrics.png (no checkpoint needed)"""
 
@@ -139,14 +141,32 @@ def paper_protocol(task: tasks.Task, nets: networks.Nets, params, rounds: int = 
 # Pictures
 # ============================================================================================
 
-def plot_trajectories(task: tasks.Task, episodes: list, path, title: str = "") -> None:
-    """The maze's walls, start and goal, and every trajectory (green: success, red: failure)."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def run_name(path) -> str:
+    """A run's name for picture titles: runs/<run>/leq.npz -> '<run>/leq.npz'."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def trajectory_figure(task: tasks.Task, episodes: list, title: str = ""):
+    """The maze's walls, start and goal region, and every trajectory (green: success, red:
+    failure), titled with `title` (the run) and the task's success count."""
+    import textwrap
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.transforms import offset_copy
     walls, start, goal, cell, radius = tasks.maze_geometry(task)
     width, height = (walls.max(0) - walls.min(0)) / cell + 1  # in cells
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * width, 1.4 + 0.5 * height))
+    fig_width = max(4.8, 1 + 0.5 * width)  # wide enough for the title and the legend below the maze
+    fig, ax = plt.subplots(figsize=(fig_width, 2.2 + 0.5 * height))
     for x, y in walls:
         ax.add_patch(plt.Rectangle((x - cell / 2, y - cell / 2), cell, cell, color="0.35"))
     for e in episodes:
@@ -156,39 +176,83 @@ def plot_trajectories(task: tasks.Task, episodes: list, path, title: str = "") -
     ax.plot(*start, "bo", ms=8, zorder=3)
     ax.set_aspect("equal")
     ax.autoscale_view()
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
     wins = sum(e["success"] for e in episodes)
-    ax.set_title(f"{task.name}{': ' + title if title else ''}: {wins}/{len(episodes)} successes\n"
-                 f"(green: success, red: failure; start blue, goal gold)", fontsize=9)
+    lines = textwrap.wrap(title, int(fig_width * 100 / 6)) + [f"{task.name}: {wins}/{len(episodes)} episodes reach the goal"]
+    ax.set_title("\n".join(lines), fontsize=9)
+    ax.legend(handles=[Line2D([], [], color="tab:green", label="success"),
+                       Line2D([], [], color="tab:red", label="failure"),
+                       Line2D([], [], color="b", marker="o", ls="", label="start"),
+                       Patch(color="gold", label="goal region")],
+              loc="upper center", bbox_to_anchor=(0.5, 0), ncol=4, fontsize=8, frameon=False,
+              bbox_transform=offset_copy(ax.transAxes, fig, y=-0.42, units="inches"))  # below the x label
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_trajectories(task: tasks.Task, episodes: list, path, title: str = "") -> None:
+    fig = trajectory_figure(task, episodes, title)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)  # no blank margins around the maze
+    pyplot().close(fig)
+
+
+# The learning curve's panels: metrics.jsonl key -> y-axis label
+CURVE_PANELS = {"score": "score (normalised; mazes: success %)", "critic_loss": "critic loss",
+                "actor_loss": "actor loss (surrogate)", "q_data": "mean Q(s, a), dataset batch",
+                "q_model": "mean Q(s0, pi(s0)), imagination starts"}
+
+
+def curve_figure(rows: list, title: str):
+    """One panel per metric of CURVE_PANELS present in `rows` against the gradient step; the
+    score panel also shows the final evaluation (mean +- std over its rounds)."""
+    plt = pyplot()
+    final = [r for r in rows if "final_score" in r]
+    keys = [k for k in CURVE_PANELS if any(k in r for r in rows) or (k == "score" and final)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if k == "score" else None, ms=3, label="periodic evaluation")
+        if k == "score" and final:
+            ax.errorbar([r["step"] for r in final], [r["final_score"] for r in final],
+                        [r.get("final_score_std", 0.0) for r in final], fmt="s", color="C3", ms=5,
+                        capsize=3, label="final evaluation")
+            ax.legend(fontsize=7, loc="best")
+        if k == "score" and all(0 <= v <= 100 for _, v in pts) and all(0 <= r["final_score"] <= 100 for r in final):
+            ax.set_ylim(-3, 103)  # success rates (and most normalised scores): the whole range
+        ax.set_xlabel("gradient step")
+        ax.set_ylabel(CURVE_PANELS[k])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def plot_curve(metrics_path, png_path) -> None:
-    """Score and the main losses against steps from a metrics.jsonl file."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    """The learning curve of a run's metrics.jsonl, titled with the run folder and its env."""
+    metrics_path = Path(metrics_path)
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         raise tasks.InputError(f"{metrics_path} has no metrics")
-    keys = [k for k in ("score", "critic_loss", "actor_loss", "q_data", "q_model") if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot(*zip(*pts), marker="o" if k == "score" else None, ms=3)
-        ax.set_title(k)
-        ax.set_xlabel("step")
-    fig.tight_layout()
+    run = metrics_path.resolve().parent
+    config = run / "config.json"
+    env = json.loads(config.read_text()).get("env", "") if config.exists() else ""
+    title = f"LEQ run {run.name}" + (f" ({env})" if env and env not in run.name else "")
+    fig = curve_figure(rows, title)
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def save_video(task: tasks.Task, policy: Callable, path, seed: int = 0) -> None:
-    """MP4 of one episode rendered by MuJoCo; a clear error when rendering is unavailable."""
+    """MP4 of one episode rendered by MuJoCo; one-line errors that name what is missing: the MP4
+    writer, or what the env's renderer needs (tasks.render_help)."""
     try:
         import imageio
         import imageio_ffmpeg  # noqa: F401  (the MP4 writer: fail before rendering, not after)
+    except ImportError as e:
+        raise tasks.InputError(f"--video needs the MP4 writer ({e}): pip install imageio==2.38.1 "
+                               f"imageio-ffmpeg==0.8.1 (both in requirements.txt)") from None
+    try:
         env = tasks.make_env(task, render_mode="rgb_array")
         obs, _ = env.reset(seed=seed)
         frames = [env.render()]
@@ -197,12 +261,15 @@ def save_video(task: tasks.Task, policy: Callable, path, seed: int = 0) -> None:
             frames.append(env.render())
             if terminated or truncated:
                 break
-        imageio.mimsave(path, frames, fps=50)
+    except tasks.InputError:
+        raise
     except Exception as e:
         raise tasks.InputError(f"cannot render a video here ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}); set MUJOCO_GL=egl "
-                               f"(GPU) or MUJOCO_GL=osmesa (CPU, needs libosmesa6) and install "
-                               f"imageio-ffmpeg") from None
+                               f"{str(e).splitlines()[0] if str(e) else ''}); {tasks.render_help(task)}") from None
+    with warnings.catch_warnings():  # JAX's warning about fork: imageio's ffmpeg child execs at once
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        # macro_block_size=1 keeps the frame size (mujoco-py's 500 x 500) instead of resizing with a warning
+        imageio.mimsave(path, frames, fps=50, macro_block_size=1)
 
 
 # ============================================================================================
@@ -226,9 +293,9 @@ def main(args: Args) -> Optional[dict]:
     episodes = run_episodes(task, actor_policy(nets, params), args.episodes, args.seed, args.parallel,
                             record=maze and args.plot)
     summary = summarize(task, episodes)
-    summary.update(checkpoint=str(args.checkpoint), seed=args.seed,
-                   env_goal=tasks.env_goal(get_envs(task, 1)[0]).tolist(),
-                   termination_centre=list(task.goal))
+    summary.update(checkpoint=str(args.checkpoint), seed=args.seed)
+    if maze:  # the goal the env used (the first env's last episode) beside the one imagination uses
+        summary.update(env_goal=tasks.env_goal(get_envs(task, 1)[0]).tolist(), termination_centre=list(task.goal))
     if any(k.startswith("critic/") for k in artifact):  # pretrain.npz, leq.npz: Q of the start states
         critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
         s0 = jnp.asarray([e["obs0"] for e in episodes], jnp.float32)
@@ -241,10 +308,12 @@ def main(args: Args) -> Optional[dict]:
         print(f"{k:>10} {summary[k]:>10.3f} {summary[k + '_stderr']:>10.3f}")
     if "q_start" in summary:
         print(f"critic's value of the start states, mean Q(s0, pi(s0)): {summary['q_start']:.2f}")
-    print(f"env goal {np.round(summary['env_goal'], 2).tolist()}, termination centre "
-          f"{np.round(task.goal, 2).tolist()}; wrote {out}")
+    if maze:
+        print(f"env goal {np.round(summary['env_goal'], 2).tolist()}, termination centre "
+              f"{np.round(task.goal, 2).tolist()}")
+    print(f"wrote {out}")
     if maze and args.plot:
-        plot_trajectories(task, episodes, stem + ".trajectories.png")
+        plot_trajectories(task, episodes, stem + ".trajectories.png", title=run_name(args.checkpoint))
         print(f"wrote {stem}.trajectories.png")
     if args.video:
         save_video(task, actor_policy(nets, params), stem + ".mp4", args.seed)

@@ -4,7 +4,8 @@
     python leq.py --env antmaze-ultra-diverse-v0   # the paper's settings; needs the d4rl extra
 
 Starts from the BC actor and FQE critic of pretrain.py and the world model of world_model.py
-(running those stages first, with their defaults, when their artifacts are missing). Every
+(running those stages first when their artifacts are missing, with the settings given as
+--world-model-settings.* and --pretrain-settings.*, by default their own defaults). Every
 gradient step: imagine H steps from expansion-buffer states, form lambda-returns, update the
 actor with the lower-expectile lambda-return surrogate (old critic), update the critic with
 the lower-expectile loss on lambda-returns plus the Bellman loss on data plus the EMA
@@ -41,6 +42,10 @@ from networks import Nets
 BUILTIN = {"pointmaze-umaze": (30_000, 5_000, 0.1), "pointmaze-medium": (15_000, 5_000, 0.1),
            "pointmaze-large": (80_000, 10_000, 0.1), "pointmaze-ultra": (100_000, 10_000, 0.1)}
 
+# The upstream stages' hyperparameters, nested in Args (whose fields `world_model` and `pretrain`
+# hide the module names inside the class body).
+WorldModelSettings, PretrainSettings = world_model.Settings, pretrain.Settings
+
 
 @dataclasses.dataclass
 class Args(tasks.TaskArgs):
@@ -55,6 +60,11 @@ class Args(tasks.TaskArgs):
     """log to Weights & Biases"""
     wandb_project: str = "leq"
     """W&B project name"""
+    # --- The upstream stages leq.py runs when their artifacts are missing ---
+    world_model_settings: WorldModelSettings = dataclasses.field(default_factory=WorldModelSettings)
+    """settings of the world model trained when none exists (as world_model.py's flags)"""
+    pretrain_settings: PretrainSettings = dataclasses.field(default_factory=PretrainSettings)
+    """settings of the BC + FQE pretraining run when no pretrain.npz exists (as pretrain.py's flags)"""
     # --- LEQ ---
     expectile: Annotated[Optional[float], tyro.conf.arg(help_behavior_hint="", help=tasks.per_task_help(
         "tau of the lower expectile", BUILTIN, 2, "0.1, the paper's first choice"))] = None
@@ -529,7 +539,8 @@ def save_checkpoint(run_dir: Path, task, args: Args, st: LEQState, buf: Buffer, 
 
 def load_checkpoint(path: Path, task, args: Args, template: LEQState, buf: Buffer):
     f = artifacts.load_artifact(path, task, kinds=("leq_checkpoint",))
-    artifacts.check_same_config(path, f["meta/config"], args, ignore=("run_dir", "track", "inject_nan_at"))
+    artifacts.check_same_config(path, f["meta/config"], args, ignore=(  # the upstream settings act before LEQ
+        "run_dir", "track", "inject_nan_at", "world_model_settings", "pretrain_settings"))
     st = artifacts.tree_from_arrays(template, f, "state")
     filled = int(f["buffer/filled"])
     rows = [getattr(buf, k).at[:filled].set(f[f"buffer/{k}"]) for k in Buffer._fields[:5]]
@@ -556,7 +567,7 @@ def wandb_run(run_dir: Path, args: Args):
 def initial_networks(args: Args, task, wm, pt_path, key):
     """The BC actor and FQE critic (docs/ALGORITHM.md, section 4), or fresh networks with --no-pretrain."""
     if args.no_pretrain:
-        nets = networks.make_nets(task, pretrain.Args().hidden_dims, (wm.input_mean, wm.input_std))
+        nets = networks.make_nets(task, args.pretrain_settings.hidden_dims, (wm.input_mean, wm.input_std))
         return (nets, *networks.init_params(nets, key, task.obs_dim, task.act_dim))
     nets, actor, critic, _ = pretrain.load_pretrained(pt_path, task)
     return nets, actor, critic
@@ -568,22 +579,49 @@ def start_states(args: Args, data, buf: Buffer):
     return (data.observations, data.observations.shape[0]) if args.no_expansion else (buf.observations, buf.filled)
 
 
+def given_settings(settings) -> dict:
+    """The nested settings given on the command line: those that differ from their defaults."""
+    default = dataclasses.asdict(type(settings)())
+    return {k: v for k, v in dataclasses.asdict(settings).items() if v != default[k]}
+
+
+def note_other_settings(path: Path, flag: str, wanted: dict) -> None:
+    """One line when an existing upstream artifact was made with other values of the `wanted`
+    settings (the --<flag>.* apply only to an artifact leq.py makes)."""
+    recorded = artifacts.recorded_config(path)
+    diff = [f"{k} {recorded.get(k)} (not {v})" for k, v in json.loads(json.dumps(wanted)).items() if recorded.get(k) != v]
+    if diff:
+        print(f"[leq] note: using the existing {path} as it is, made with {', '.join(diff)}; --{flag}.* "
+              f"apply only to an artifact leq.py makes (delete this one to make it so)")
+
+
 def upstream_artifacts(args: Args):
-    """world_model.npz and pretrain.npz, running those stages (with their defaults) if missing."""
+    """world_model.npz and pretrain.npz. A missing one is made by its stage, with leq.py's task,
+    data and seed and the nested --world-model-settings.* / --pretrain-settings.*. An existing one
+    is used as it is, with a note where it differs from the nested settings given, or, at the
+    default path (leq.py's own), from all of them (e.g. the shrunk stages of a smoke run)."""
+    common = dict(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir, seed=args.seed)
     wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
-    if not wm_path.exists():
-        if args.world_model:
-            raise tasks.InputError(f"--world-model {wm_path} does not exist")
-        print(f"[leq] no world model at {wm_path}: running world_model.py with its defaults")
-        world_model.train(world_model.Args(env=args.env, dataset_path=args.dataset_path,
-                                           data_dir=args.data_dir, seed=args.seed, out=str(wm_path)))
     pt_path = Path(args.pretrain or pretrain.default_path(args.env, args.seed))
-    if not args.no_pretrain and not pt_path.exists():
-        if args.pretrain:
-            raise tasks.InputError(f"--pretrain {pt_path} does not exist")
-        print(f"[leq] no pretrained actor/critic at {pt_path}: running pretrain.py with its defaults")
-        pretrain.train(pretrain.Args(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir,
-                                     seed=args.seed, world_model=str(wm_path), out=str(pt_path)))
+    stages = [(world_model, wm_path, args.world_model, args.world_model_settings, dict(out=str(wm_path)))]
+    if not args.no_pretrain:
+        stages.append((pretrain, pt_path, args.pretrain, args.pretrain_settings,
+                       dict(world_model=str(wm_path), out=str(pt_path))))
+    for stage, path, path_flag, settings, paths in stages:
+        name = stage.__name__.split(".")[-1]  # world_model | pretrain
+        flag, given = name.replace("_", "-"), given_settings(settings)
+        stage_args = stage.Args(**common, **dataclasses.asdict(settings), **paths)
+        if path.exists():
+            resolved = pretrain.resolve(stage_args) if stage is pretrain else stage_args  # per-task step counts
+            note_other_settings(path, f"{flag}-settings", given if path_flag else
+                                {k: getattr(resolved, k) for k in dataclasses.asdict(settings)})
+        elif path_flag:
+            raise tasks.InputError(f"--{flag} {path} does not exist")
+        else:
+            flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                             for k, v in given.items())
+            print(f"[leq] no {path.name} at {path}: running {name}.py {flags or 'with its defaults'}")
+            stage.train(stage_args)
     return wm_path, pt_path
 
 

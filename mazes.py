@@ -116,6 +116,18 @@ def import_gymnasium_robotics():
     return gymnasium
 
 
+def render_help() -> str:
+    """What rendering the built-in envs needs: MuJoCo's own bindings, whose backend MUJOCO_GL picks."""
+    gl = os.environ.get("MUJOCO_GL")
+    needs = {"egl": "EGL (Debian: libegl1, with a GPU driver or Mesa's libegl-mesa0)",
+             "osmesa": "OSMesa (Debian: apt-get install libosmesa6)", "glfw": "a display (X11 or Wayland)"}
+    if gl in needs:
+        return (f"MUJOCO_GL={gl} needs {needs[gl]}; without a display use MUJOCO_GL=egl (GPU) or "
+                f"MUJOCO_GL=osmesa (CPU)")
+    return (f"MUJOCO_GL is {'not set' if gl is None else repr(gl)}: set MUJOCO_GL=egl (GPU; Debian libegl1) "
+            f"or MUJOCO_GL=osmesa (CPU; Debian libosmesa6)")
+
+
 def make_pointmaze(task, max_episode_steps: Optional[int] = None, render_mode=None):
     """gymnasium-robotics PointMaze_*-v3 with AntMaze's evaluation semantics: fixed start cell
     (uniform +-0.25 noise from the seed) and fixed goal cell centre, 4-d observation

@@ -33,12 +33,9 @@ BUILTIN_STEPS = {"pointmaze-umaze": (20_000, 20_000), "pointmaze-medium": (30_00
 
 
 @dataclasses.dataclass
-class Args(tasks.TaskArgs):
-    # --- Experiment (and --env, --dataset-path, --data-dir, --seed: tasks.TaskArgs) ---
-    world_model: Optional[str] = None
-    """world_model.npz to take the input statistics from (default: runs/<env>__world_model__s<seed>/)"""
-    out: Optional[str] = None
-    """output file (default: runs/<env>__pretrain__s<seed>/pretrain.npz)"""
+class Settings:
+    """BC's and FQE's hyperparameters (leq.py takes them as --pretrain-settings.* for the
+    pretraining it runs when no pretrain.npz exists)."""
     # --- Networks ---
     hidden_dims: tuple[int, ...] = (256, 256, 256)
     """hidden layer sizes of the actor and the critic"""
@@ -62,6 +59,16 @@ class Args(tasks.TaskArgs):
     """decay of the critic's exponential moving average"""
     ema_weight: float = 1.0
     """weight of the EMA regulariser mean((Q - Q_ema)^2)"""
+
+
+@dataclasses.dataclass
+class Args(Settings, tasks.TaskArgs):
+    # --env, --dataset-path, --data-dir, --seed (tasks.TaskArgs), the hyperparameters (Settings), then:
+    # --- Experiment ---
+    world_model: Optional[str] = None
+    """world_model.npz to take the input statistics from (default: runs/<env>__world_model__s<seed>/)"""
+    out: Optional[str] = None
+    """output file (default: runs/<env>__pretrain__s<seed>/pretrain.npz)"""
     # --- Plumbing ---
     chunk: int = 1000
     """gradient steps fused into one jitted call (lax.scan)"""

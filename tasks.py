@@ -346,7 +346,15 @@ def make_env(task: Task, render_mode: Optional[str] = None):
         import minari_tasks
         return minari_tasks.make_env(task, render_mode=render_mode)
     import d4rl_tasks
-    return d4rl_tasks.make_d4rl_env(task)
+    return d4rl_tasks.make_d4rl_env(task, render_mode)
+
+
+def render_help(task: Task) -> str:
+    """What rendering `task`'s env needs, for the error message of a video that cannot be made."""
+    if task.family == "pointmaze":
+        return mazes.render_help()
+    import d4rl_tasks
+    return d4rl_tasks.RENDER_HELP
 
 
 def maze_geometry(task: Task):

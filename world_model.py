@@ -27,10 +27,9 @@ import tasks
 
 
 @dataclasses.dataclass
-class Args(tasks.TaskArgs):
-    # --- Experiment (and --env, --dataset-path, --data-dir, --seed: tasks.TaskArgs) ---
-    out: Optional[str] = None
-    """output file (default: runs/<env>__world_model__s<seed>/world_model.npz)"""
+class Settings:
+    """The world model's hyperparameters (leq.py takes them as --world-model-settings.* for the
+    world model it trains when none exists)."""
     # --- Ensemble ---
     ensemble_size: int = 7
     """number of members trained"""
@@ -53,6 +52,14 @@ class Args(tasks.TaskArgs):
     """stop after this many epochs without any member improving"""
     max_epochs: Optional[int] = None
     """hard cap on epochs (default: none, early stopping only)"""
+
+
+@dataclasses.dataclass
+class Args(Settings, tasks.TaskArgs):
+    # --env, --dataset-path, --data-dir, --seed (tasks.TaskArgs), the hyperparameters (Settings), then:
+    # --- Experiment ---
+    out: Optional[str] = None
+    """output file (default: runs/<env>__world_model__s<seed>/world_model.npz)"""
     resume: bool = True
     """continue from <out>.ckpt.npz if a previous run of the same config left one"""
 

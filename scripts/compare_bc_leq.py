@@ -186,27 +186,36 @@ def main(a: Args):
           f"{len(results)} seeds; wrote {out}.json and {out}.png")
 
 
-def plot(summary, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+def figure(summary):
+    """Each run's LEQ success at its periodic evaluations (step 0: the BC actor it starts from;
+    ablations dotted) and, dashed, each seed's BC actor in the 10 x 10 evaluation."""
+    plt = evaluate.pyplot()
+    fig, ax = plt.subplots(figsize=(6.8, 3.8))
     runs = summary["per_seed"] + summary.get("ablations", [])
     for i, r in enumerate(runs):
-        colour, name = f"C{i}", (f"LEQ seed {r['seed']}" if r["label"] == "LEQ" else f"{r['label']} (seed {r['seed']})")
+        label = r.get("label", "LEQ")  # JSONs written before ablations existed have no label
+        colour, wider = f"C{i}", max(len(summary["per_seed"]) - 1 - i, 0)  # earlier seeds wider: equal curves stay visible
+        name = f"LEQ seed {r['seed']}" if label == "LEQ" else f"{label} (seed {r['seed']})"
         steps, success = zip(*([(0, r["bc_success"])] + [tuple(p) for p in r["curve"]]))  # step 0 = the BC actor
-        ax.plot(steps, 100 * np.asarray(success), marker="o", ms=3, color=colour, label=name,
-                ls="-" if r["label"] == "LEQ" else ":")
-        if r["label"] == "LEQ":
-            ax.axhline(100 * r["bc_success"], ls="--", color=colour, alpha=0.6, label=f"BC seed {r['seed']}")
-    ax.set_xlabel("LEQ gradient step")
+        ax.plot(steps, 100 * np.asarray(success), marker="o", ms=3 + 1.5 * wider, lw=1.2 + wider, color=colour,
+                label=name, ls="-" if label == "LEQ" else ":")
+        if label == "LEQ":
+            ax.axhline(100 * r["bc_success"], ls="--", lw=1 + 0.8 * wider, color=colour, alpha=0.6,
+                       label=f"BC seed {r['seed']}")
+    ax.set_xlabel("LEQ gradient step (0: the BC actor)")
     ax.set_ylabel("success rate (%)")
     ax.set_ylim(-3, 103)
-    ax.set_title(f"{summary['env']}: LEQ vs the BC actor it starts from")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    seeds = ", ".join(str(r["seed"]) for r in summary["per_seed"])
+    ax.set_title(f"{summary['env']}: LEQ vs the BC actor it starts from (seeds {seeds})", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, over no line
     fig.tight_layout()
+    return fig
+
+
+def plot(summary, path):
+    fig = figure(summary)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    evaluate.pyplot().close(fig)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,73 @@ def test_scores_are_normalised(tmp_path):
         assert summary["score"] == pytest.approx(want)
 
 
+# Lines a D4RL run must not print (item 4 of issue 19): d4rl's goal print on every AntMaze reset,
+# gym's warnings about its own internals, JAX's fork warning around the video writer, a
+# meaningless goal line for locomotion, GLFW errors of a window render.
+NOISE = ("Target Goal", "WARN", "deprecated", "Box bound", "os.fork", "env goal nan", "GLFW", "Traceback")
+
+
+def noise_lines(p) -> list:
+    return [line for line in (p.stdout + p.stderr).splitlines() if any(n in line for n in NOISE)]
+
+
+def save_random_actor(task, path):
+    """An actor/critic artifact with fresh networks (what evaluate.py reads)."""
+    import artifacts
+    dim = task.obs_dim + task.act_dim
+    stats = (np.zeros(dim, np.float32), np.ones(dim, np.float32))
+    nets = networks.make_nets(task, (32, 32), stats)
+    actor, critic = jax.device_get(networks.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim))
+    artifacts.save_npz(path, {**artifacts.flatten(actor, "actor"), **artifacts.flatten(critic, "critic"),
+                              **artifacts.flatten(critic, "critic_ema"), "stats/mean": stats[0],
+                              "stats/std": stats[1]}, "pretrain", task, {})
+    return nets, actor
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child execs at once
+def test_evaluation_is_quiet_and_hopper_video_has_every_frame(tmp_path):
+    """evaluate.py on AntMaze and on hopper (with --video, rendered by mujoco-py off-screen)
+    prints none of the NOISE lines; AntMaze's env goal is printed once; the MP4 holds the reset
+    frame and one frame per step of the episode."""
+    import imageio.v2 as imageio
+    import evaluate
+    outputs = {}
+    for name in ("antmaze-umaze-v2", "hopper-medium-v2"):
+        task = tasks.get_task(name)
+        nets, actor = save_random_actor(task, tmp_path / f"{name}.npz")
+        video = ["--video"] if task.family == "hopper" else []
+        p = subprocess.run([sys.executable, ROOT / "evaluate.py", "--checkpoint", tmp_path / f"{name}.npz",
+                            "--episodes", "2", "--parallel", "2", *video], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert noise_lines(p) == [], noise_lines(p)
+        outputs[name] = p.stdout
+    assert outputs["antmaze-umaze-v2"].count("env goal") == 1 and "env goal" not in outputs["hopper-medium-v2"]
+    task = tasks.get_task("hopper-medium-v2")
+    length = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), 1, seed=0, parallel=1)[0]["length"]
+    with imageio.get_reader(tmp_path / "hopper-medium-v2.mp4") as reader:
+        frames = [frame for frame in reader]
+    assert len(frames) == length + 1 and frames[0].shape == (500, 500, 3)
+    assert frames[0].std() > 10  # a rendered scene, not a blank frame
+
+
+def test_video_error_names_what_mujoco_py_needs(tmp_path, monkeypatch):
+    """When mujoco-py cannot render, the one-line error says what D4RL rendering needs (OSMesa
+    or EGL through mujoco-py) and that MUJOCO_GL does not apply, instead of blaming MUJOCO_GL."""
+    import evaluate
+
+    def no_gl(self):
+        raise RuntimeError("Failed to initialize OpenGL\nmore detail")
+    monkeypatch.setattr(d4rl_tasks.OldGymAPI, "render", no_gl)
+    task = tasks.get_task("hopper-medium-v2")
+    with pytest.raises(tasks.InputError) as e:
+        evaluate.save_video(task, lambda obs: np.zeros((len(obs), task.act_dim)), tmp_path / "v.mp4")
+    message = str(e.value)
+    assert "\n" not in message and "RuntimeError: Failed to initialize OpenGL" in message
+    assert "mujoco-py" in message and "OSMesa" in message and "MUJOCO_GL does not apply" in message
+    assert "set MUJOCO_GL" not in message and not (tmp_path / "v.mp4").exists()
+
+
 def test_end_to_end_on_antmaze_umaze(tmp_path):
     """All stages on antmaze-umaze-v2 with a random-action stand-in dataset recorded in the real
     env, then evaluated in the real env (small step counts)."""
@@ -169,6 +236,7 @@ def test_end_to_end_on_antmaze_umaze(tmp_path):
         p = subprocess.run([sys.executable, *map(str, args)], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-3000:]
+        assert noise_lines(p) == [], noise_lines(p)  # also in the progress bars' periodic evaluations
         return p
     common = ["--env", "antmaze-umaze-v2"]
     run(ROOT / "world_model.py", *common, "--max-epochs", 2, "--out", "wm.npz")

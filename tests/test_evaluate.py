@@ -215,7 +215,7 @@ def test_plot_curve_makes_a_png(tmp_path):
     evaluate.plot_curve(metrics, png)
     import matplotlib.image
     image = matplotlib.image.imread(png)
-    assert png.stat().st_size > 0 and image.shape[:2] == (320, 3 * 400)  # score, critic_loss, actor_loss
+    assert png.stat().st_size > 0 and image.shape[:2] == (350, 3 * 400)  # score, critic_loss, actor_loss
     assert evaluate.main(evaluate.Args(curve=str(metrics))) is None
     assert (tmp_path / "metrics.png").stat().st_size > 0
     empty = tmp_path / "empty.jsonl"
@@ -223,6 +223,83 @@ def test_plot_curve_makes_a_png(tmp_path):
     with pytest.raises(tasks.InputError) as e:
         evaluate.plot_curve(empty, tmp_path / "empty.png")
     assert "has no metrics" in one_line(e)
+
+
+def outside_the_figure(fig) -> list:
+    """The parts of a drawn figure that reach outside it, i.e. that its PNG would cut off: each
+    axes with its tick labels, axis labels, title and legend, and the figure's title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)  # as savefig draws it (also for a figure already closed)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    parts = [(f"axes {ax.get_title()!r}", ax.get_tightbbox(renderer)) for ax in fig.axes]
+    if fig.get_suptitle():
+        parts.append(("suptitle", fig._suptitle.get_window_extent(renderer)))
+    box = fig.bbox
+    return [name for name, b in parts
+            if b.x0 < box.x0 - 0.5 or b.y0 < box.y0 - 0.5 or b.x1 > box.x1 + 0.5 or b.y1 > box.y1 + 0.5]
+
+
+def labelled(fig) -> bool:
+    return all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
+
+
+@pytest.mark.parametrize("name", ["pointmaze-umaze", "pointmaze-ultra", "antmaze-umaze-v2"])
+def test_trajectory_picture_is_labelled_titled_and_fits(name):
+    """The trajectory picture: axis labels, the run and the task with its success count in the
+    title, a legend; nothing reaches outside the figure (the narrowest maze included)."""
+    task = tasks.get_task(name)
+    _, start, goal, _ = mazes.maze_geometry(task)
+    episodes = [{"xy": [start.tolist(), goal.tolist()], "success": True},
+                {"xy": [start.tolist(), (start + 1).tolist()], "success": False}]
+    run = f"{name}__leq__s0__20250101-000000/leq.npz"
+    fig = evaluate.trajectory_figure(task, episodes, run)
+    title = fig.axes[0].get_title()
+    assert run in title.replace("\n", "") and f"{name}: 1/2 episodes reach the goal" in title
+    assert labelled(fig) and fig.axes[0].get_legend() is not None
+    assert outside_the_figure(fig) == []
+    evaluate.pyplot().close(fig)
+
+
+def test_learning_curve_is_labelled_titled_and_fits(tmp_path, monkeypatch):
+    """evaluate.py --curve: every panel has axis labels, the figure's title names the run
+    folder and its env (from config.json), the score panel shows the final evaluation too, and
+    nothing reaches outside the figure."""
+    run_dir = tmp_path / "my-run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"env": "pointmaze-medium"}))
+    rows = [{"step": s, "critic_loss": 1.0 / s, "actor_loss": -0.1 * s, "q_data": -s / 100.0,
+             "q_model": -s / 90.0} for s in range(1000, 6000, 1000)]
+    rows += [{"step": 5000, "score": 80.0}, {"step": 5000, "final_score": 90.0, "final_score_std": 3.0}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    make = evaluate.curve_figure
+    monkeypatch.setattr(evaluate, "curve_figure", lambda *a: figures.append(make(*a)) or figures[-1])
+    evaluate.main(evaluate.Args(curve=str(run_dir / "metrics.jsonl")))
+    fig, = figures
+    assert fig.get_suptitle() == "LEQ run my-run (pointmaze-medium)"
+    assert [ax.get_ylabel() for ax in fig.axes] == list(evaluate.CURVE_PANELS.values()) and labelled(fig)
+    score_axes = fig.axes[0]
+    assert [t.get_text() for t in score_axes.get_legend().get_texts()] == ["periodic evaluation", "final evaluation"]
+    assert outside_the_figure(fig) == []
+    assert (run_dir / "metrics.png").stat().st_size > 0
+
+
+def test_comparison_plot_is_labelled_titled_and_fits():
+    """scripts/compare_bc_leq.py's picture, drawn from the committed umaze results (written
+    before ablation runs existed) plus an ablation run: axis labels, env and seeds in the title,
+    the legend beside the plot, nothing cut off."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_bc_leq
+    summary = json.loads((ROOT / "docs" / "pointmaze-umaze_leq_vs_bc.json").read_text())
+    summary["ablations"] = [{**summary["per_seed"][0], "label": "1step"}]
+    fig = compare_bc_leq.figure(summary)
+    title = fig.axes[0].get_title()
+    assert "pointmaze-umaze" in title and "seeds 0, 1, 2" in title and labelled(fig)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert len(legend) == 2 * len(summary["per_seed"]) + 1 and legend[-1] == "1step (seed 0)"
+    assert outside_the_figure(fig) == []
+    evaluate.pyplot().close(fig)
 
 
 # --------------------------------------------------------------------------------------------

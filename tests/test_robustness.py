@@ -45,15 +45,19 @@ def run_and_kill_when(args, cwd, ready, timeout=300):
     return proc.returncode
 
 
+TINY_WORLD_MODEL = ["--hidden-dims", 16, 16, "--weight-decay", 2.5e-5, 5e-5, 1e-4, "--ensemble-size", 3,
+                    "--num-elites", 2, "--max-epochs", 2]
+TINY_PRETRAIN = ["--hidden-dims", 32, 32, "--bc-steps", 20, "--fqe-steps", 20, "--bc-batch-size", 64]
+
+
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory, tiny_maze_file_module):
     """A tiny world model and pretrained actor/critic for fast LEQ runs."""
     d = tmp_path_factory.mktemp("upstream")
     common = ["--env", ENV, "--dataset-path", tiny_maze_file_module]
-    run([ROOT / "world_model.py", *common, "--out", d / "wm.npz", "--hidden-dims", 16, 16,
-         "--weight-decay", 2.5e-5, 5e-5, 1e-4, "--ensemble-size", 3, "--num-elites", 2, "--max-epochs", 2], d)
-    run([ROOT / "pretrain.py", *common, "--world-model", d / "wm.npz", "--out", d / "pt.npz",
-         "--hidden-dims", 32, 32, "--bc-steps", 20, "--fqe-steps", 20, "--chunk", 10, "--bc-batch-size", 64], d)
+    run([ROOT / "world_model.py", *common, "--out", d / "wm.npz", *TINY_WORLD_MODEL], d)
+    run([ROOT / "pretrain.py", *common, "--world-model", d / "wm.npz", "--out", d / "pt.npz", *TINY_PRETRAIN,
+         "--chunk", 10], d)
     return d
 
 
@@ -275,6 +279,45 @@ def test_cli_errors_are_one_line(upstream, tiny_maze_file_module):
                 upstream, check=False)
         lines = p.stderr.strip().splitlines()
         assert p.returncode != 0 and len(lines) == 1 and message in lines[0], (extra, p.stderr[-2000:])
+
+
+def nested(prefix, flags):
+    return [f"--{prefix}.{f[2:]}" if str(f).startswith("--") else f for f in flags]
+
+
+def test_one_leq_command_runs_shrunk_upstream_stages(upstream, tiny_maze_file_module, tmp_path):
+    """leq.py without upstream artifacts runs world_model.py and pretrain.py with the nested
+    --world-model-settings.* / --pretrain-settings.*: the world model is the one world_model.py
+    makes with the same flags, array for array; a later run with other nested settings uses the
+    existing artifacts and says so in one line each where they differ from the settings it would
+    have used; artifacts passed by path are compared with the nested settings given only."""
+    cmd = [ROOT / "leq.py", "--env", ENV, "--dataset-path", tiny_maze_file_module, "--total-steps", 0,
+           "--eval-episodes", 1, "--final-eval-rounds", 1]
+    p = run([*cmd, "--run-dir", "r1", *nested("world-model-settings", TINY_WORLD_MODEL),
+             *nested("pretrain-settings", TINY_PRETRAIN)], tmp_path)
+    assert "running world_model.py --ensemble-size 3 --num-elites 2 --hidden-dims 16 16" in p.stdout, p.stdout
+    wm = tmp_path / "runs" / f"{ENV}__world_model__s0" / "world_model.npz"
+    pt = tmp_path / "runs" / f"{ENV}__pretrain__s0" / "pretrain.npz"
+    ours, theirs = (npz_arrays(path, ("model/params", "model/input", "model/elites")) for path in (wm, upstream / "wm.npz"))
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    config = artifacts.recorded_config(pt)
+    assert (config["hidden_dims"], config["bc_steps"], config["fqe_steps"], config["bc_batch_size"]) == ([32, 32], 20, 20, 64)
+    assert npz_arrays(pt, ("actor/params/Dense_0/kernel",))["actor/params/Dense_0/kernel"].shape == (4, 32)
+
+    # the existing artifacts at leq.py's default paths: a note where they differ from the settings
+    # leq.py would use (world model: the max_epochs given; pretraining: the defaults, no flags given)
+    p = run([*cmd, "--run-dir", "r2", *nested("world-model-settings", TINY_WORLD_MODEL[:-2]),
+             "--world-model-settings.max-epochs", 3], tmp_path)
+    notes = [line for line in p.stdout.splitlines() if line.startswith("[leq] note:")]
+    assert "running" not in p.stdout and len(notes) == 2, p.stdout
+    assert f"{wm.relative_to(tmp_path)} as it is, made with max_epochs 2 (not 3);" in notes[0]
+    assert (f"{pt.relative_to(tmp_path)} as it is, made with hidden_dims [32, 32] (not [256, 256, 256]), bc_steps "
+            f"20 (not 20000), bc_batch_size 64 (not 4096), fqe_steps 20 (not 20000);") in notes[1]
+    # artifacts passed by path: compared with the nested settings given only (none here: no note)
+    p = run([*cmd, "--run-dir", "r3", "--world-model", wm, "--pretrain", pt], tmp_path)
+    assert "note:" not in p.stdout and "running" not in p.stdout, p.stdout
 
 
 def test_world_model_of_other_data_is_refused(upstream, tiny_maze_file_module, tmp_path):
