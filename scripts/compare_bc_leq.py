@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
+import artifacts  # noqa: E402
 import evaluate  # noqa: E402
 import leq  # noqa: E402
 import networks  # noqa: E402
@@ -69,7 +70,7 @@ def main(a: Args):
         _, nets, bc_actor = networks.load_actor(config["pretrain"] or pt_path, task)
         bc = evaluate.paper_protocol(task, nets, bc_actor, config["final_eval_rounds"], config["eval_episodes"],
                                      config["seed"])
-        rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
+        rows = artifacts.read_metrics(run_dir / "metrics.jsonl")
         results.append(dict(
             seed=seed, run_dir=str(run_dir), steps=config["total_steps"], expectile=config["expectile"],
             leq_success=final["success"], leq_score=final["score"], leq_score_std=final["score_std"],
