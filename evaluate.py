@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -231,7 +232,7 @@ def curve_figure(rows: list, title: str):
 def plot_curve(metrics_path, png_path) -> None:
     """The learning curve of a run's metrics.jsonl, titled with the run folder and its env."""
     metrics_path = Path(metrics_path)
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = artifacts.read_metrics(metrics_path)
     if not rows:
         raise tasks.InputError(f"{metrics_path} has no metrics")
     run = metrics_path.resolve().parent
@@ -276,6 +277,17 @@ def save_video(task: tasks.Task, policy: Callable, path, seed: int = 0) -> None:
 # Main
 # ============================================================================================
 
+def check_outputs(args: Args) -> None:
+    """Before any episode: the flags, and the folders the outputs go to exist and are writable."""
+    tasks.check_flags(args, (">= 1", "episodes parallel"), (">= 0", "seed"))
+    stem = Path(str(args.checkpoint).removesuffix(".npz"))
+    outs = [Path(args.out or f"{stem}.eval.json")] + [stem] * (args.plot or args.video)
+    for folder in {out.parent for out in outs}:
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise tasks.InputError(f"cannot write {next(o for o in outs if o.parent == folder)}: the folder {folder} "
+                                   f"{'is not writable' if folder.is_dir() else 'does not exist'}")
+
+
 def main(args: Args) -> Optional[dict]:
     if args.curve:
         png = Path(args.curve).with_suffix(".png")
@@ -285,10 +297,9 @@ def main(args: Args) -> Optional[dict]:
             return None
     if not args.checkpoint:
         raise tasks.InputError("pass --checkpoint PATH (an artifact with an actor) or --curve FILE")
-    if args.episodes < 1 or args.parallel < 1:
-        raise tasks.InputError("--episodes and --parallel must be >= 1")
+    check_outputs(args)
     artifact = artifacts.load_artifact(args.checkpoint, tasks.get_task(args.env) if args.env else None, need="actor")
-    task, nets, params = networks.actor_from_artifact(artifact)
+    task, nets, params = networks.actor_from_artifact(artifact, path=args.checkpoint)
     maze = task.is_maze
     episodes = run_episodes(task, actor_policy(nets, params), args.episodes, args.seed, args.parallel,
                             record=maze and args.plot)
@@ -302,7 +313,7 @@ def main(args: Args) -> Optional[dict]:
         summary["q_start"] = float(jnp.mean(nets.q(critic, s0, nets.pi(params, s0))))
     stem = str(args.checkpoint).removesuffix(".npz")
     out = Path(args.out or stem + ".eval.json")
-    out.write_text(json.dumps(summary, indent=2))
+    artifacts.write_json(out, summary)
     print(f"{'metric':>10} {'mean':>10} {'stderr':>10}")
     for k in ("score", "success", "return", "length"):
         print(f"{k:>10} {summary[k]:>10.3f} {summary[k + '_stderr']:>10.3f}")

@@ -16,7 +16,6 @@ noisy 5-step model rollouts. Writes runs/<run>/leq.npz, metrics.jsonl and checkp
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -133,12 +132,16 @@ class Args(tasks.TaskArgs):
     """steps between checkpoints (default: the evaluation interval); the last two are kept"""
     chunk: int = 1000
     """gradient steps fused into one jitted call (lax.scan); aligned to the intervals above"""
-    inject_nan_at: Optional[int] = None
-    """testing only: poison the critic with NaN at this step to exercise the NaN guard"""
+
+
+# Tests only, never a flag: a function (step, state, data) -> (state, data) that train() calls
+# before each chunk (a test sets it in a subprocess, e.g. to poison the data and hit the NaN guard).
+before_chunk = None
 
 
 def resolve(args: Args) -> Args:
     """Fill per-task defaults and check the flags; one-line errors for values out of range."""
+    tasks.check_task_args(args)
     steps, every, tau = BUILTIN.get(args.env, (1_000_000, 50_000, 0.1))
     args = dataclasses.replace(
         args, total_steps=steps if args.total_steps is None else args.total_steps,
@@ -146,18 +149,10 @@ def resolve(args: Args) -> Args:
         expectile=tau if args.expectile is None else args.expectile)
     if args.checkpoint_every is None:
         args = dataclasses.replace(args, checkpoint_every=args.eval_every)
-    checks = [(0 < args.expectile < 1, f"--expectile must be in (0, 1), got {args.expectile}"),
-              (args.horizon >= 1, f"--horizon must be >= 1, got {args.horizon}"),
-              (args.total_steps >= 0, f"--total-steps must be >= 0, got {args.total_steps}"),
-              (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must be in (0, 1], --lam in [0, 1]"),
-              (0 <= args.beta <= 1, f"--beta must be in [0, 1], got {args.beta}"),
-              (min(args.batch_size, args.model_batch_size, args.chunk, args.eval_episodes) >= 1,
-               "batch sizes, --chunk and --eval-episodes must be >= 1"),
-              (min(args.expand_every, args.expand_size, args.expand_length, args.expand_retain,
-                   args.eval_every, args.checkpoint_every) >= 1, "intervals and expansion sizes must be >= 1")]
-    for ok, message in checks:
-        if not ok:
-            raise tasks.InputError(message)
+    tasks.check_flags(args, ("in (0, 1)", "expectile"), ("in (0, 1]", "gamma"), ("in [0, 1]", "lam beta ema_decay"),
+                      (">= 1", "horizon batch_size model_batch_size chunk eval_episodes final_eval_rounds expand_every "
+                               "expand_size expand_length expand_retain eval_every checkpoint_every"),
+                      (">= 0", "total_steps actor_lr critic_lr ema_weight expand_noise"))
     return args
 
 
@@ -461,13 +456,15 @@ def make_update(nets: Nets, wm, done_fn, actor_opt, critic_opt, args: Args):
 
 def make_train_chunk(update, args: Args):
     """K update steps in one compiled call; keys fold in the global step, so a resumed run draws
-    the same numbers. Metrics come back averaged over the chunk."""
+    the same numbers. Metrics come back averaged over the chunk, with each one's first
+    non-finite step in the chunk (n_steps if none) and whether the final state is finite."""
     def chunk(st: LEQState, data, starts, n_starts, base_key, step0, n_steps):
         def body(st, i):
             return update(st, data, starts, n_starts, jax.random.fold_in(base_key, step0 + i))
         st, metrics = jax.lax.scan(body, st, jnp.arange(n_steps))
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(st)]))
-        return st, jax.tree.map(jnp.mean, metrics), finite
+        first_bad = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x).all(), n_steps, jnp.argmin(jnp.isfinite(x))), metrics)
+        return st, jax.tree.map(jnp.mean, metrics), first_bad, finite
     return jax.jit(chunk, static_argnums=6, donate_argnums=0)
 
 
@@ -522,42 +519,32 @@ def make_expand(nets: Nets, wm, done_fn, args: Args):
 
 
 # ============================================================================================
-# Evaluation, checkpoints, logging
+# Checkpoints
 # ============================================================================================
 
-def save_checkpoint(run_dir: Path, task, args: Args, st: LEQState, buf: Buffer, step: int, stats):
+def save_checkpoint(run_dir: Path, task, args: Args, st: LEQState, buf: Buffer, step: int, stats, inputs=None):
     """The whole training state (the filled part of the buffer), atomically; keeps the last two."""
-    filled = int(buf.filled)
-    arrays = {**artifacts.tree_arrays(jax.device_get(st), "state"),
-              **artifacts.flatten(jax.device_get(st.actor), "actor"),
-              **{f"buffer/{k}": np.asarray(getattr(buf, k)[:filled]) for k in Buffer._fields[:5]},
-              "buffer/ptr": np.asarray(buf.ptr), "buffer/filled": np.asarray(buf.filled),
-              "progress/step": np.array(step), "stats/mean": np.asarray(stats[0]),
+    arrays = {**artifacts.tree_arrays(jax.device_get(st), "state"), **artifacts.flatten(jax.device_get(st.actor), "actor"),
+              **artifacts.rows_arrays(buf), "progress/step": np.array(step), "stats/mean": np.asarray(stats[0]),
               "stats/std": np.asarray(stats[1])}
-    return artifacts.save_checkpoint(run_dir, step, arrays, "leq_checkpoint", task, args)
+    return artifacts.save_checkpoint(run_dir, step, arrays, "leq_checkpoint", task, args, inputs=inputs)
 
 
-def load_checkpoint(path: Path, task, args: Args, template: LEQState, buf: Buffer):
+IGNORED = ("run_dir", "track", "inject_nan_at",  # settings a resume may change (inject_nan_at: a removed flag)
+           "world_model_settings", "pretrain_settings")  # the upstream settings act before LEQ
+
+
+def read_checkpoint(path: Path, task, args: Args, empty: Buffer) -> dict:
+    """A checkpoint's arrays, checked before any work: its settings, and a buffer that fits them."""
     f = artifacts.load_artifact(path, task, kinds=("leq_checkpoint",))
-    artifacts.check_same_config(path, f["meta/config"], args, ignore=(  # the upstream settings act before LEQ
-        "run_dir", "track", "inject_nan_at", "world_model_settings", "pretrain_settings"))
-    st = artifacts.tree_from_arrays(template, f, "state")
-    filled = int(f["buffer/filled"])
-    rows = [getattr(buf, k).at[:filled].set(f[f"buffer/{k}"]) for k in Buffer._fields[:5]]
-    buf = Buffer(*rows, jnp.asarray(f["buffer/ptr"]), jnp.asarray(f["buffer/filled"]))
-    return st, buf, int(f["progress/step"])
+    artifacts.check_same_config(f"checkpoint {path}", f["meta/config"], args, ignore=IGNORED)
+    artifacts.check_rows(empty, f, path)
+    return f
 
 
-def wandb_run(run_dir: Path, args: Args):
-    """A Weights & Biases run (resumed under the run folder's name) when --track, else None."""
-    if not args.track:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise tasks.InputError("--track needs Weights & Biases: pip install wandb") from None
-    return wandb.init(project=args.wandb_project, name=run_dir.name, config=dataclasses.asdict(args),
-                      resume="allow", id=run_dir.name)
+def load_checkpoint(f: dict, template: LEQState, empty: Buffer):
+    """(state, buffer, step) from the arrays of read_checkpoint."""
+    return artifacts.tree_from_arrays(template, f, "state"), artifacts.rows_from_arrays(empty, f), int(f["progress/step"])
 
 
 # ============================================================================================
@@ -579,52 +566,6 @@ def start_states(args: Args, data, buf: Buffer):
     return (data.observations, data.observations.shape[0]) if args.no_expansion else (buf.observations, buf.filled)
 
 
-def given_settings(settings) -> dict:
-    """The nested settings given on the command line: those that differ from their defaults."""
-    default = dataclasses.asdict(type(settings)())
-    return {k: v for k, v in dataclasses.asdict(settings).items() if v != default[k]}
-
-
-def note_other_settings(path: Path, flag: str, wanted: dict) -> None:
-    """One line when an existing upstream artifact was made with other values of the `wanted`
-    settings (the --<flag>.* apply only to an artifact leq.py makes)."""
-    recorded = artifacts.recorded_config(path)
-    diff = [f"{k} {recorded.get(k)} (not {v})" for k, v in json.loads(json.dumps(wanted)).items() if recorded.get(k) != v]
-    if diff:
-        print(f"[leq] note: using the existing {path} as it is, made with {', '.join(diff)}; --{flag}.* "
-              f"apply only to an artifact leq.py makes (delete this one to make it so)")
-
-
-def upstream_artifacts(args: Args):
-    """world_model.npz and pretrain.npz. A missing one is made by its stage, with leq.py's task,
-    data and seed and the nested --world-model-settings.* / --pretrain-settings.*. An existing one
-    is used as it is, with a note where it differs from the nested settings given, or, at the
-    default path (leq.py's own), from all of them (e.g. the shrunk stages of a smoke run)."""
-    common = dict(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir, seed=args.seed)
-    wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
-    pt_path = Path(args.pretrain or pretrain.default_path(args.env, args.seed))
-    stages = [(world_model, wm_path, args.world_model, args.world_model_settings, dict(out=str(wm_path)))]
-    if not args.no_pretrain:
-        stages.append((pretrain, pt_path, args.pretrain, args.pretrain_settings,
-                       dict(world_model=str(wm_path), out=str(pt_path))))
-    for stage, path, path_flag, settings, paths in stages:
-        name = stage.__name__.split(".")[-1]  # world_model | pretrain
-        flag, given = name.replace("_", "-"), given_settings(settings)
-        stage_args = stage.Args(**common, **dataclasses.asdict(settings), **paths)
-        if path.exists():
-            resolved = pretrain.resolve(stage_args) if stage is pretrain else stage_args  # per-task step counts
-            note_other_settings(path, f"{flag}-settings", given if path_flag else
-                                {k: getattr(resolved, k) for k in dataclasses.asdict(settings)})
-        elif path_flag:
-            raise tasks.InputError(f"--{flag} {path} does not exist")
-        else:
-            flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
-                             for k, v in given.items())
-            print(f"[leq] no {path.name} at {path}: running {name}.py {flags or 'with its defaults'}")
-            stage.train(stage_args)
-    return wm_path, pt_path
-
-
 def train(args: Args) -> Path:
     from tqdm import tqdm
     args = resolve(args)
@@ -636,73 +577,71 @@ def train(args: Args) -> Path:
     print(f"[leq] {args.env}, seed {args.seed}: {args.total_steps:,} steps (evaluation every {args.eval_every:,}, "
           f"checkpoint every {args.checkpoint_every:,}, chunks of {chunk}), tau {args.expectile}, "
           f"H {args.horizon}; {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    wm_path, pt_path = upstream_artifacts(args)
-
-    # --- data, model, networks ---
-    ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
-    data = tasks.device_dataset(ds)
-    wm = world_model.load_world_model(wm_path, task)
-    world_model.check_dataset(wm, wm_path, ds)
-    done_fn = tasks.termination_fn(task, args.goal)
-    k_init, k_train, k_expand = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-    nets, actor, critic = initial_networks(args, task, wm, pt_path, k_init)
-    ema = jax.tree.map(jnp.copy, critic)  # the EMA copy starts equal to the (pretrained) critic
-    actor_opt = optax.adam(optax.cosine_decay_schedule(args.actor_lr, max(args.total_steps, 1)))
-    critic_opt = optax.adam(args.critic_lr)
-    st = LEQState(actor, critic, ema, actor_opt.init(actor), critic_opt.init(critic))
     capacity = args.expand_retain * args.expand_size * args.expand_length
     buf = empty_buffer(0 if args.no_expansion else capacity, task.obs_dim, task.act_dim)
+    with artifacts.FolderLock(run_dir / "run.lock", f"run folder {run_dir}"):  # also: the folder is writable
+        if artifacts.finished_run(run_dir / "leq.npz", task, args, IGNORED):
+            return run_dir
+        resume = artifacts.newest_checkpoint(run_dir, lambda path: read_checkpoint(path, task, args, buf))
+        ds, wm, pt_path, inputs = pretrain.upstream(task, args, resume)  # checked before any training
 
-    step = 0
-    checkpoints = artifacts.checkpoints(run_dir)
-    if checkpoints:
-        st, buf, step = load_checkpoint(checkpoints[-1], task, args, st, buf)
-        print(f"[leq] resuming {run_dir} from step {step}")
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    metrics_log = artifacts.MetricsLog(run_dir, step, wandb_run(run_dir, args))
+        # --- data, model, networks ---
+        data = tasks.device_dataset(ds)
+        done_fn = tasks.termination_fn(task, args.goal)
+        k_init, k_train, k_expand = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+        nets, actor, critic = initial_networks(args, task, wm, pt_path, k_init)
+        ema = jax.tree.map(jnp.copy, critic)  # the EMA copy starts equal to the (pretrained) critic
+        actor_opt = optax.adam(optax.cosine_decay_schedule(args.actor_lr, max(args.total_steps, 1)))
+        critic_opt = optax.adam(args.critic_lr)
+        st = LEQState(actor, critic, ema, actor_opt.init(actor), critic_opt.init(critic))
 
-    update = make_update(nets, wm, done_fn, actor_opt, critic_opt, args)
-    train_chunk = make_train_chunk(update, args)
-    expand = make_expand(nets, wm, done_fn, args)
+        step = 0
+        if resume:
+            st, buf, step = load_checkpoint(resume[1], st, buf)
+            print(f"[leq] resuming {run_dir} from step {step}")
+        artifacts.write_json(run_dir / "config.json", dataclasses.asdict(args))
+        metrics_log = artifacts.MetricsLog(run_dir, step, artifacts.wandb_run(run_dir, args))
 
-    bar = tqdm(total=args.total_steps, initial=step, desc=f"LEQ {args.env}", unit="step", mininterval=2)
-    last_score, t_last = float("nan"), time.time()
-    while step < args.total_steps:
-        if not args.no_expansion and step % args.expand_every == 0:
-            buf = expand(buf, st.actor, data.observations, jax.random.fold_in(k_expand, step))
-        if args.inject_nan_at is not None and step == args.inject_nan_at:
-            st = st._replace(critic=jax.tree.map(lambda x: x * jnp.nan, st.critic))
-        st, metrics, finite = train_chunk(st, data, *start_states(args, data, buf), k_train, step, chunk)
-        step += chunk
-        metrics = {k: float(v) for k, v in metrics.items()}
-        bad = [k for k, v in metrics.items() if not np.isfinite(v)] + ([] if bool(finite) else ["parameters"])
-        if bad:
-            last = artifacts.checkpoints(run_dir)
-            raise FloatingPointError(f"non-finite {', '.join(bad)} in the chunk ending at step {step}; "
-                                     f"stopped; last good checkpoint: {last[-1] if last else 'none'}")
-        now = time.time()
-        row = {"step": step, **metrics, "steps_per_s": chunk / (now - t_last)}
-        t_last = now
-        if step % args.eval_every == 0 or step == args.total_steps:
-            result = evaluate.evaluate(task, nets, st.actor, args.eval_episodes, args.seed)
-            last_score = result["score"]
-            row.update(score=last_score, success=result["success"])
-            t_last = time.time()  # evaluation time is not training speed
-        metrics_log.log(row)
-        if step % args.checkpoint_every == 0 and step < args.total_steps:
-            save_checkpoint(run_dir, task, args, st, buf, step, nets.stats)
-        bar.update(chunk)
-        bar.set_postfix_str(f"critic {metrics['critic_loss']:.3g} q {metrics['q_data']:.3g} "
-                            f"score {last_score:.1f}")
-    bar.close()
+        update = make_update(nets, wm, done_fn, actor_opt, critic_opt, args)
+        train_chunk = make_train_chunk(update, args)
+        expand = make_expand(nets, wm, done_fn, args)
 
-    final = evaluate.paper_protocol(task, nets, st.actor, args.final_eval_rounds, args.eval_episodes, args.seed)
-    arrays = {**networks.networks_arrays(nets, st.actor, st.critic, st.critic_ema),
-              "summary/final_score": np.array(final["score"])}
-    artifacts.save_npz(run_dir / "leq.npz", arrays, "leq", task, args)
-    (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
-    metrics_log.log({"step": step, "final_score": final["score"], "final_score_std": final.get("score_std", 0.0)})
+        bar = tqdm(total=args.total_steps, initial=step, desc=f"LEQ {args.env}", unit="step", mininterval=2)
+        last_score, t_last, saved = float("nan"), time.time(), None
+        tasks.STOP.armed = True  # a SIGINT/SIGTERM stops at the next chunk boundary, with a checkpoint
+        while step < args.total_steps:
+            if not args.no_expansion and step % args.expand_every == 0:
+                buf = expand(buf, st.actor, data.observations, jax.random.fold_in(k_expand, step))
+            if before_chunk:
+                st, data = before_chunk(step, st, data)
+            st, metrics, first_bad, finite = train_chunk(st, data, *start_states(args, data, buf), k_train, step, chunk)
+            artifacts.check_finite(first_bad, chunk, step, bool(finite), (artifacts.checkpoints(run_dir) or [None])[-1])
+            step += chunk
+            metrics = {k: float(v) for k, v in metrics.items()}
+            now = time.time()
+            row = {"step": step, **metrics, "steps_per_s": chunk / (now - t_last)}
+            t_last = now
+            if step % args.eval_every == 0 or step == args.total_steps:
+                result = evaluate.evaluate(task, nets, st.actor, args.eval_episodes, args.seed)
+                last_score = result["score"]
+                row.update(score=last_score, success=result["success"])
+                t_last = time.time()  # evaluation time is not training speed
+            metrics_log.log(row)
+            if (step % args.checkpoint_every == 0 and step < args.total_steps) or tasks.STOP.signum:
+                saved = save_checkpoint(run_dir, task, args, st, buf, step, nets.stats, inputs)
+            bar.update(chunk)
+            bar.set_postfix_str(f"critic {metrics['critic_loss']:.3g} q {metrics['q_data']:.3g} "
+                                f"score {last_score:.1f}")
+            tasks.stop_if_requested(f"at step {step}, saved in {saved}")
+        tasks.STOP.armed = False
+        bar.close()
+
+        final = evaluate.paper_protocol(task, nets, st.actor, args.final_eval_rounds, args.eval_episodes, args.seed)
+        artifacts.write_json(run_dir / "final_eval.json", final)
+        metrics_log.log({"step": step, "final_score": final["score"], "final_score_std": final.get("score_std", 0.0)})
+        arrays = {**networks.networks_arrays(nets, st.actor, st.critic, st.critic_ema),
+                  "summary/final_score": np.array(final["score"])}
+        artifacts.save_npz(run_dir / "leq.npz", arrays, "leq", task, args, inputs)  # last: it marks the run finished
     print(f"[leq] final score {final['score']:.1f} +- {final.get('score_std', 0.0):.1f} "
           f"({args.final_eval_rounds} x {args.eval_episodes} episodes); wrote {run_dir / 'leq.npz'}")
     return run_dir

@@ -147,11 +147,22 @@ def hidden_dims_of(actor_params) -> tuple:
 def load_actor(path, task: Optional[tasks.Task] = None):
     """(task, nets, actor params) from ANY artifact holding an actor (pretrain.npz, leq.npz, a
     leq checkpoint); the task comes from the artifact when not given."""
-    return actor_from_artifact(artifacts.load_artifact(path, task, need="actor"), task)
+    return actor_from_artifact(artifacts.load_artifact(path, task, need="actor"), task, path)
 
 
-def actor_from_artifact(f: dict, task: Optional[tasks.Task] = None):
-    """load_actor for an artifact already read with artifacts.load_artifact."""
+def actor_from_artifact(f: dict, task: Optional[tasks.Task] = None, path="artifact"):
+    """load_actor for an artifact already read with artifacts.load_artifact; the actor's arrays
+    and statistics must have the shapes of an actor of its hidden sizes (one line if not)."""
     task = task or tasks.get_task(str(f["meta/env"]))
     actor = jax.tree.map(jnp.asarray, artifacts.unflatten(f, "actor"))
-    return task, make_nets(task, hidden_dims_of(actor), (f["stats/mean"], f["stats/std"])), actor
+    try:
+        hidden = hidden_dims_of(actor)
+    except (KeyError, IndexError):
+        raise artifacts.CorruptArtifact(f"artifact {path}: its actor has no Dense layers") from None
+    nets = make_nets(task, hidden, (f["stats/mean"], f["stats/std"]))
+    template = jax.eval_shape(lambda: init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim))[0]
+    artifacts.check_shapes(actor, template, path, "actor")
+    if f["stats/mean"].shape != (task.obs_dim + task.act_dim,) or f["stats/std"].shape != f["stats/mean"].shape:
+        raise artifacts.CorruptArtifact(f"artifact {path}: input statistics of shape {f['stats/mean'].shape}, "
+                                        f"but {task.name} needs ({task.obs_dim + task.act_dim},)")
+    return task, nets, actor

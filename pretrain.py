@@ -12,6 +12,7 @@ defined here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Annotated, NamedTuple, Optional
@@ -79,10 +80,14 @@ class Args(Settings, tasks.TaskArgs):
 
 
 def resolve(args: Args) -> Args:
-    """Fill the per-task defaults."""
+    """Fill the per-task defaults and check the flags before any work (one-line errors)."""
+    tasks.check_task_args(args)
     bc, fqe = BUILTIN_STEPS.get(args.env, (200_000, 200_000))
-    return dataclasses.replace(args, bc_steps=bc if args.bc_steps is None else args.bc_steps,
+    args = dataclasses.replace(args, bc_steps=bc if args.bc_steps is None else args.bc_steps,
                                fqe_steps=fqe if args.fqe_steps is None else args.fqe_steps)
+    tasks.check_flags(args, (">= 1", "hidden_dims bc_steps fqe_steps bc_batch_size fqe_batch_size chunk checkpoint_every"),
+                      (">= 0", "bc_lr fqe_lr ema_weight"), ("in (0, 1]", "gamma"), ("in [0, 1]", "ema_decay"))
+    return args
 
 
 # ============================================================================================
@@ -140,9 +145,9 @@ def make_chunks(nets: networks.Nets, bc_opt, fqe_opt, data, args: Args):
 
     def chunk_of(step):
         @jax.jit
-        def chunk(state, keys):
+        def chunk(state, keys):  # also the index of the first non-finite loss (len(keys) if none)
             state, losses = jax.lax.scan(step, state, keys)
-            return state, losses.mean()
+            return state, losses.mean(), jnp.where(jnp.isfinite(losses).all(), len(keys), jnp.argmin(jnp.isfinite(losses)))
         return chunk
     return chunk_of(bc_step), chunk_of(fqe_step)
 
@@ -158,10 +163,85 @@ def default_path(env: str, seed: int) -> Path:
 def load_pretrained(path, task: tasks.Task):
     """(nets, actor params, critic params, EMA critic params) from a pretrain.npz."""
     f = artifacts.load_artifact(path, task, kinds=("pretrain",))
-    actor, critic, ema = (jax.tree.map(jnp.asarray, artifacts.unflatten(f, k))
-                          for k in ("actor", "critic", "critic_ema"))
-    nets = networks.make_nets(task, networks.hidden_dims_of(actor), (f["stats/mean"], f["stats/std"]))
+    task, nets, actor = networks.actor_from_artifact(f, task, path)
+    critic, ema = (jax.tree.map(jnp.asarray, artifacts.unflatten(f, k)) for k in ("critic", "critic_ema"))
+    template = jax.eval_shape(lambda: networks.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim))[1]
+    artifacts.check_shapes(critic, template, path, "critic")
+    artifacts.check_shapes(ema, template, path, "critic_ema")
     return nets, actor, critic, ema
+
+
+def given_settings(settings) -> dict:
+    """The nested settings given on the command line: those that differ from their defaults."""
+    default = dataclasses.asdict(type(settings)())
+    return {k: v for k, v in dataclasses.asdict(settings).items() if v != default[k]}
+
+
+def note_other_settings(path: Path, flag: str, wanted: dict) -> None:
+    """One line when an existing upstream artifact was made with other values of the `wanted`
+    settings (the --<flag>.* apply only to an artifact leq.py makes)."""
+    recorded = artifacts.recorded_config(path)
+    diff = [f"{k} {recorded.get(k)} (not {v})" for k, v in json.loads(json.dumps(wanted)).items() if recorded.get(k) != v]
+    if diff:
+        print(f"[leq] note: using the existing {path} as it is, made with {', '.join(diff)}; --{flag}.* "
+              f"apply only to an artifact leq.py makes (delete this one to make it so)")
+
+
+def upstream(task: tasks.Task, args, resume) -> tuple:
+    """What a later stage (leq.py, its Args `args`) starts from: the dataset, world_model.npz and
+    pretrain.npz, checked against each other and against the checkpoint being resumed BEFORE
+    any training. A missing stage runs first, with leq.py's task, data and seed, its nested
+    --world-model-settings.* / --pretrain-settings.* and its flags checked up front, unless the
+    checkpoint was made from the file that is missing. An existing one is used as it is, with a
+    note where it differs from the nested settings given, or, at the default path (leq.py's own),
+    from all of them (e.g. the shrunk stages of a smoke run). resume: None or (checkpoint path,
+    its arrays). Returns (dataset, world model, pretrain path or None, fingerprints)."""
+    ckpt, saved = resume or (None, {"meta/inputs": {}})
+    recorded = saved["meta/inputs"] or {}
+    common = dict(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir, seed=args.seed)
+    wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
+    pt_path = None if args.no_pretrain else Path(args.pretrain or default_path(args.env, args.seed))
+    wm_settings, pt_settings = args.world_model_settings, args.pretrain_settings
+    wm_args = world_model.resolve(world_model.Args(**common, **dataclasses.asdict(wm_settings), out=str(wm_path)))
+    pt_args = resolve(Args(**common, **dataclasses.asdict(pt_settings), world_model=str(wm_path), out=str(pt_path)))
+    stages = (("world_model", wm_path, args.world_model, wm_settings, wm_args),
+              ("pretrain", pt_path, args.pretrain, pt_settings, pt_args))
+    for name, path, flag, settings, stage_args in stages:
+        if path and not path.exists() and (flag or recorded.get(name)):
+            raise tasks.InputError(f"--{name.replace('_', '-')} {path} does not exist" if flag else
+                                   f"checkpoint {ckpt} was made from the {name.replace('_', ' ')} "
+                                   f"{recorded[name]['path']}, but {path} does not exist: restore it, or start "
+                                   f"over in another --run-dir")
+        if path and path.exists():  # env, dims, shapes; and what it was made with
+            (world_model.load_world_model if name == "world_model" else load_pretrained)(path, task)
+            note_other_settings(path, f"{name.replace('_', '-')}-settings", given_settings(settings) if flag else
+                                {k: getattr(stage_args, k) for k in dataclasses.asdict(settings)})
+    ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
+    inputs = {"dataset": artifacts.file_fingerprint(ds.path, [recorded.get("dataset")])}
+    remedy = "restore the files it was made from, or start over in another --run-dir"
+
+    def announce(path: Path, name: str, settings) -> None:
+        flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                         for k, v in given_settings(settings).items())
+        print(f"[leq] no {path.name} at {path}: running {name}.py {flags or 'with its defaults'}")
+
+    if not wm_path.exists():
+        announce(wm_path, "world_model", wm_settings)
+        world_model.train(wm_args)
+    wm = world_model.load_world_model(wm_path, task)
+    inputs["world_model"] = world_model.check_dataset(wm, wm_path, ds, inputs["dataset"])
+    if ckpt:
+        artifacts.check_inputs(f"checkpoint {ckpt}", saved["meta/inputs"], inputs, remedy)
+    if pt_path and not pt_path.exists():
+        announce(pt_path, "pretrain", pt_settings)
+        train(pt_args)
+    if pt_path:
+        inputs["pretrain"], made_from = artifacts.provenance(pt_path)
+        artifacts.check_inputs(f"pretrain {pt_path}", made_from, {k: inputs[k] for k in ("dataset", "world_model")},
+                               f"pass the pretrain.npz made from them, or rerun pretrain.py --world-model {wm_path}")
+        if ckpt:
+            artifacts.check_inputs(f"checkpoint {ckpt}", recorded, {"pretrain": inputs["pretrain"]}, remedy)
+    return ds, wm, pt_path, inputs
 
 
 # ============================================================================================
@@ -171,8 +251,6 @@ def load_pretrained(path, task: tasks.Task):
 def train(args: Args) -> Path:
     from tqdm import tqdm
     args = resolve(args)
-    if min(args.bc_steps, args.fqe_steps) < 0 or args.chunk < 1:
-        raise tasks.InputError("--bc-steps/--fqe-steps must be >= 0 and --chunk >= 1")
     task = tasks.get_task(args.env)
     out = Path(args.out) if args.out else default_path(args.env, args.seed)
     ckpt = out.with_name(out.name.replace(".npz", "") + ".ckpt.npz")
@@ -182,49 +260,56 @@ def train(args: Args) -> Path:
     if not wm_path.exists():
         raise tasks.InputError(f"world model {wm_path} does not exist: run world_model.py --env {args.env} "
                                f"first, or pass --world-model PATH")
-    wm = world_model.load_world_model(wm_path, task)
-    ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
-    world_model.check_dataset(wm, wm_path, ds)
-    data = tasks.device_dataset(ds)
-    nets = networks.make_nets(task, args.hidden_dims, (wm.input_mean, wm.input_std))
-    k_init, k_train = jax.random.split(jax.random.PRNGKey(args.seed))
-    actor, critic = networks.init_params(nets, k_init, task.obs_dim, task.act_dim)
-    bc_opt, fqe_opt = optax.adam(args.bc_lr), optax.adam(args.fqe_lr)
-    state = PretrainState(actor, bc_opt.init(actor), critic, critic, fqe_opt.init(critic))
-    step = 0
-    if args.resume and ckpt.exists():  # a previous run of this config was interrupted
-        f = artifacts.load_artifact(ckpt, task, kinds=("pretrain_checkpoint",))
-        artifacts.check_same_config(ckpt, f["meta/config"], args, ignore=("resume", "out"))
-        state, step = artifacts.tree_from_arrays(state, f, "state"), int(f["progress/step"])
-        print(f"[pretrain] resuming from {ckpt} at step {step}")
-    bc_chunk, fqe_chunk = make_chunks(nets, bc_opt, fqe_opt, data, args)
+    with artifacts.FolderLock(out.with_name(out.name + ".lock"), f"pretraining {out}"):
+        saved = (artifacts.read_checkpoint(ckpt, task, "pretrain_checkpoint", args, ("resume", "out"))
+                 if args.resume and ckpt.exists() else None)  # before any work
+        wm = world_model.load_world_model(wm_path, task)
+        ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
+        recorded = saved["meta/inputs"] if saved else {}
+        inputs = {"dataset": artifacts.file_fingerprint(ds.path, [(recorded or {}).get("dataset")])}
+        inputs["world_model"] = world_model.check_dataset(wm, wm_path, ds, inputs["dataset"])
+        if saved:
+            artifacts.check_inputs(f"checkpoint {ckpt}", recorded, inputs,
+                                   "use the inputs it was made from, or delete the checkpoint to start over")
+        data = tasks.device_dataset(ds)
+        nets = networks.make_nets(task, args.hidden_dims, (wm.input_mean, wm.input_std))
+        k_init, k_train = jax.random.split(jax.random.PRNGKey(args.seed))
+        actor, critic = networks.init_params(nets, k_init, task.obs_dim, task.act_dim)
+        bc_opt, fqe_opt = optax.adam(args.bc_lr), optax.adam(args.fqe_lr)
+        state = PretrainState(actor, bc_opt.init(actor), critic, critic, fqe_opt.init(critic))
+        step = 0
+        if saved:  # a previous run of this config was interrupted
+            state, step = artifacts.tree_from_arrays(state, saved, "state"), int(saved["progress/step"])
+            print(f"[pretrain] resuming from {ckpt} at step {step}")
+        bc_chunk, fqe_chunk = make_chunks(nets, bc_opt, fqe_opt, data, args)
 
-    # BC for steps [0, bc_steps), then FQE of the cloned actor for [bc_steps, bc_steps + fqe_steps)
-    total, start = args.bc_steps + args.fqe_steps, time.time()
-    bar = tqdm(total=total, initial=step, desc=f"pretrain {args.env}", unit="step", mininterval=2)
-    while step < total:
-        phase, end = ("BC", args.bc_steps) if step < args.bc_steps else ("FQE", total)
-        n = min(args.chunk, end - step)
-        keys = jax.random.split(jax.random.fold_in(k_train, step), n)
-        state, loss = (bc_chunk if phase == "BC" else fqe_chunk)(state, keys)
-        step += n
-        if not np.isfinite(float(loss)):
-            raise FloatingPointError(f"{phase} loss is {float(loss)} at step {step}; the last "
-                                     f"good checkpoint is {ckpt}")
-        if step % args.checkpoint_every < n or step == total:
-            arrays = {**artifacts.tree_arrays(jax.device_get(state), "state"), "progress/step": np.array(step)}
-            artifacts.save_npz(ckpt, arrays, "pretrain_checkpoint", task, args)
-        bar.update(n)
-        bar.set_postfix_str(f"{phase} loss {float(loss):.4g}")
-    bar.close()
+        # BC for steps [0, bc_steps), then FQE of the cloned actor for [bc_steps, bc_steps + fqe_steps)
+        total, start = args.bc_steps + args.fqe_steps, time.time()
+        bar = tqdm(total=total, initial=step, desc=f"pretrain {args.env}", unit="step", mininterval=2)
+        tasks.STOP.armed = True  # a SIGINT/SIGTERM stops at the next chunk boundary, with a checkpoint
+        while step < total:
+            phase, end = ("BC", args.bc_steps) if step < args.bc_steps else ("FQE", total)
+            n = min(args.chunk, end - step)
+            keys = jax.random.split(jax.random.fold_in(k_train, step), n)
+            state, loss, first_bad = (bc_chunk if phase == "BC" else fqe_chunk)(state, keys)
+            artifacts.check_finite({f"{phase} loss": first_bad}, n, step, True, ckpt)
+            step += n
+            if step % args.checkpoint_every < n or step == total or tasks.STOP.signum:
+                arrays = {**artifacts.tree_arrays(jax.device_get(state), "state"), "progress/step": np.array(step)}
+                artifacts.save_npz(ckpt, arrays, "pretrain_checkpoint", task, args, inputs)
+            bar.update(n)
+            bar.set_postfix_str(f"{phase} loss {float(loss):.4g}")
+            tasks.stop_if_requested(f"at step {step}, saved in {ckpt}")
+        tasks.STOP.armed = False
+        bar.close()
 
-    s = data.observations[:4096]
-    bc_mse = float(bc_loss(state.actor, nets, s, data.actions[:4096]))
-    q_data = float(jnp.mean(nets.q(state.critic, s, nets.pi(state.actor, s))))
-    arrays = {**networks.networks_arrays(nets, state.actor, state.critic, state.critic_ema),
-              "summary/bc_mse": np.array(bc_mse), "summary/q_data": np.array(q_data)}
-    artifacts.save_npz(out, arrays, "pretrain", task, args)
-    ckpt.unlink(missing_ok=True)
+        s = data.observations[:4096]
+        bc_mse = float(bc_loss(state.actor, nets, s, data.actions[:4096]))
+        q_data = float(jnp.mean(nets.q(state.critic, s, nets.pi(state.actor, s))))
+        arrays = {**networks.networks_arrays(nets, state.actor, state.critic, state.critic_ema),
+                  "summary/bc_mse": np.array(bc_mse), "summary/q_data": np.array(q_data)}
+        artifacts.save_npz(out, arrays, "pretrain", task, args, inputs)
+        ckpt.unlink(missing_ok=True)
     print(f"[pretrain] BC mse {bc_mse:.4f}, mean Q(s, pi(s)) on data {q_data:.2f}, "
           f"{time.time() - start:.0f} s; wrote {out}")
     return out

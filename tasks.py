@@ -28,8 +28,10 @@ pointmaze-giant-navigate-singletask-v0` does the same for an OGBench PointMaze.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -44,6 +46,28 @@ import mazes
 
 class InputError(ValueError):
     """Bad input from the user (env name, file, flag). Scripts print it as one line and exit."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (something was accepted, but the user should know)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+RULES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "in (0, 1)": lambda v: 0 < v < 1,
+         "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1}
+
+
+def check_flags(args, *rules) -> None:
+    """Refuse, in one line, the first flag out of its range. rules: (rule, "field field ..."), a
+    rule being a key of RULES; a tuple-valued flag needs at least one value and checks each;
+    None (a per-task default not yet filled) passes."""
+    for rule, names in rules:
+        for name in names.split():
+            value = getattr(args, name)
+            values = value if isinstance(value, tuple) else (value,)
+            if value is not None and not (values and all(RULES[rule](v) for v in values)):
+                raise InputError(f"--{name.replace('_', '-')} must be {rule}{' (each)' if isinstance(value, tuple) else ''}, "
+                                 f"got {' '.join(map(str, values)) if isinstance(value, tuple) else value}")
 
 
 def use_fast_cpu_kernels() -> None:
@@ -69,6 +93,17 @@ class TaskArgs:
     of its .npz files (default: ~/.ogbench/data, then data/ogbench for generated PointMaze files)"""
     seed: int = 0
     """random seed of everything the stage draws (leq.py: also of the upstream stages it runs)"""
+
+
+def check_task_args(args: TaskArgs) -> None:
+    """The shared flags, before any work: a known env, a seed >= 0, an existing dataset file."""
+    get_task(args.env)
+    check_flags(args, (">= 0", "seed"))
+    if args.dataset_path and not Path(args.dataset_path).is_file():
+        raise InputError(f"--dataset-path {args.dataset_path} "
+                         f"{'is a folder, not a file' if Path(args.dataset_path).is_dir() else 'does not exist'}")
+    if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        raise InputError(f"--data-dir {args.data_dir} is a file, not a folder")
 
 
 def per_task_help(what: str, table: dict, column: int, otherwise: str) -> str:
@@ -162,7 +197,16 @@ def run_name(env: str) -> str:
 # ============================================================================================
 
 def termination_fn(task: Task, goal: Optional[tuple] = None) -> Callable:
-    """done(s, a, s') for a batch, as docs/ALGORITHM.md, section 2. `goal` overrides the maze centre."""
+    """done(s, a, s') for a batch, as docs/ALGORITHM.md, section 2. `goal` overrides the maze centre.
+    A non-finite s' (NaN or inf anywhere) is done in every family (deviation, README: the
+    written rules of the mazes and of halfcheetah would call a NaN state "not done"; hopper's
+    and walker2d's already end there, and the authors' release ends halfcheetah's too)."""
+    rule = family_termination(task, goal)
+    return lambda s, a, s2: rule(s, a, s2) | ~jnp.all(jnp.isfinite(s2), -1)
+
+
+def family_termination(task: Task, goal: Optional[tuple] = None) -> Callable:
+    """The task family's rule of docs/ALGORITHM.md, section 2, as written."""
     if task.is_maze:
         centre, radius = jnp.asarray(goal if goal is not None else task.goal), task.goal_radius
         inside = jnp.less_equal if task.goal_inclusive else jnp.less
@@ -204,21 +248,30 @@ class Dataset(NamedTuple):
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
 
 
-def read_hdf5(path, max_episode_steps: Optional[int] = None) -> dict:
-    """Read a D4RL-format file with h5py, validating it; errors name the file and the problem."""
+REMEDIES = {"yours": "check or replace the file", "built-in": "delete it to regenerate it",
+            "d4rl": "delete it to download it again"}
+
+
+def read_hdf5(path, max_episode_steps: Optional[int] = None, origin: str = "yours") -> dict:
+    """Read a D4RL-format file with h5py, validating it; errors name the file and the problem.
+    origin (yours | built-in | d4rl) picks the advice for a broken file."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"dataset file {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"dataset file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in REQUIRED_KEYS if k not in f]
             if missing:
                 raise InputError(f"dataset file {path} has no {missing} (a D4RL file needs "
                                  f"{', '.join(REQUIRED_KEYS)} and usually timeouts)")
+            for k in REQUIRED_KEYS + ("timeouts",):
+                if k in f and not (isinstance(f[k], h5py.Dataset) and f[k].dtype.kind in "biuf"):
+                    what = "a group" if isinstance(f[k], h5py.Group) else f"of type {f[k].dtype}"
+                    raise InputError(f"dataset file {path}: '{k}' is {what}, not an array of numbers")
             data = {k: f[k][()] for k in REQUIRED_KEYS + ("timeouts",) if k in f}
     except OSError as e:
         raise InputError(f"dataset file {path} is not a readable HDF5 file (corrupt or "
-                         f"truncated? delete it to regenerate/re-download): {e}") from None
+                         f"truncated?): {e}; {REMEDIES[origin]}") from None
     n = len(data["observations"])
     if n < 2:
         raise InputError(f"dataset file {path} is empty ({n} rows)")
@@ -283,8 +336,12 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
         import minari_tasks
         path, t = minari_tasks.transitions(task, dataset_path, data_dir)
     else:
-        path = d4rl_format_file(task, dataset_path, data_dir)
-        t = qlearning_transitions(read_hdf5(path, task.max_episode_steps))
+        path, origin = d4rl_format_file(task, dataset_path, data_dir)
+        t = qlearning_transitions(read_hdf5(path, task.max_episode_steps, origin))
+    outside = np.abs(t["actions"]) > 1
+    if outside.any():
+        warn(f"dataset {path}: {int(outside.sum())} action values (in {int(outside.any(1).sum())} rows) are "
+             f"outside [-1, 1]; they are clipped to [-1 + 1e-5, 1 - 1e-5] like every action")
     dims = (t["observations"].shape[1], t["actions"].shape[1])
     if dims != (task.obs_dim, task.act_dim):
         raise InputError(f"dataset file {path} has obs/action dims {dims}, but {task.name} "
@@ -293,19 +350,20 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
     return Dataset(**t, reward_scale=scale, reward_shift=shift, path=str(path))
 
 
-def d4rl_format_file(task: Task, dataset_path: Optional[str], data_dir: Optional[str]) -> Path:
-    """--dataset-path, the built-in file (generated once when missing) or d4rl's file."""
+def d4rl_format_file(task: Task, dataset_path: Optional[str], data_dir: Optional[str]) -> tuple:
+    """(--dataset-path, the built-in file (generated once when missing) or d4rl's file; where it
+    came from: yours | built-in | d4rl, for the advice on a broken file)."""
     if dataset_path:
-        path = Path(dataset_path)
+        path, origin = Path(dataset_path), "yours"
     elif task.source == "builtin":
-        path = mazes.builtin_dataset_path(task, data_dir)
+        path, origin = mazes.builtin_dataset_path(task, data_dir), "built-in"
         if not path.exists():
             print(f"[tasks] generating the built-in dataset {path.name} (once) ...")
             mazes.generate_pointmaze(task, path)
     else:
         import d4rl_tasks  # imported only for D4RL tasks (it imports this module)
-        path = d4rl_tasks.d4rl_dataset_path(task)
-    return path
+        path, origin = d4rl_tasks.d4rl_dataset_path(task), "d4rl"
+    return path, origin
 
 
 
@@ -392,17 +450,81 @@ def normalized_score(task: Task, mean_return: float, success_rate: float) -> flo
     return 100.0 * float(d4rl.get_normalized_score(task.name, mean_return))
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: run_script prints "stopped by SIG...: <detail>" and exits with 128 + signum."""
+
+    def __init__(self, signum: int, detail: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name}: {detail}")
+        self.signum = signum
+
+
+class StopRequest:
+    """Set by run_script's signal handlers. While a training loop is `armed`, the first SIGINT or
+    SIGTERM only sets `signum`, and the loop saves a checkpoint at its next chunk boundary and
+    raises Interrupted; otherwise (or at a second signal) the signal stops the script at once."""
+    armed = False
+    signum = 0
+
+
+STOP = StopRequest()
+
+
+def stop_if_requested(saved: str) -> None:
+    """At a training loop's chunk boundary, after saving: end the script if a signal asked to."""
+    if STOP.signum:
+        raise Interrupted(STOP.signum, f"{saved}; the same command resumes from it")
+
+
+def _on_signal(signum, frame):
+    if STOP.armed and not STOP.signum:
+        STOP.signum = signum
+        os.write(1, f"\n[{signal.Signals(signum).name}] stopping at the next chunk boundary to save a checkpoint "
+                    f"(send it again to stop at once)\n".encode())
+        return
+    raise Interrupted(signum, "nothing was saved since the last checkpoint (if any); the same command resumes from it")
+
+
+OS_ADVICE = {errno.ENOSPC: "free some disk space, then run the same command again (runs resume from their last checkpoint)",
+             errno.EFBIG: "the file size limit (ulimit -f) was reached; raise it, then run the same command again",
+             errno.EROFS: "the file system is read-only: write somewhere else (--run-dir / --out)",
+             errno.EACCES: "no permission: write somewhere else (--run-dir / --out)",
+             errno.EISDIR: "a folder is where a file should be: move it or choose another path",
+             errno.ENOTDIR: "a file is where a folder should be: move it or choose another path"}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a failed file operation: what failed, on which file, and what to do."""
+    name = errno.errorcode.get(e.errno, "?") if e.errno else type(e).__name__
+    where = f" {e.filename}" if e.filename else ""
+    return f"{e.strerror or e} [{name}]:{where}; {OS_ADVICE.get(e.errno, 'check the file and the folder')}"
+
+
 def run_script(main: Callable, args_type) -> None:
     """Every script's `__main__`: set the XLA CPU option of `use_fast_cpu_kernels` (a library
-    user who imports a stage and calls it directly does not get it), parse `args_type` with tyro
-    and call `main` on it; bad input (InputError) and a non-finite loss (FloatingPointError) end
-    the script with one line."""
+    user who imports a stage and calls it directly does not get it), install the SIGINT/SIGTERM
+    handlers (see StopRequest), parse `args_type` with tyro and call `main` on it. Bad input
+    (InputError), a non-finite loss (FloatingPointError) and failed file operations (OSError: a
+    full disk, a read-only folder, ...) end the script with one line and exit code 1; a signal
+    with one line and 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
     import tyro
     use_fast_cpu_kernels()
+    STOP.armed, STOP.signum = False, 0
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
     try:
         main(tyro.cli(args_type))
     except (InputError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        code, message = 1, f"error: {e}"
+    except OSError as e:
+        code, message = 1, f"error: {os_error_message(e)}"
+    except Interrupted as e:
+        code, message = 128 + e.signum, str(e)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if code:  # here, the exception and its frames are gone: progress bars have printed their last line
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 # ============================================================================================
@@ -436,6 +558,9 @@ class Args:
 
 def main(args: Args):
     task = get_task(args.env)
+    check_flags(args, (">= 0", "seed noise jitter expert_episodes"), ("in [0, 1]", "excursion"))
+    if args.size is not None and args.size < 2:
+        raise InputError(f"--size must be >= 2, got {args.size}")
     if task.source == "ogbench" and task.family == "pointmaze":
         return generate_ogbench(task, args)
     if task.source != "builtin":

@@ -64,6 +64,18 @@ class Args(Settings, tasks.TaskArgs):
     """continue from <out>.ckpt.npz if a previous run of the same config left one"""
 
 
+def resolve(args: Args) -> Args:
+    """Check the flags before any work; one-line errors for values out of range."""
+    tasks.check_task_args(args)
+    tasks.check_flags(args, (">= 1", "ensemble_size hidden_dims batch_size holdout_size patience max_epochs"),
+                      (">= 0", "weight_decay lr improvement"))
+    if not 0 < args.num_elites <= args.ensemble_size:
+        raise tasks.InputError(f"--num-elites must be in [1, ensemble size], got {args.num_elites}")
+    if len(args.weight_decay) != len(args.hidden_dims) + 1:
+        raise tasks.InputError("--weight-decay needs one value per hidden layer plus the output layer")
+    return args
+
+
 # ============================================================================================
 # Data: inputs [s, a], targets [s' - s, r] (raw), holdout split, input statistics
 # ============================================================================================
@@ -352,7 +364,17 @@ def default_path(env: str, seed: int) -> Path:
 def load_world_model(path, task: tasks.Task) -> WorldModel:
     f = artifacts.load_artifact(path, task, kinds=("world_model",))
     params = artifacts.unflatten(f, "model/params")
+    n_members = sum(k.startswith("member_") for k in params)
+    member = params.get("member_0", {})
+    hidden = tuple(np.shape(member.get(f"layer_{i}", {}).get("kernel"))[-1] for i in range(len(member) - 1))
+    in_dim, out_dim = task.obs_dim + task.act_dim, task.obs_dim + 1
+    artifacts.check_shapes(params, jax.eval_shape(lambda: init_ensemble(jax.random.PRNGKey(0), in_dim, out_dim, hidden,
+                                                                        n_members)), path, "model/params")
     elites = f["model/elites"]
+    if f["model/input_mean"].shape != (in_dim,) or f["model/input_std"].shape != (in_dim,) or not (
+            elites.ndim == 1 and len(set(elites.tolist())) == len(elites) > 0 and 0 <= elites.min() <= elites.max() < n_members):
+        raise artifacts.CorruptArtifact(f"artifact {path}: input statistics or elites {elites.tolist()} do not fit "
+                                        f"its {n_members} members and input size {in_dim}")
     params = {"max_logvar": params["max_logvar"], "min_logvar": params["min_logvar"],
               **{f"member_{j}": params[f"member_{e}"] for j, e in enumerate(elites)}}  # elites only
     params = jax.tree.map(jnp.asarray, params)
@@ -360,22 +382,31 @@ def load_world_model(path, task: tasks.Task) -> WorldModel:
                       float(f["model/reward_scale"]), float(f["model/reward_shift"]), str(f["model/dataset_path"]))
 
 
-def check_dataset(wm: WorldModel, wm_path, ds: tasks.Dataset):
-    """Later stages must train on the data the model was fitted to: compare file names (the
-    built-in files carry the generator version, so a model of older data is caught)."""
-    if wm.dataset and Path(wm.dataset).name != Path(ds.path).name:
-        raise tasks.InputError(f"world model {wm_path} was trained on {Path(wm.dataset).name}, but this run "
-                               f"uses {Path(ds.path).name}: delete it to retrain, or pass --world-model")
+def check_dataset(wm: WorldModel, wm_path, ds: tasks.Dataset, ds_fingerprint: dict):
+    """Later stages must train on the data the model was fitted to: compare the dataset's content
+    (sha256) with the one the model records. A model from before fingerprints is checked by file
+    name only (the built-in files carry the generator version, so a model of older data is caught)."""
+    record, inputs = artifacts.provenance(wm_path)
+    if inputs is None:
+        tasks.warn(f"world model {wm_path} predates fingerprints: its dataset is checked by file name only "
+                   f"(retrain it to have the content checked)")
+        if wm.dataset and Path(wm.dataset).name != Path(ds.path).name:
+            raise tasks.InputError(f"world model {wm_path} was trained on {Path(wm.dataset).name}, but this run "
+                                   f"uses {Path(ds.path).name}: delete it to retrain, or pass --world-model")
+        return record
+    artifacts.check_inputs(f"world model {wm_path}", inputs, {"dataset": ds_fingerprint},
+                           "pass the world model of this dataset with --world-model, or retrain it")
+    return record
 
 
-def save_world_model(path, task, args, params, mean, std, elites, mse, ds: tasks.Dataset, epochs):
+def save_world_model(path, task, args, params, mean, std, elites, mse, ds: tasks.Dataset, epochs, inputs):
     arrays = {**artifacts.flatten(jax.device_get(params), "model/params"),
               "model/input_mean": mean, "model/input_std": std, "model/elites": np.asarray(elites),
               "model/holdout_mse": np.asarray(mse), "model/epochs": np.array(epochs),
               "model/reward_scale": np.array(ds.reward_scale),
               "model/reward_shift": np.array(ds.reward_shift),
               "model/dataset_path": np.array(ds.path)}
-    artifacts.save_npz(path, arrays, "world_model", task, args)
+    artifacts.save_npz(path, arrays, "world_model", task, args, inputs)
 
 
 # ============================================================================================
@@ -384,68 +415,71 @@ def save_world_model(path, task, args, params, mean, std, elites, mse, ds: tasks
 
 def train(args: Args) -> Path:
     from tqdm import tqdm
-    if not 0 < args.num_elites <= args.ensemble_size:
-        raise tasks.InputError(f"--num-elites must be in [1, ensemble size], got {args.num_elites}")
-    if len(args.weight_decay) != len(args.hidden_dims) + 1:
-        raise tasks.InputError("--weight-decay needs one value per hidden layer plus the output layer")
+    args = resolve(args)
     task = tasks.get_task(args.env)
     out = Path(args.out) if args.out else default_path(args.env, args.seed)
     ckpt = out.with_name(out.name.replace(".npz", "") + ".ckpt.npz")
-    ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
-    rng = np.random.default_rng(args.seed)
-    x_tr, y_tr, x_ho, y_ho, mean, std = make_training_data(ds, args.holdout_size, rng)
-    boot_idx = rng.integers(0, len(x_tr), (args.ensemble_size, len(x_tr))).astype(np.int32)
-    if len(x_tr) < args.batch_size:
-        raise tasks.InputError(f"dataset has {len(x_tr)} training transitions, fewer than a batch")
-    x_train, y_train = jnp.asarray((x_tr - mean) / std), jnp.asarray(y_tr)
-    x_hold, y_hold = jnp.asarray((x_ho - mean) / std), jnp.asarray(y_ho)
+    with artifacts.FolderLock(out.with_name(out.name + ".lock"), f"world model {out}"):
+        saved = (artifacts.read_checkpoint(ckpt, task, "world_model_checkpoint", args, ("resume", "max_epochs", "out"))
+                 if args.resume and ckpt.exists() else None)  # before any work
+        ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
+        recorded = saved["meta/inputs"] if saved else {}
+        inputs = {"dataset": artifacts.file_fingerprint(ds.path, [(recorded or {}).get("dataset")])}
+        if saved:
+            artifacts.check_inputs(f"checkpoint {ckpt}", recorded, inputs,
+                                   "use the dataset it was made from, or delete the checkpoint to start over")
+        rng = np.random.default_rng(args.seed)
+        x_tr, y_tr, x_ho, y_ho, mean, std = make_training_data(ds, args.holdout_size, rng)
+        boot_idx = rng.integers(0, len(x_tr), (args.ensemble_size, len(x_tr))).astype(np.int32)
+        if len(x_tr) < args.batch_size or len(x_ho) < 1:
+            raise tasks.InputError(f"dataset has {len(x_tr)} training transitions, fewer than a batch, "
+                                   f"or no holdout ({len(x_ho)})")
+        x_train, y_train = jnp.asarray((x_tr - mean) / std), jnp.asarray(y_tr)
+        x_hold, y_hold = jnp.asarray((x_ho - mean) / std), jnp.asarray(y_ho)
 
-    key_init = jax.random.PRNGKey(args.seed)
-    params = init_ensemble(key_init, x_tr.shape[1], y_tr.shape[1], args.hidden_dims, args.ensemble_size)
-    optimizer = optax.adam(args.lr)
-    state = TrainState(params, optimizer.init(params), params, jnp.full(args.ensemble_size, 1e10, jnp.float32))
-    epoch, since = 0, 0
-    if args.resume and ckpt.exists():  # a previous run of this config was interrupted
-        state, epoch, since = load_checkpoint(ckpt, task, args, state)
-        print(f"[world_model] resuming from {ckpt} at epoch {epoch}")
-    train_epoch = make_epoch_fn(args, optimizer, x_train, y_train)
+        key_init = jax.random.PRNGKey(args.seed)
+        params = init_ensemble(key_init, x_tr.shape[1], y_tr.shape[1], args.hidden_dims, args.ensemble_size)
+        optimizer = optax.adam(args.lr)
+        state = TrainState(params, optimizer.init(params), params, jnp.full(args.ensemble_size, 1e10, jnp.float32))
+        epoch, since = 0, 0
+        if saved:  # a previous run of this config was interrupted
+            state = artifacts.tree_from_arrays(state, saved, "state")
+            epoch, since = int(saved["progress/epoch"]), int(saved["progress/since"])
+            print(f"[world_model] resuming from {ckpt} at epoch {epoch}")
+        train_epoch = make_epoch_fn(args, optimizer, x_train, y_train)
 
-    start = time.time()
-    bar = tqdm(desc=f"world model {args.env}", unit="epoch", total=args.max_epochs, initial=epoch)
-    while since < args.patience and (args.max_epochs is None or epoch < args.max_epochs):
-        state, loss = train_epoch(state, shuffle_bootstrap(boot_idx, args.seed, epoch))
-        mse = holdout_mse(state.params, x_hold, y_hold)
-        state, improved = snapshot_improved(state, mse, args.improvement)
-        since = 0 if bool(improved.any()) else since + 1
-        epoch += 1
-        if not np.isfinite(float(loss)):
-            raise FloatingPointError(f"world model loss is {float(loss)} at epoch {epoch}")
-        save_checkpoint(ckpt, task, args, state, epoch, since)
-        bar.update(1)
-        decay = float(decay_loss(state.params, args.weight_decay))  # the loss's third part, at epoch end
-        bar.set_postfix_str(f"loss {float(loss):.3f} + decay {decay:.3f} | holdout mse "
-                            f"{' '.join(f'{m:.2e}' for m in np.asarray(mse))} | since {since}")
-    bar.close()
-    best_mse = np.asarray(state.best_mse)
-    elites = np.sort(np.argsort(best_mse)[:args.num_elites])
-    save_world_model(out, task, args, state.best_params, mean, std, elites, best_mse, ds, epoch)
-    ckpt.unlink(missing_ok=True)
+        start = time.time()
+        bar = tqdm(desc=f"world model {args.env}", unit="epoch", total=args.max_epochs, initial=epoch)
+        tasks.STOP.armed = True  # a SIGINT/SIGTERM stops after the epoch's checkpoint
+        while since < args.patience and (args.max_epochs is None or epoch < args.max_epochs):
+            state, loss = train_epoch(state, shuffle_bootstrap(boot_idx, args.seed, epoch))
+            mse = holdout_mse(state.params, x_hold, y_hold)
+            state, improved = snapshot_improved(state, mse, args.improvement)
+            since = 0 if bool(improved.any()) else since + 1
+            artifacts.check_finite({"loss": np.isfinite(float(loss)), "holdout mse": np.isfinite(np.asarray(mse)).all()},
+                                   1, epoch, True, ckpt, "epoch")  # index 1 = finite, 0 = at this epoch
+            epoch += 1
+            save_checkpoint(ckpt, task, args, state, epoch, since, inputs)
+            bar.update(1)
+            decay = float(decay_loss(state.params, args.weight_decay))  # the loss's third part, at epoch end
+            bar.set_postfix_str(f"loss {float(loss):.3f} + decay {decay:.3f} | holdout mse "
+                                f"{' '.join(f'{m:.2e}' for m in np.asarray(mse))} | since {since}")
+            tasks.stop_if_requested(f"after epoch {epoch}, saved in {ckpt}")
+        tasks.STOP.armed = False
+        bar.close()
+        best_mse = np.asarray(state.best_mse)
+        elites = np.sort(np.argsort(best_mse)[:args.num_elites])
+        save_world_model(out, task, args, state.best_params, mean, std, elites, best_mse, ds, epoch, inputs)
+        ckpt.unlink(missing_ok=True)
     print(f"[world_model] {epoch} epochs in {time.time() - start:.0f} s; elites {elites.tolist()} "
           f"holdout mse {' '.join(f'{m:.3e}' for m in best_mse[elites])}; wrote {out}")
     return out
 
 
-def save_checkpoint(path, task, args, state: TrainState, epoch, since):
+def save_checkpoint(path, task, args, state: TrainState, epoch, since, inputs):
     arrays = artifacts.tree_arrays(jax.device_get(state), "state")
     arrays.update({"progress/epoch": np.array(epoch), "progress/since": np.array(since)})
-    artifacts.save_npz(path, arrays, "world_model_checkpoint", task, args)
-
-
-def load_checkpoint(path, task, args, template: TrainState):
-    f = artifacts.load_artifact(path, task, kinds=("world_model_checkpoint",))
-    artifacts.check_same_config(path, f["meta/config"], args, ignore=("resume", "max_epochs", "out"))
-    state = artifacts.tree_from_arrays(template, f, "state")
-    return state, int(f["progress/epoch"]), int(f["progress/since"])
+    artifacts.save_npz(path, arrays, "world_model_checkpoint", task, args, inputs)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def main():
             path = leq.save_checkpoint(run_dir, task, args, st, full, 5000 * (i + 1), stats)
             writes.append(time.perf_counter() - t)
             t = time.perf_counter()
-            loaded = leq.load_checkpoint(path, task, args, st, buf)
+            loaded = leq.load_checkpoint(leq.read_checkpoint(path, task, args, buf), st, buf)
             jax.block_until_ready(loaded[1].observations)
             loads.append(time.perf_counter() - t)
         out["size_mb"] = path.stat().st_size / 1e6

@@ -86,13 +86,13 @@ def bench(action_grad: str, a: Args, k: int, calls: int) -> dict:
     out = {}
 
     t = time.perf_counter()
-    state, metrics, _ = train_chunk(st, data, starts, starts.shape[0], key, 0, k)
+    state, metrics, _, _ = train_chunk(st, data, starts, starts.shape[0], key, 0, k)
     jax.block_until_ready(state)
     out["compile_and_first_call_s"] = time.perf_counter() - t
     holder = {"st": state, "step": k}
 
     def full():
-        holder["st"], m, _ = train_chunk(holder["st"], data, starts, starts.shape[0], key, holder["step"], k)
+        holder["st"], m, _, _ = train_chunk(holder["st"], data, starts, starts.shape[0], key, holder["step"], k)
         holder["step"] += k
         return m
     out["step_ms"] = 1000 * timed(full, calls) / k

@@ -138,7 +138,7 @@ def run_one(a: Args, task, seed: int, label: str = "", flags: str = ""):
     leq_eval, leq_eps = protocol(task, nets, actor, critic, config, record=True)
     bc_nets, bc_actor, bc_critic, _ = pretrain.load_pretrained(config["pretrain"] or pt_path, task)
     bc_eval, bc_eps = protocol(task, bc_nets, bc_actor, bc_critic, config, record=True)
-    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    rows = artifacts.read_metrics(run_dir / "metrics.jsonl")
     log = Path(a.log.format(**fmt, run=run_dir.name)) if a.log else None
     result = dict(
         seed=seed, label=label or "LEQ", flags=flags, run_dir=str(run_dir), steps=config["total_steps"],
