@@ -113,24 +113,22 @@ class Args(tasks.TaskArgs):
     action_grad: Literal["adjoint", "jacobian"] = "adjoint"
     """dG_t/da_t by one backward sweep, or by the release's full Jacobian (same numbers, slower)"""
     conservatism: Literal["expectile", "mobile"] = "expectile"
-    """LEQ's lower expectile, or MOBILE's penalty (Tables 5/6): every imagined reward becomes
-    r_t - mobile_beta u(s_t, a_t), u = std over the elites of Q(s'_i, pi(s'_i)), and the critic's
-    model term and the actor's weights use plain squared error (expectile 1/2)"""
+    """LEQ's lower expectile, or MOBILE's penalty (Tables 5/6): imagined rewards r_t - beta u(s_t, a_t),
+    u = std over the elites of Q(s'_i, pi(s'_i)), and plain squared error (expectile 1/2)"""
     mobile_beta: float = 0.1
-    """MOBILE's penalty coefficient (0.1: the release's default; its script and the paper's grid set it per task)"""
+    """MOBILE's penalty coefficient beta (0.1: the release's default; the paper's grid is lost)"""
     num_critics: Optional[int] = None
-    """critics in an ensemble whose minimum is the Q of every target, penalty and actor step
-    (default: 1, LEQ's; 2 with --conservatism mobile, MOBILE's); the extra ones start fresh"""
+    """critics whose minimum is every Q (default: 1; 2 with --conservatism mobile, MOBILE's); the
+    extra ones start fresh"""
     policy: Literal["deterministic", "stochastic"] = "deterministic"
-    """LEQ's deterministic tanh(mean), or a tanh-Gaussian with a learned state-dependent log-std,
-    sampled (reparameterised) in imagination and expansion, with an entropy bonus (Table 21);
-    evaluation stays tanh(mean)"""
+    """LEQ's tanh(mean), or a tanh-Gaussian with a learned state-dependent log-std, sampled
+    (reparameterised) in imagination and expansion, with an entropy bonus (Table 21); evaluation: tanh(mean)"""
     entropy_coef: float = 0.1
-    """the stochastic policy's entropy bonus alpha (alpha sum_t log pi(a_t | s_t) in the actor loss)"""
+    """stochastic policy: alpha of the entropy bonus alpha sum_t log pi(a_t | s_t) in the actor loss"""
     init_log_std: float = 0.0
-    """the stochastic policy's log-std at the start (0: sigma 1, the noise LEQ's expansion adds)"""
+    """stochastic policy: the log-std at the start (0: sigma 1, the noise LEQ's expansion adds)"""
     learned_termination: bool = False
-    """imagine and expand with the world model's termination classifier, not the task's true
+    """imagine and expand with the world model's termination classifier instead of the task's true
     termination (Table 22; add one with world_model.py --termination-only)"""
     # --- Evaluation, logging, checkpoints ---
     eval_every: Annotated[Optional[int], tyro.conf.arg(help_behavior_hint="", help=tasks.per_task_help(
@@ -185,9 +183,6 @@ class Variant(NamedTuple):
     """What the ablations of Tables 5/6 and 21 change in an imagined step (the defaults: LEQ)."""
     stochastic: bool = False         # a_t = tanh(mu(s_t) + sigma(s_t) eps_t), eps_t ~ N(0, I), not tanh(mu(s_t))
     penalty: Optional[float] = None  # MOBILE's beta: the reward of a step is r_t - beta u(s_t, a_t)
-
-
-LEQ = Variant()
 
 
 class Rollout(NamedTuple):
@@ -246,7 +241,7 @@ def imagined_step(nets: Nets, actor, critic, wm, done_fn, s, a, member, eps, pen
 
 
 def imagine(nets: Nets, actor, wm: world_model.WorldModel, done_fn, s0, key, horizon, critic=None,
-            variant: Variant = LEQ) -> Rollout:
+            variant: Variant = Variant()) -> Rollout:
     """H steps from s0 with the actor (deterministic; or sampled, with the stochastic ablation)
     and one random elite per sample per step. MOBILE's penalty needs the critic."""
     noise = world_model.model_noise(wm, key, (horizon, s0.shape[0]))
@@ -322,7 +317,7 @@ def critic_targets(kind, q, rewards, masks, args: Args):
 # ============================================================================================
 
 def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma,
-                         variant: Variant = LEQ):
+                         variant: Variant = Variant()):
     """Imagine H steps from s0 and get every D_t = dG_t/da_t in ONE backward sweep (exact; the
     "O(H) action gradients" of docs/ALGORITHM.md). Write one step of the returns as
         G_t = al_t q(s_t, a_t) + bp_t m_t r(s_t, a_t) + be_t G_{t+1},   be_t = bp_t gamma m_{t+1},
@@ -384,7 +379,7 @@ def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizo
 
 
 def returns_of_perturbation(nets, actor, critic, wm, done_fn, ro: Rollout, masks, coefficients,
-                            gamma, deltas, variant: Variant = LEQ):
+                            gamma, deltas, variant: Variant = Variant()):
     """(G_0..G_H) (H + 1, B) as a function of per-step action perturbations deltas (H + 1, B, act):
     a_t = pi(s_t) + delta_t (the stochastic actor: its sample at the rollout's eps_t, plus
     delta_t), with the rollout's model samples and masks held fixed. With MOBILE's penalty the
@@ -402,7 +397,7 @@ def returns_of_perturbation(nets, actor, critic, wm, done_fn, ro: Rollout, masks
 
 
 def action_grads_jacobian(nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma,
-                          variant: Variant = LEQ):
+                          variant: Variant = Variant()):
     """The release's way: D_t as the diagonal of the full Jacobian dG/d(delta), one reverse pass
     per output G_t (H + 1 of them, vmapped; samples are independent, so each pass serves the whole
     batch). Kept as the oracle for the adjoint sweep and as a flag for comparisons."""
@@ -569,7 +564,8 @@ def make_critic_grads(nets: Nets, wm, done_fn, args: Args):
 
 def variant_of(args: Args, penalised: bool = True) -> Variant:
     """The imagination of these flags: --policy stochastic, --conservatism mobile (unless not penalised)."""
-    return Variant(args.policy == "stochastic", args.mobile_beta if args.conservatism == "mobile" and penalised else None)
+    mobile = args.conservatism == "mobile" and penalised
+    return Variant(args.policy == "stochastic", args.mobile_beta if mobile else None)
 
 
 def make_update(nets: Nets, wm, done_fn, actor_opt, critic_opt, args: Args):

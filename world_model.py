@@ -68,7 +68,8 @@ class Args(tasks.TaskArgs):
     termination_holdout_size: int = 10_000
     """termination classifier: holdout transitions, min(int(0.2 N), this) (terminals are rare)"""
     termination_max_epochs: int = 50
-    """termination classifier: cap on epochs (early stopping on the holdout cross-entropy, with --patience, --improvement)"""
+    """termination classifier: cap on epochs (early stopping on the holdout cross-entropy with
+    --patience and --improvement)"""
 
 
 # ============================================================================================
@@ -393,7 +394,10 @@ def train_termination(args: Args, ds: tasks.Dataset, stats):
         batches = rng.permutation(len(train))[:n_batches * args.batch_size].reshape(n_batches, -1)
         params, opt_state, loss = epoch(params, opt_state, jnp.asarray(batches))
         bce, epochs = float(holdout_bce(params)), epochs + 1
-        best, best_bce, since = (params, bce, 0) if (best_bce - bce) / best_bce > args.improvement else (best, best_bce, since + 1)
+        if (best_bce - bce) / best_bce > args.improvement:
+            best, best_bce, since = params, bce, 0
+        else:
+            since += 1
         bar.update(1)
         bar.set_postfix_str(f"loss {float(loss):.4f} | holdout bce {bce:.4f} | since {since}")
     bar.close()
@@ -402,9 +406,9 @@ def train_termination(args: Args, ds: tasks.Dataset, stats):
                "termination/holdout_recall": np.array((done & y).sum() / max(y.sum(), 1)),
                "termination/holdout_precision": np.array((done & y).sum() / max(done.sum(), 1)),
                "termination/positive_rate": np.array(float(np.mean(ds.terminals)))}
-    print(f"[world_model] termination classifier: {epochs} epochs, holdout BCE {best_bce:.4f}, recall "
-          f"{float(summary['termination/holdout_recall']):.3f}, precision {float(summary['termination/holdout_precision']):.3f} "
-          f"at p >= 1/2 ({int(y.sum())} terminals of {len(y)} holdout transitions)")
+    recall, precision = (float(summary[f"termination/holdout_{k}"]) for k in ("recall", "precision"))
+    print(f"[world_model] termination classifier: {epochs} epochs, holdout BCE {best_bce:.4f}, recall {recall:.3f}, "
+          f"precision {precision:.3f} at p >= 1/2 ({int(y.sum())} terminals of {len(y)} holdout transitions)")
     return best, summary
 
 
@@ -418,7 +422,7 @@ def load_learned_termination(path, task: tasks.Task, stats):
             f"world model {path} has no termination classifier, which --learned-termination needs: add one "
             f"with python world_model.py --env {task.name} --dataset-path {f['model/dataset_path']} --out {path} "
             f"--termination-only")
-    params = jax.tree.map(jnp.asarray, artifacts.unflatten(f, "termination"))
+    params = {"params": jax.tree.map(jnp.asarray, artifacts.unflatten(f, "termination/params"))}
     clf = networks.TerminationClassifier(networks.hidden_dims_of(params))
     stats = (jnp.asarray(stats[0]), jnp.asarray(stats[1]))
     return lambda s, a, s2: clf.apply(params, s2, stats) >= 0.0

@@ -122,8 +122,9 @@ def test_adjoint_action_gradients_equal_the_full_jacobian(system, variant, objec
         nets, critic = two_critics(nets, critic)
     coefficients = leq.return_coefficients(objective, H, LAM)
     v = leq.Variant(**VARIANTS[variant])
-    run = lambda fn: jax.jit(lambda k: fn(nets, actor, critic, wm, done_fn, s0, k, H, coefficients, GAMMA, v))(  # noqa: E731
-        jax.random.PRNGKey(7))
+    def run(fn):
+        return jax.jit(lambda k: fn(nets, actor, critic, wm, done_fn, s0, k, H, coefficients, GAMMA, v))(
+            jax.random.PRNGKey(7))
     D_adj, ro, q, masks = run(leq.action_grads_adjoint)
     D_jac, ro2, q2, masks2 = run(leq.action_grads_jacobian)
     np.testing.assert_allclose(ro.states, ro2.states, atol=1e-5)
@@ -276,7 +277,8 @@ def test_stochastic_expansion_uses_the_actors_sigma(system):
         params = jax.tree.map(lambda x: x, actor)
         params["params"]["log_std"] = {"kernel": jnp.zeros((32, 2)), "bias": jnp.full(2, bias)}
         args = dataclasses.replace(leq.resolve(leq.Args()), expand_size=20, expand_length=2, policy="stochastic")
-        buf = leq.make_expand(nets, wm, done_fn, args)(leq.empty_buffer(40, 4, 2), params, data_obs, jax.random.PRNGKey(17))
+        expand = leq.make_expand(nets, wm, done_fn, args)
+        buf = expand(leq.empty_buffer(40, 4, 2), params, data_obs, jax.random.PRNGKey(17))
         spread[bias] = float(jnp.abs(buf.actions - nets.pi(params, buf.observations)).max())
     assert spread[-5.0] < 0.02 < 0.3 < spread[0.0]  # sigma e^-5 against sigma 1
 
@@ -343,8 +345,8 @@ def test_learned_termination_replaces_only_the_done_of_imagination(system, class
     z0 = numpy_logits(params, np.asarray(s0, np.float64), stats)
     params = {"params": {**layers, "Dense_3": {**layers["Dense_3"], "bias": layers["Dense_3"]["bias"] - np.median(z0)}}}
     path = tmp_path / "world_model.npz"
-    artifacts.save_npz(path, {**artifacts.flatten(params, "termination"), "model/dataset_path": np.array("d.hdf5")},
-                       "world_model", TASK, {})
+    artifacts.save_npz(path, {**artifacts.flatten(params, "termination"), "model/dataset_path": np.array("d.hdf5"),
+                              "termination/holdout_bce": np.array(0.1)}, "world_model", TASK, {})
     learned = world_model.load_learned_termination(path, TASK, stats)
     key = jax.random.PRNGKey(21)
     ro = leq.imagine(nets, actor, wm, learned, s0, key, H)
@@ -445,27 +447,26 @@ def test_learned_termination_needs_a_classifier_in_one_line(pipeline, tmp_path):
     (("--learned-termination",), "done_rate")])
 def test_each_ablation_runs_end_to_end(pipeline, tmp_path, flags, metric):
     import json
-
-    from test_robustness import run
     d, data = pipeline
     leq_run(d, data, tmp_path / "run", *flags)
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r[metric]) for r in rows if "critic_loss" in r)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["num_critics"] == (2 if "mobile" in flags else 1)
-    p = run([ROOT / "evaluate.py", "--checkpoint", tmp_path / "run" / "leq.npz", "--episodes", 1, "--parallel", 1,
-             "--no-plot"], tmp_path)
-    assert "critic's value of the start states" in p.stdout
+    assert (tmp_path / "run" / "leq.npz").exists() and (tmp_path / "run" / "final_eval.json").exists()
 
 
 def test_all_three_ablations_resume_exactly(pipeline, tmp_path):
     """A run with the three switches, and the same run resumed from its step-50 checkpoint: the
-    same final networks (the ablations' noise comes from each step's key)."""
+    same final networks (the ablations' noise comes from each step's key). Its leq.npz (two
+    critics, an actor with a log-std head) runs in evaluate.py."""
     import shutil
+
+    from test_robustness import metric_rows, run
     d, data = pipeline
     flags = ("--conservatism", "mobile", "--policy", "stochastic", "--learned-termination")
     leq_run(d, data, tmp_path / "full", *flags)
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
-    for name in ("leq.npz", "final_eval.json", "checkpoint_00000100.npz"):
+    for name in ("leq.npz", "final_eval.json"):
         (tmp_path / "resumed" / name).unlink(missing_ok=True)
     assert [p.name for p in (tmp_path / "resumed").glob("checkpoint_*.npz")] == ["checkpoint_00000050.npz"]
     p = leq_run(d, data, tmp_path / "resumed", *flags)
@@ -474,3 +475,7 @@ def test_all_three_ablations_resume_exactly(pipeline, tmp_path):
     assert a.keys() == b.keys() and "actor/params/log_std/kernel" in a and a["critic/params/Dense_0/kernel"].ndim == 3
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert metric_rows(tmp_path / "resumed") == metric_rows(tmp_path / "full")
+    p = run([ROOT / "evaluate.py", "--checkpoint", tmp_path / "full" / "leq.npz", "--episodes", 1, "--parallel", 1,
+             "--no-plot"], tmp_path)
+    assert "critic's value of the start states" in p.stdout
