@@ -729,8 +729,9 @@ def upstream_artifacts(args: Args):
         if args.world_model:
             raise tasks.InputError(f"--world-model {wm_path} does not exist")
         print(f"[leq] no world model at {wm_path}: running world_model.py with its defaults")
-        world_model.train(world_model.Args(env=args.env, dataset_path=args.dataset_path,
-                                           data_dir=args.data_dir, seed=args.seed, out=str(wm_path)))
+        world_model.train(world_model.Args(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir,
+                                           seed=args.seed, out=str(wm_path),
+                                           learn_termination=args.learned_termination))
     pt_path = Path(args.pretrain or pretrain.default_path(args.env, args.seed))
     if not args.no_pretrain and not pt_path.exists():
         if args.pretrain:
