@@ -121,16 +121,19 @@ def arrays_fingerprint(arrays: dict) -> str:
     return h.hexdigest()
 
 
-def save_npz(path, arrays: dict, kind: str, task: Task, config, inputs: Optional[dict] = None) -> None:
+def save_npz(path, arrays: dict, kind: str, task: Task, config, inputs: Optional[dict] = None,
+             fingerprint: Optional[str] = None) -> None:
     """Write arrays plus metadata to `path` atomically. The metadata holds the content's
-    fingerprint (`meta/fingerprint`) and those of the inputs it was made from (`meta/inputs`:
-    dataset, world model, pretrain), so later stages and resumes can check they match."""
+    fingerprint (`meta/fingerprint`; `fingerprint` keeps an earlier version's, for an addition
+    that leaves what later stages were made from unchanged) and those of the inputs it was made
+    from (`meta/inputs`: dataset, world model, pretrain), so later stages and resumes can check
+    they match."""
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     meta = {"meta/format_version": np.array(FORMAT_VERSION), "meta/kind": np.array(kind),
             "meta/env": np.array(task.name), "meta/obs_dim": np.array(task.obs_dim),
             "meta/act_dim": np.array(task.act_dim),
             "meta/config": np.array(json.dumps(config, default=str, sort_keys=True)),
-            "meta/fingerprint": np.array(arrays_fingerprint(arrays)),
+            "meta/fingerprint": np.array(fingerprint or arrays_fingerprint(arrays)),
             "meta/inputs": np.array(json.dumps(inputs or {}, sort_keys=True))}
     atomic_write(path, lambda f: np.savez(f, **arrays, **meta))
 

@@ -121,6 +121,24 @@ class Args(tasks.TaskArgs):
     """start from randomly initialised actor and critic instead of BC/FQE"""
     action_grad: Literal["adjoint", "jacobian"] = "adjoint"
     """dG_t/da_t by one backward sweep, or by the release's full Jacobian (same numbers, slower)"""
+    conservatism: Literal["expectile", "mobile"] = "expectile"
+    """LEQ's lower expectile, or MOBILE's penalty (Tables 5/6): imagined rewards r_t - beta u(s_t, a_t),
+    u = std over the elites of Q(s'_i, pi(s'_i)), and plain squared error (expectile 1/2)"""
+    mobile_beta: float = 0.1
+    """MOBILE's penalty coefficient beta (0.1: the release's default; the paper's grid is lost)"""
+    num_critics: Optional[int] = None
+    """critics whose minimum is every Q (default: 1; 2 with --conservatism mobile, MOBILE's); the
+    extra ones start fresh"""
+    policy: Literal["deterministic", "stochastic"] = "deterministic"
+    """LEQ's tanh(mean), or a tanh-Gaussian with a learned state-dependent log-std, sampled
+    (reparameterised) in imagination and expansion, with an entropy bonus (Table 21); evaluation: tanh(mean)"""
+    entropy_coef: float = 0.1
+    """stochastic policy: alpha of the entropy bonus alpha sum_t log pi(a_t | s_t) in the actor loss"""
+    init_log_std: float = 0.0
+    """stochastic policy: the log-std at the start (0: sigma 1, the noise LEQ's expansion adds)"""
+    learned_termination: bool = False
+    """imagine and expand with the world model's termination classifier instead of the task's true
+    termination (Table 22; add one with world_model.py --termination-only)"""
     # --- Evaluation, logging, checkpoints ---
     eval_every: Annotated[Optional[int], tyro.conf.arg(help_behavior_hint="", help=tasks.per_task_help(
         "steps between evaluations", BUILTIN, 1, "50,000 as the paper"))] = None
@@ -149,10 +167,15 @@ def resolve(args: Args) -> Args:
         expectile=tau if args.expectile is None else args.expectile)
     if args.checkpoint_every is None:
         args = dataclasses.replace(args, checkpoint_every=args.eval_every)
+    if args.num_critics is None:
+        args = dataclasses.replace(args, num_critics=2 if args.conservatism == "mobile" else 1)
     tasks.check_flags(args, ("in (0, 1)", "expectile"), ("in (0, 1]", "gamma"), ("in [0, 1]", "lam beta ema_decay"),
-                      (">= 1", "horizon batch_size model_batch_size chunk eval_episodes final_eval_rounds expand_every "
+                      (">= 1", "num_critics horizon batch_size model_batch_size chunk eval_episodes final_eval_rounds expand_every "
                                "expand_size expand_length expand_retain eval_every checkpoint_every"),
-                      (">= 0", "total_steps actor_lr critic_lr ema_weight expand_noise"))
+                      (">= 0", "mobile_beta entropy_coef total_steps actor_lr critic_lr ema_weight expand_noise"))
+    if args.learned_termination and args.goal:
+        raise tasks.InputError("--goal sets the true termination's centre: it has no effect with "
+                               "--learned-termination; drop one of them")
     return args
 
 
@@ -160,27 +183,85 @@ def resolve(args: Args) -> Args:
 # Imagination and returns
 # ============================================================================================
 
+class Variant(NamedTuple):
+    """What the ablations of Tables 5/6 and 21 change in an imagined step (the defaults: LEQ)."""
+    stochastic: bool = False         # a_t = tanh(mu(s_t) + sigma(s_t) eps_t), eps_t ~ N(0, I), not tanh(mu(s_t))
+    penalty: Optional[float] = None  # MOBILE's beta: the reward of a step is r_t - beta u(s_t, a_t)
+
+
 class Rollout(NamedTuple):
     states: jnp.ndarray   # (H + 1, B, obs)   s_0 .. s_H
-    actions: jnp.ndarray  # (H + 1, B, act)   a_t = pi(s_t)
-    rewards: jnp.ndarray  # (H, B)            r_t (transformed)
+    actions: jnp.ndarray  # (H + 1, B, act)   a_t = pi(s_t) (the stochastic actor: its sample)
+    rewards: jnp.ndarray  # (H, B)            r_t (transformed; with MOBILE's penalty r_t - beta u_t)
     dones: jnp.ndarray    # (H, B)            done_t = T(s_t, a_t, s_{t+1})
     noise: world_model.ModelNoise  # the model's randomness per step: member (H, B), eps (H, B, obs + 1)
+    policy_eps: Optional[jnp.ndarray] = None   # (H + 1, B, act) the stochastic actor's eps_t
+    penalty_eps: Optional[jnp.ndarray] = None  # (H, E, B, obs) MOBILE's next-state noise of each elite
+    penalties: Optional[jnp.ndarray] = None    # (H, B) MOBILE's u_t
 
 
-def imagine(nets: Nets, actor, wm: world_model.WorldModel, done_fn, s0, key, horizon) -> Rollout:
-    """H steps from s0 with the deterministic actor and one random elite per sample per step."""
+def at(x, t):
+    return None if x is None else x[t]
+
+
+def policy_noise(key, shape):
+    """The stochastic actor's eps ~ N(0, I) (one function, so that a test can set it to 0)."""
+    return jax.random.normal(key, shape)
+
+
+def variant_noise(wm: world_model.WorldModel, key, s0, horizon, act_dim, variant: Variant):
+    """The randomness an ablation adds to a rollout: the stochastic actor's eps_t (H + 1, B, act)
+    and MOBILE's per-elite next-state noise (H, E, B, obs). Both come from keys folded out of the
+    rollout's key, so LEQ's own draws are unchanged and a resumed run draws the same numbers."""
+    batch, obs_dim = s0.shape
+    n_elites = len(world_model.members(wm.params))
+    policy = policy_noise(jax.random.fold_in(key, 1), (horizon + 1, batch, act_dim)) if variant.stochastic else None
+    penalty = (None if variant.penalty is None else
+               jax.random.normal(jax.random.fold_in(key, 2), (horizon, n_elites, batch, obs_dim)))
+    return policy, penalty
+
+
+def mobile_uncertainty(nets: Nets, actor, critic, wm: world_model.WorldModel, s, a, eps):
+    """MOBILE's model-Bellman inconsistency u(s, a) = std_i Q(s'_i, pi(s'_i)) over the elites i
+    (population std), one next state per elite: s'_i = s + mu_i(s, a) + sigma_i(s, a) eps_i, the
+    obs part of elite i's Gaussian, eps (E, B, obs). pi is the deterministic tanh(mean) (also with
+    the stochastic actor: a choice, README) and Q the rollout's critic (an ensemble's minimum).
+    As in MOBILE's code and the release, the reward and gamma are not inside the std. (Deviation,
+    README: the 5 elites, as MOBILE; the release's port takes all 7 members.)"""
+    x = (jnp.concatenate([s, a], -1) - wm.input_mean) / wm.input_std
+    mu, logvar = world_model.ensemble_forward(wm.params, x)           # (E, B, obs + 1)
+    s2 = s + mu[..., :-1] + jnp.exp(0.5 * logvar[..., :-1]) * eps      # (E, B, obs)
+    return jnp.std(nets.q(critic, s2, nets.pi(actor, s2)), axis=0)
+
+
+def imagined_step(nets: Nets, actor, critic, wm, done_fn, s, a, member, eps, penalty_eps, variant: Variant):
+    """(s', r, done, u) of one model step; with MOBILE's penalty r is r_t - beta u(s, a) (u is
+    None without it)."""
+    s2, r, done = world_model.model_step_given(wm, s, a, member, eps, done_fn)
+    if variant.penalty is None:
+        return s2, r, done, None
+    u = mobile_uncertainty(nets, actor, critic, wm, s, a, penalty_eps)
+    return s2, r - variant.penalty * u, done, u
+
+
+def imagine(nets: Nets, actor, wm: world_model.WorldModel, done_fn, s0, key, horizon, critic=None,
+            variant: Variant = Variant()) -> Rollout:
+    """H steps from s0 with the actor (deterministic; or sampled, with the stochastic ablation)
+    and one random elite per sample per step. MOBILE's penalty needs the critic."""
     noise = world_model.model_noise(wm, key, (horizon, s0.shape[0]))
+    policy_eps, penalty_eps = variant_noise(wm, key, s0, horizon, nets.actor.act_dim, variant)
 
-    def step(s, noise_t):
-        a = nets.pi(actor, s)
-        s2, r, done = world_model.model_step_given(wm, s, a, *noise_t, done_fn)
-        return s2, (s, a, r, done)
+    def step(s, xs):
+        (member, eps), eps_t, penalty_t = xs
+        a = nets.act(actor, s, eps_t)
+        s2, r, done, u = imagined_step(nets, actor, critic, wm, done_fn, s, a, member, eps, penalty_t, variant)
+        return s2, (s, a, r, done, u)
 
-    s_H, (states, actions, rewards, dones) = jax.lax.scan(step, s0, noise, unroll=True)
+    xs = (noise, None if policy_eps is None else policy_eps[:-1], penalty_eps)
+    s_H, (states, actions, rewards, dones, u) = jax.lax.scan(step, s0, xs, unroll=True)
     states = jnp.concatenate([states, s_H[None]])
-    actions = jnp.concatenate([actions, nets.pi(actor, s_H)[None]])
-    return Rollout(states, actions, rewards, dones.astype(s0.dtype), noise)
+    actions = jnp.concatenate([actions, nets.act(actor, s_H, at(policy_eps, -1))[None]])
+    return Rollout(states, actions, rewards, dones.astype(s0.dtype), noise, policy_eps, penalty_eps, u)
 
 
 def alive_masks(dones):
@@ -239,7 +320,8 @@ def critic_targets(kind, q, rewards, masks, args: Args):
 # Per-step action gradients D_t = dG_t / da_t
 # ============================================================================================
 
-def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma):
+def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma,
+                         variant: Variant = Variant()):
     """Imagine H steps from s0 and get every D_t = dG_t/da_t in ONE backward sweep (exact; the
     "O(H) action gradients" of docs/ALGORITHM.md). Write one step of the returns as
         G_t = al_t q(s_t, a_t) + bp_t m_t r(s_t, a_t) + be_t G_{t+1},   be_t = bp_t gamma m_{t+1},
@@ -251,27 +333,34 @@ def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizo
     The q part of every VJP has the constant cotangent al_t, so it is done for all t at once (one
     batched critic VJP over the (H + 1) B states); the sweep keeps only the model and policy VJPs.
     The VJPs are with respect to the inputs only (parameters are closed-over constants) and keep
-    the forward pass's residuals. Returns D (H + 1, B, act), the rollout, q (H + 1, B), the masks."""
+    the forward pass's residuals. The ablations keep this form: with the stochastic actor, pi is
+    s -> tanh(mu(s) + sigma(s) eps_t) at the step's fixed eps_t (the reparameterised sample); with
+    MOBILE's penalty, r(s, a) is r - beta u(s, a), so the model VJP carries du/ds and du/da
+    (through every elite, the actor at each s'_i and the critic) exactly once.
+    Returns D (H + 1, B, act), the rollout, q (H + 1, B), the masks."""
     al, bp = (jnp.asarray(c, s0.dtype) for c in coefficients)
     noise = world_model.model_noise(wm, key, (horizon, s0.shape[0]))
+    policy_eps, penalty_eps = variant_noise(wm, key, s0, horizon, nets.actor.act_dim, variant)
 
     # forward pass: a_t = pi(s_t), (r_t, s_{t+1}) = model(s_t, a_t), keeping both VJPs (a Python
     # loop over the H steps: XLA sees straight-line code and keeps the residuals where they are)
-    states, actions, r, dones, model_vjps, pi_vjps = [s0], [], [], [], [], []
+    states, actions, r, dones, u, model_vjps, pi_vjps = [s0], [], [], [], [], [], []
     for t in range(horizon + 1):
-        a, pi_vjp = jax.vjp(lambda s_: nets.pi(actor, s_), states[t])
+        a, pi_vjp = jax.vjp(lambda s_, t=t: nets.act(actor, s_, at(policy_eps, t)), states[t])
         actions.append(a)
         pi_vjps.append(pi_vjp)
         if t == horizon:
             break
 
         def model(s_, a_, t=t):
-            s2, r_t, done = world_model.model_step_given(wm, s_, a_, noise.member[t], noise.eps[t], done_fn)
-            return (r_t, s2), done
-        (r_t, s2), model_vjp, done = jax.vjp(model, states[t], a, has_aux=True)
+            s2, r_t, done, u_t = imagined_step(nets, actor, critic, wm, done_fn, s_, a_, noise.member[t],
+                                               noise.eps[t], at(penalty_eps, t), variant)
+            return (r_t, s2), (done, u_t)
+        (r_t, s2), model_vjp, (done, u_t) = jax.vjp(model, states[t], a, has_aux=True)
         states.append(s2)
         r.append(r_t)
         dones.append(done.astype(s0.dtype))
+        u.append(u_t)
         model_vjps.append(model_vjp)
     states, actions, r, dones = jnp.stack(states), jnp.stack(actions), jnp.stack(r), jnp.stack(dones)
     masks = alive_masks(dones)
@@ -289,31 +378,37 @@ def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizo
         D.append(g_a + gq_a[t])                                 # D_t = g_a
         S = g_s + gq_s[t] + pi_vjps[t](D[-1])[0]                # S_t = g_s + (dpi/ds)^T D_t
     D = jnp.stack(D[::-1])
-    return D, Rollout(states, actions, r, dones, noise), q, masks
+    penalties = None if variant.penalty is None else jnp.stack(u)
+    return D, Rollout(states, actions, r, dones, noise, policy_eps, penalty_eps, penalties), q, masks
 
 
 def returns_of_perturbation(nets, actor, critic, wm, done_fn, ro: Rollout, masks, coefficients,
-                            gamma, deltas):
+                            gamma, deltas, variant: Variant = Variant()):
     """(G_0..G_H) (H + 1, B) as a function of per-step action perturbations deltas (H + 1, B, act):
-    a_t = pi(s_t) + delta_t, with the rollout's model samples and masks held fixed."""
+    a_t = pi(s_t) + delta_t (the stochastic actor: its sample at the rollout's eps_t, plus
+    delta_t), with the rollout's model samples and masks held fixed. With MOBILE's penalty the
+    reward of step t is r_t - beta u(s_t, a_t) at this perturbed a_t, once (the release evaluates
+    it at a_t + delta_t with a_t already perturbed, which doubles du/da)."""
     s, q, r = ro.states[0], [], []
     for t in range(ro.rewards.shape[0]):
-        a = nets.pi(actor, s) + deltas[t]
+        a = nets.act(actor, s, at(ro.policy_eps, t)) + deltas[t]
         q.append(nets.q(critic, s, a))
-        s, r_t, _ = world_model.model_step_given(wm, s, a, ro.noise.member[t], ro.noise.eps[t], done_fn)
+        s, r_t, _, _ = imagined_step(nets, actor, critic, wm, done_fn, s, a, ro.noise.member[t], ro.noise.eps[t],
+                                     at(ro.penalty_eps, t), variant)
         r.append(r_t)
-    q.append(nets.q(critic, s, nets.pi(actor, s) + deltas[-1]))
+    q.append(nets.q(critic, s, nets.act(actor, s, at(ro.policy_eps, -1)) + deltas[-1]))
     return returns(jnp.stack(q), jnp.stack(r), masks, coefficients, gamma)
 
 
-def action_grads_jacobian(nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma):
+def action_grads_jacobian(nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma,
+                          variant: Variant = Variant()):
     """The release's way: D_t as the diagonal of the full Jacobian dG/d(delta), one reverse pass
     per output G_t (H + 1 of them, vmapped; samples are independent, so each pass serves the whole
     batch). Kept as the oracle for the adjoint sweep and as a flag for comparisons."""
-    ro = imagine(nets, actor, wm, done_fn, s0, key, horizon)
+    ro = imagine(nets, actor, wm, done_fn, s0, key, horizon, critic, variant)
     masks = alive_masks(ro.dones)
     G, vjp = jax.vjp(lambda d: returns_of_perturbation(nets, actor, critic, wm, done_fn, ro, masks,
-                                                       coefficients, gamma, d), jnp.zeros_like(ro.actions))
+                                                       coefficients, gamma, d, variant), jnp.zeros_like(ro.actions))
     rows = jnp.eye(horizon + 1)[:, :, None] * jnp.ones_like(G)  # cotangent selecting G_t, for each t
     jac = jax.vmap(lambda c: vjp(c)[0])(rows)                    # (H + 1 outputs, H + 1 steps, B, act)
     D = jac[jnp.arange(horizon + 1), jnp.arange(horizon + 1)]
@@ -340,10 +435,26 @@ def actor_weights(G, q, tau, objective: str):
     return jnp.concatenate([expectile_weights(G[:-1], q[:-1], tau), jnp.full_like(G[-1:], 0.5)])
 
 
-def actor_surrogate_loss(actor, nets: Nets, states, weights, D):
+def actor_surrogate_loss(actor, nets: Nets, states, weights, D, eps=None):
     """Eq. 11's surrogate: -(1/N) sum_batch sum_{t=0..H} W_t D_t . pi_theta(s_t), with W_t, D_t
-    and s_t constants (the deterministic policy gradient through the chain rule)."""
-    return -jnp.sum(weights[..., None] * D * nets.pi(actor, states)) / states.shape[1]
+    and s_t constants (the deterministic policy gradient through the chain rule). The stochastic
+    actor has the reparameterised sample tanh(mu_theta(s_t) + sigma_theta(s_t) eps_t) in place of
+    pi_theta(s_t), with eps_t the rollout's (constant) noise."""
+    return -jnp.sum(weights[..., None] * D * nets.act(actor, states, eps)) / states.shape[1]
+
+
+def entropy_bonus_loss(actor, nets: Nets, states, eps, alpha):
+    """The stochastic actor's entropy bonus: alpha (1/N) sum_batch sum_{t=0..H} log pi_theta(a_t | s_t)
+    at the reparameterised samples a_t (s_t and eps_t constants), added to the surrogate; lowering
+    it raises the entropy. A per-state bonus in the actor's loss only, not in rewards or critic
+    targets (the paper gives no form: a choice, README)."""
+    return alpha * jnp.sum(nets.log_prob(actor, states, eps)) / states.shape[1]
+
+
+def model_expectile(args: Args) -> float:
+    """tau of the model term and of the actor's weights: MOBILE's penalty comes with plain squared
+    error, the expectile 1/2 (as the release's port)."""
+    return 0.5 if args.conservatism == "mobile" else args.expectile
 
 
 def critic_loss(critic, ema, nets: Nets, data, data_targets, ro: Rollout, masks, args: Args):
@@ -353,30 +464,36 @@ def critic_loss(critic, ema, nets: Nets, data, data_targets, ro: Rollout, masks,
                 G_t the (lambda-)returns of the current critic (constant), w_t = gamma^t m_t
       (deviation, README: L_ema's model part runs over the t < H pairs, as L_model)
       L_ema   = beta mean_t w_t (Q_ema(s_t, a_t) - Q(s_t, a_t))^2 + (1 - beta) mean_data (Q_ema - Q)^2
-    Gradients flow only through Q_phi(s, a). Returns (loss, metrics)."""
+    Gradients flow only through Q_phi(s, a). With MOBILE's penalty the model term's weight is 1/2
+    (the penalty is in G_t's rewards). With N critics each has these three terms against the same
+    targets (computed with the ensemble's minimum) and the loss is their sum. Returns (loss, metrics)."""
     # one critic call over [data batch; imagined states] (fewer, larger operations)
     n_data, (steps, batch) = data.observations.shape[0], ro.states.shape[:2]
     s = jnp.concatenate([data.observations, ro.states.reshape(steps * batch, -1)])
     a = jnp.concatenate([data.actions, ro.actions.reshape(steps * batch, -1)])
-    q_all = nets.q(critic, s, a)
+    q_each = nets.q_each(critic, s, a)
+    q_all = q_each[0] if nets.num_critics == 1 else jnp.min(q_each, 0)
     q_data, q_model = q_all[:n_data], q_all[n_data:].reshape(steps, batch)  # q_model: the old q_t
-
-    w_data = expectile_weights(data_targets, q_data, args.expectile) if args.data_expectile else 0.5
-    loss_data = jnp.mean(w_data * (data_targets - q_data) ** 2)
 
     G = jax.lax.stop_gradient(critic_targets(args.critic_target, q_model, ro.rewards, masks, args))
     horizon = ro.rewards.shape[0]
     w = (args.gamma ** jnp.arange(horizon))[:, None] * masks[:-1]  # w_t = gamma^t m_t
-    q_t, G_t = q_model[:-1], G[:-1]
-    loss_model = jnp.mean(w * expectile_weights(G_t, q_t, args.expectile) * (G_t - q_t) ** 2)
-
-    if args.no_ema:
-        loss_ema = jnp.zeros(())
-    else:
-        q_ema = jax.lax.stop_gradient(nets.q(ema, s, a))
-        q_ema_data, q_ema_model = q_ema[:n_data], q_ema[n_data:].reshape(steps, batch)[:-1]
-        loss_ema = (args.beta * jnp.mean(w * (q_ema_model - q_t) ** 2)
-                    + (1 - args.beta) * jnp.mean((q_ema_data - q_data) ** 2))
+    G_t = G[:-1]
+    q_ema_each = None if args.no_ema else jax.lax.stop_gradient(nets.q_each(ema, s, a))
+    terms = []  # (L_data, L_model, L_ema) of each critic
+    for j in range(nets.num_critics):
+        q_data_j, q_t = q_each[j][:n_data], q_each[j][n_data:].reshape(steps, batch)[:-1]
+        w_data = expectile_weights(data_targets, q_data_j, args.expectile) if args.data_expectile else 0.5
+        loss_data = jnp.mean(w_data * (data_targets - q_data_j) ** 2)
+        loss_model = jnp.mean(w * expectile_weights(G_t, q_t, model_expectile(args)) * (G_t - q_t) ** 2)
+        if args.no_ema:
+            loss_ema = jnp.zeros(())
+        else:
+            q_ema_data, q_ema_model = q_ema_each[j][:n_data], q_ema_each[j][n_data:].reshape(steps, batch)[:-1]
+            loss_ema = (args.beta * jnp.mean(w * (q_ema_model - q_t) ** 2)
+                        + (1 - args.beta) * jnp.mean((q_ema_data - q_data_j) ** 2))
+        terms.append((loss_data, loss_model, loss_ema))
+    loss_data, loss_model, loss_ema = (sum(x[1:], x[0]) for x in zip(*terms))
 
     data_weight = 0.0 if args.no_data_loss else 1.0 - args.beta
     loss = data_weight * loss_data + args.beta * loss_model + args.ema_weight * loss_ema
@@ -407,29 +524,52 @@ def make_actor_grads(nets: Nets, wm, done_fn, args: Args):
     returns of an imagined rollout, with the OLD critic."""
     coefficients = return_coefficients(args.actor_objective, args.horizon, args.lam)
     action_grads = action_grads_adjoint if args.action_grad == "adjoint" else action_grads_jacobian
+    # the q objective has no reward terms (bp_t = 0), so MOBILE's penalty cannot reach it: not computed
+    variant = variant_of(args, penalised=args.actor_objective != "q")
 
     def actor_grads(st: LEQState, s0, key):
         D, ro, q, masks = action_grads(nets, st.actor, st.critic, wm, done_fn, s0, key, args.horizon,
-                                       coefficients, args.gamma)
+                                       coefficients, args.gamma, variant)
         G = returns(q, ro.rewards, masks, coefficients, args.gamma)
-        W = actor_weights(G, q, args.expectile, args.actor_objective)
+        W = actor_weights(G, q, model_expectile(args), args.actor_objective)
         states, W, D = jax.lax.stop_gradient((ro.states, W, D))
-        loss, grads = jax.value_and_grad(actor_surrogate_loss)(st.actor, nets, states, W, D)
-        return grads, dict(actor_loss=loss, return_model=G[0].mean(), action_grad_norm=jnp.abs(D).mean())
+        metrics = dict(return_model=G[0].mean(), action_grad_norm=jnp.abs(D).mean())
+        if not variant.stochastic:
+            loss, grads = jax.value_and_grad(actor_surrogate_loss)(st.actor, nets, states, W, D)
+            return grads, dict(actor_loss=loss, **metrics)
+
+        def loss_fn(actor):  # the surrogate through the reparameterised samples, plus the entropy bonus
+            bonus = entropy_bonus_loss(actor, nets, states, ro.policy_eps, args.entropy_coef)
+            return actor_surrogate_loss(actor, nets, states, W, D, ro.policy_eps) + bonus, bonus
+        (loss, bonus), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.actor)
+        log_std = nets.actor.apply(st.actor, states, nets.stats, True)[1]
+        return grads, dict(actor_loss=loss, entropy_loss=bonus, log_std=log_std.mean(), **metrics)
     return actor_grads
 
 
 def make_critic_grads(nets: Nets, wm, done_fn, args: Args):
     """(state, data batch, s0, key) -> (critic gradient, metrics), with the OLD actor."""
+    variant = variant_of(args)
+
     def critic_grads(st: LEQState, batch, s0, key):
-        ro = imagine(nets, st.actor, wm, done_fn, s0, key, args.horizon)
+        ro = imagine(nets, st.actor, wm, done_fn, s0, key, args.horizon, st.critic, variant)
         s2 = batch.next_observations
-        y = batch.rewards + args.gamma * batch.masks * nets.q(st.critic, s2, nets.pi(st.actor, s2))
+        eps = (policy_noise(jax.random.fold_in(key, 3), (s2.shape[0], nets.actor.act_dim))
+               if variant.stochastic else None)  # the stochastic actor: a' ~ pi(s'), reparameterised
+        y = batch.rewards + args.gamma * batch.masks * nets.q(st.critic, s2, nets.act(st.actor, s2, eps))
         (_, metrics), grads = jax.value_and_grad(critic_loss, has_aux=True)(
             st.critic, st.critic_ema, nets, batch, jax.lax.stop_gradient(y), ro, alive_masks(ro.dones), args)
         metrics["done_rate"] = ro.dones.max(0).mean()
+        if ro.penalties is not None:
+            metrics["penalty"] = ro.penalties.mean()  # MOBILE's u_t over the critic's rollout
         return grads, metrics
     return critic_grads
+
+
+def variant_of(args: Args, penalised: bool = True) -> Variant:
+    """The imagination of these flags: --policy stochastic, --conservatism mobile (unless not penalised)."""
+    mobile = args.conservatism == "mobile" and penalised
+    return Variant(args.policy == "stochastic", args.mobile_beta if mobile else None)
 
 
 def make_update(nets: Nets, wm, done_fn, actor_opt, critic_opt, args: Args):
@@ -499,17 +639,20 @@ def buffer_add(buf: Buffer, obs, act, rew, next_obs, masks) -> Buffer:
 
 def make_expand(nets: Nets, wm, done_fn, args: Args):
     """Sample expand_size dataset states, roll out expand_length steps with
-    a = tanh(mean + N(0, expand_noise^2)) in the model, add every transition (mask = 1 - done of
-    that step; rollouts are not cut at a termination)."""
+    a = tanh(mean + N(0, expand_noise^2)) in the model (the stochastic actor: tanh(mean +
+    expand_noise sigma(s) N(0, 1))), add every transition (mask = 1 - done of that step; rollouts
+    are not cut at a termination)."""
     def expand(buf: Buffer, actor, data_obs, key):
         k_start, k_roll = jax.random.split(key)
         s = data_obs[jax.random.randint(k_start, (args.expand_size,), 0, data_obs.shape[0])]
 
         def step(s, k):
             k_noise, k_model = jax.random.split(k)
-            mean = nets.actor.apply(actor, s, nets.stats)
-            a = jnp.tanh(mean + args.expand_noise * jnp.exp(networks.ACTOR_LOG_STD)
-                         * jax.random.normal(k_noise, mean.shape))
+            if args.policy == "stochastic":  # the actor's own state-dependent sigma(s), times expand_noise
+                mean, log_std = nets.actor.apply(actor, s, nets.stats, True)
+            else:
+                mean, log_std = nets.actor.apply(actor, s, nets.stats), networks.ACTOR_LOG_STD
+            a = jnp.tanh(mean + args.expand_noise * jnp.exp(log_std) * jax.random.normal(k_noise, mean.shape))
             s2, r, done = world_model.model_step(wm, s, a, k_model, done_fn)
             return s2, (s, a, r, s2, 1.0 - done.astype(s.dtype))
 
@@ -552,11 +695,21 @@ def load_checkpoint(f: dict, template: LEQState, empty: Buffer):
 # ============================================================================================
 
 def initial_networks(args: Args, task, wm, pt_path, key):
-    """The BC actor and FQE critic (docs/ALGORITHM.md, section 4), or fresh networks with --no-pretrain."""
+    """The BC actor and FQE critic (docs/ALGORITHM.md, section 4), or fresh networks with
+    --no-pretrain. The ablations add to them: N critics are the first one and N - 1 fresh ones
+    (`networks.critic_ensemble`: pretrain.npz holds one FQE critic); the stochastic actor is
+    the actor plus a log-std head that starts near --init-log-std (`networks.with_log_std_head`)."""
     if args.no_pretrain:
         nets = networks.make_nets(task, args.pretrain_settings.hidden_dims, (wm.input_mean, wm.input_std))
-        return (nets, *networks.init_params(nets, key, task.obs_dim, task.act_dim))
-    nets, actor, critic, _ = pretrain.load_pretrained(pt_path, task)
+        actor, critic = networks.init_params(nets, key, task.obs_dim, task.act_dim)
+    else:
+        nets, actor, critic, _ = pretrain.load_pretrained(pt_path, task)
+    if args.num_critics > 1:
+        critic = networks.critic_ensemble(nets, critic, jax.random.fold_in(key, 1), args.num_critics,
+                                          task.obs_dim, task.act_dim)
+        nets = nets._replace(num_critics=args.num_critics)
+    if args.policy == "stochastic":
+        actor = networks.with_log_std_head(nets, actor, jax.random.fold_in(key, 2), task.obs_dim, args.init_log_std)
     return nets, actor, critic
 
 
@@ -587,7 +740,9 @@ def train(args: Args) -> Path:
 
         # --- data, model, networks ---
         data = tasks.device_dataset(ds)
-        done_fn = tasks.termination_fn(task, args.goal)
+        wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
+        done_fn = (world_model.load_learned_termination(wm_path, task, (wm.input_mean, wm.input_std))
+                   if args.learned_termination else tasks.termination_fn(task, args.goal))
         k_init, k_train, k_expand = jax.random.split(jax.random.PRNGKey(args.seed), 3)
         nets, actor, critic = initial_networks(args, task, wm, pt_path, k_init)
         ema = jax.tree.map(jnp.copy, critic)  # the EMA copy starts equal to the (pretrained) critic

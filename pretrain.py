@@ -202,7 +202,8 @@ def upstream(task: tasks.Task, args, resume) -> tuple:
     wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
     pt_path = None if args.no_pretrain else Path(args.pretrain or default_path(args.env, args.seed))
     wm_settings, pt_settings = args.world_model_settings, args.pretrain_settings
-    wm_args = world_model.resolve(world_model.Args(**common, **dataclasses.asdict(wm_settings), out=str(wm_path)))
+    wm_args = world_model.resolve(world_model.Args(**common, **dataclasses.asdict(wm_settings), out=str(wm_path),
+                                                   learn_termination=getattr(args, "learned_termination", False)))
     pt_args = resolve(Args(**common, **dataclasses.asdict(pt_settings), world_model=str(wm_path), out=str(pt_path)))
     stages = (("world_model", wm_path, args.world_model, wm_settings, wm_args),
               ("pretrain", pt_path, args.pretrain, pt_settings, pt_args))

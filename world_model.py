@@ -6,6 +6,8 @@ An ensemble of 7 Gaussian MLPs predicts [s' - s, r] from standardised [s, a]; ea
 on its own bootstrap resample; after every epoch each member keeps a snapshot of its best
 holdout parameters; training stops after 5 epochs without improvement; the 5 best members are
 the elites. Writes `world_model.npz`; later stages import `load_world_model` and `model_step`.
+With --learn-termination (or --termination-only, for an existing file) it also trains the
+termination classifier of leq.py's --learned-termination ablation and stores it in the same file.
 The authors trained this part with OfflineRL-Kit (PyTorch); this file reproduces that trainer.
 """
 
@@ -23,6 +25,7 @@ import numpy as np
 import optax
 
 import artifacts
+import networks
 import tasks
 
 
@@ -62,6 +65,18 @@ class Args(Settings, tasks.TaskArgs):
     """output file (default: runs/<env>__world_model__s<seed>/world_model.npz)"""
     resume: bool = True
     """continue from <out>.ckpt.npz if a previous run of the same config left one"""
+    # --- Termination classifier (for leq.py --learned-termination, the paper's Table 22) ---
+    learn_termination: bool = False
+    """also train a classifier of the dataset's terminals from s' (MLP 3 x 256) and store it in the output"""
+    termination_only: bool = False
+    """add that classifier to the existing --out file (its ensemble unchanged) instead of training an ensemble"""
+    termination_lr: float = 1e-3
+    """termination classifier: Adam learning rate (minibatches of --batch-size)"""
+    termination_holdout_size: int = 10_000
+    """termination classifier: holdout transitions, min(int(0.2 N), this) (terminals are rare)"""
+    termination_max_epochs: int = 50
+    """termination classifier: cap on epochs (early stopping on the holdout cross-entropy with
+    --patience and --improvement)"""
 
 
 def resolve(args: Args) -> Args:
@@ -354,6 +369,104 @@ def model_step(wm: WorldModel, s, a, key, done_fn):
 
 
 # ============================================================================================
+# Termination classifier (the learned-termination ablation): T_psi(s') -> logit of done
+# ============================================================================================
+
+def termination_loss(params, clf: networks.TerminationClassifier, s2, labels, stats):
+    """Binary cross-entropy with logits, mean over the batch: mean(log(1 + e^z) - y z), z = T_psi(s').
+    No class weights (the paper names none)."""
+    z = clf.apply(params, s2, stats)
+    return jnp.mean(jnp.logaddexp(0.0, z) - labels * z)
+
+
+def train_termination(args: Args, ds: tasks.Dataset, stats):
+    """Fit T_psi(s') to the dataset's terminals (a choice, README: the paper gives only the 3 x 256
+    MLP). Input s' alone, as every true termination function here; its own holdout split and
+    minibatch order from (seed, 1), so the ensemble's draws are untouched; Adam; early stopping as
+    the ensemble's, keeping the best holdout parameters. Returns (params, summary arrays)."""
+    from tqdm import tqdm
+    rng = np.random.default_rng((args.seed, 1))
+    n_hold = min(int(0.2 * len(ds.terminals)), args.termination_holdout_size)
+    perm = rng.permutation(len(ds.terminals))
+    train, hold = perm[n_hold:], perm[:n_hold]
+    x_train, y_train = jnp.asarray(ds.next_observations[train]), jnp.asarray(ds.terminals[train], jnp.float32)
+    x_hold, y_hold = jnp.asarray(ds.next_observations[hold]), jnp.asarray(ds.terminals[hold], jnp.float32)
+    stats = (jnp.asarray(stats[0]), jnp.asarray(stats[1]))
+    clf = networks.TerminationClassifier()
+    params = clf.init(jax.random.fold_in(jax.random.PRNGKey(args.seed), 1), x_train[:1], stats)
+    optimizer = optax.adam(args.termination_lr)
+
+    @jax.jit
+    def epoch(params, opt_state, batches):
+        def step(carry, idx):
+            loss, grads = jax.value_and_grad(termination_loss)(carry[0], clf, x_train[idx], y_train[idx], stats)
+            updates, opt_state = optimizer.update(grads, carry[1], carry[0])
+            return (optax.apply_updates(carry[0], updates), opt_state), loss
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
+        return params, opt_state, losses.mean()
+    holdout_bce = jax.jit(lambda p: termination_loss(p, clf, x_hold, y_hold, stats))
+
+    opt_state, best, best_bce, since, epochs = optimizer.init(params), params, 1e10, 0, 0
+    n_batches = len(train) // args.batch_size
+    bar = tqdm(desc="termination classifier", unit="epoch", total=args.termination_max_epochs)
+    while since < args.patience and epochs < args.termination_max_epochs:
+        batches = rng.permutation(len(train))[:n_batches * args.batch_size].reshape(n_batches, -1)
+        params, opt_state, loss = epoch(params, opt_state, jnp.asarray(batches))
+        bce, epochs = float(holdout_bce(params)), epochs + 1
+        if (best_bce - bce) / best_bce > args.improvement:
+            best, best_bce, since = params, bce, 0
+        else:
+            since += 1
+        bar.update(1)
+        bar.set_postfix_str(f"loss {float(loss):.4f} | holdout bce {bce:.4f} | since {since}")
+    bar.close()
+    done, y = np.asarray(clf.apply(best, x_hold, stats) >= 0), np.asarray(y_hold) > 0.5
+    summary = {"termination/holdout_bce": np.array(best_bce), "termination/epochs": np.array(epochs),
+               "termination/holdout_recall": np.array((done & y).sum() / max(y.sum(), 1)),
+               "termination/holdout_precision": np.array((done & y).sum() / max(done.sum(), 1)),
+               "termination/positive_rate": np.array(float(np.mean(ds.terminals)))}
+    recall, precision = (float(summary[f"termination/holdout_{k}"]) for k in ("recall", "precision"))
+    print(f"[world_model] termination classifier: {epochs} epochs, holdout BCE {best_bce:.4f}, recall {recall:.3f}, "
+          f"precision {precision:.3f} at p >= 1/2 ({int(y.sum())} terminals of {len(y)} holdout transitions)")
+    return best, summary
+
+
+def load_learned_termination(path, task: tasks.Task, stats):
+    """done(s, a, s') = 1(T_psi(s') >= 0) from the classifier in a world_model.npz (no gradient:
+    a comparison). A file without one (older, or trained without --learn-termination) is refused
+    in one line that names the command adding one."""
+    f = artifacts.load_artifact(path, task, kinds=("world_model",))
+    if "termination/params/Dense_0/kernel" not in f:
+        raise tasks.InputError(
+            f"world model {path} has no termination classifier, which --learned-termination needs: add one "
+            f"with python world_model.py --env {task.name} --dataset-path {f['model/dataset_path']} --out {path} "
+            f"--termination-only")
+    params = {"params": jax.tree.map(jnp.asarray, artifacts.unflatten(f, "termination/params"))}
+    clf = networks.TerminationClassifier(networks.hidden_dims_of(params))
+    stats = (jnp.asarray(stats[0]), jnp.asarray(stats[1]))
+    return lambda s, a, s2: clf.apply(params, s2, stats) >= 0.0
+
+
+def add_termination(args: Args, task: tasks.Task, out: Path, ds: tasks.Dataset) -> Path:
+    """--termination-only: train the classifier on the data of an existing world_model.npz and add
+    it to that file; every other array (and the config) stays as it was."""
+    if not out.exists():
+        raise tasks.InputError(f"--termination-only adds a classifier to an existing world model, but {out} "
+                               f"does not exist: train one first (without --termination-only)")
+    f = artifacts.load_artifact(out, task, kinds=("world_model",))
+    check_dataset(load_world_model(out, task), out, ds, artifacts.file_fingerprint(ds.path))
+    params, summary = train_termination(args, ds, (f["model/input_mean"], f["model/input_std"]))
+    arrays = {k: v for k, v in f.items() if not k.startswith(("meta/", "termination/"))}
+    # the ensemble is unchanged: the file keeps its fingerprint and inputs, so the pretrain.npz
+    # and LEQ checkpoints made from it still match it
+    record, inputs = artifacts.provenance(out)
+    artifacts.save_npz(out, {**arrays, **artifacts.flatten(jax.device_get(params), "termination"), **summary},
+                       "world_model", task, f["meta/config"], inputs, fingerprint=record["sha256"])
+    print(f"[world_model] added the termination classifier to {out}")
+    return out
+
+
+# ============================================================================================
 # Artifact
 # ============================================================================================
 
@@ -399,8 +512,8 @@ def check_dataset(wm: WorldModel, wm_path, ds: tasks.Dataset, ds_fingerprint: di
     return record
 
 
-def save_world_model(path, task, args, params, mean, std, elites, mse, ds: tasks.Dataset, epochs, inputs):
-    arrays = {**artifacts.flatten(jax.device_get(params), "model/params"),
+def save_world_model(path, task, args, params, mean, std, elites, mse, ds: tasks.Dataset, epochs, inputs, extra=None):
+    arrays = {**(extra or {}), **artifacts.flatten(jax.device_get(params), "model/params"),
               "model/input_mean": mean, "model/input_std": std, "model/elites": np.asarray(elites),
               "model/holdout_mse": np.asarray(mse), "model/epochs": np.array(epochs),
               "model/reward_scale": np.array(ds.reward_scale),
@@ -413,6 +526,11 @@ def save_world_model(path, task, args, params, mean, std, elites, mse, ds: tasks
 # Main
 # ============================================================================================
 
+# settings a world-model checkpoint may be resumed with changed (the classifier trains after the ensemble)
+CHECKPOINT_IGNORES = ("resume", "max_epochs", "out", "learn_termination", "termination_only", "termination_lr",
+                      "termination_holdout_size", "termination_max_epochs")
+
+
 def train(args: Args) -> Path:
     from tqdm import tqdm
     args = resolve(args)
@@ -420,7 +538,9 @@ def train(args: Args) -> Path:
     out = Path(args.out) if args.out else default_path(args.env, args.seed)
     ckpt = out.with_name(out.name.replace(".npz", "") + ".ckpt.npz")
     with artifacts.FolderLock(out.with_name(out.name + ".lock"), f"world model {out}"):
-        saved = (artifacts.read_checkpoint(ckpt, task, "world_model_checkpoint", args, ("resume", "max_epochs", "out"))
+        if args.termination_only:
+            return add_termination(args, task, out, tasks.load_dataset(task, args.dataset_path, args.data_dir))
+        saved = (artifacts.read_checkpoint(ckpt, task, "world_model_checkpoint", args, CHECKPOINT_IGNORES)
                  if args.resume and ckpt.exists() else None)  # before any work
         ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
         recorded = saved["meta/inputs"] if saved else {}
@@ -469,7 +589,11 @@ def train(args: Args) -> Path:
         bar.close()
         best_mse = np.asarray(state.best_mse)
         elites = np.sort(np.argsort(best_mse)[:args.num_elites])
-        save_world_model(out, task, args, state.best_params, mean, std, elites, best_mse, ds, epoch, inputs)
+        extra = None
+        if args.learn_termination:
+            params, summary = train_termination(args, ds, (mean, std))
+            extra = {**artifacts.flatten(jax.device_get(params), "termination"), **summary}
+        save_world_model(out, task, args, state.best_params, mean, std, elites, best_mse, ds, epoch, inputs, extra)
         ckpt.unlink(missing_ok=True)
     print(f"[world_model] {epoch} epochs in {time.time() - start:.0f} s; elites {elites.tolist()} "
           f"holdout mse {' '.join(f'{m:.3e}' for m in best_mse[elites])}; wrote {out}")

@@ -135,9 +135,13 @@ def test_one_grad_of_the_summed_returns_is_not_the_action_gradient(system):
 
 class LinearNets:
     """Q(s, a) = w * s[0] + a[0]; pi(s) = 0: simple enough to compute the losses by hand."""
+    num_critics = 1
 
     def q(self, params, s, a):
         return params["w"] * s[..., 0] + a[..., 0]
+
+    def q_each(self, params, s, a):
+        return [self.q(params, s, a)]
 
     def pi(self, params, s):
         return jnp.zeros(s.shape[:-1] + (1,))

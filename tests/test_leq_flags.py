@@ -36,9 +36,10 @@ def setup():
     return task, wm, nets, st, s0, batch, done_fn
 
 
-def parts(setup, **flags):
-    """Actor gradient and critic gradient + loss terms under the given flags."""
-    task, wm, nets, st, s0, batch, done_fn = setup
+def parts(setup, nets=None, st=None, **flags):
+    """Actor gradient and critic gradient + loss terms under the given flags (and networks)."""
+    task, wm, nets_, st_, s0, batch, done_fn = setup
+    nets, st = nets or nets_, st or st_
     args = dataclasses.replace(leq.resolve(leq.Args(horizon=H, expectile=0.2)), **flags)
     key_a, key_c = jax.random.PRNGKey(7), jax.random.PRNGKey(8)
     g_actor, m_actor = jax.jit(leq.make_actor_grads(nets, wm, done_fn, args))(st, s0, key_a)
@@ -156,3 +157,84 @@ def test_no_pretrain_starts_from_fresh_networks(tmp_path):
                                            jax.random.PRNGKey(0))
     assert same(a_pre, actor) and same(c_pre, critic)
     assert not same(a_new, actor) and jax.tree.structure(a_new) == jax.tree.structure(actor)
+
+
+# --------------------------------------------------------------------------------------------
+# The ablations of Tables 5/6 (MOBILE's penalty), 21 (stochastic policy), 22 (learned termination)
+# --------------------------------------------------------------------------------------------
+
+MOBILE = dict(conservatism="mobile", num_critics=1)
+
+
+def test_num_critics_default_follows_the_conservatism():
+    assert leq.resolve(leq.Args()).num_critics == 1
+    assert leq.resolve(leq.Args(conservatism="mobile")).num_critics == 2      # MOBILE's default
+    assert leq.resolve(leq.Args(conservatism="mobile", num_critics=1)).num_critics == 1
+
+
+def test_mobile_without_penalty_is_the_expectile_one_half(setup):
+    """MOBILE's conservatism with beta = 0 and one critic is LEQ with tau = 1/2 (plain squared
+    error) in the critic's model term and the actor's weights, exactly."""
+    g_actor, g_critic, m = parts(setup, mobile_beta=0.0, **MOBILE)
+    ref = parts(setup, expectile=0.5)
+    assert same(g_actor, ref[0]) and same(g_critic, ref[1])
+    for k in ("loss_data", "loss_model", "loss_ema", "return_model"):
+        assert m[k] == pytest.approx(float(ref[2][k]), rel=1e-6)
+
+
+def test_mobile_penalty_changes_only_the_imagined_rewards(setup):
+    zero = parts(setup, mobile_beta=0.0, **MOBILE)
+    g_actor, g_critic, m = parts(setup, mobile_beta=0.5, **MOBILE)
+    assert float(m["penalty"]) > 1e-3 and float(zero[2]["penalty"]) == float(m["penalty"])
+    assert not same(g_actor, zero[0]) and not same(g_critic, zero[1])
+    assert m["loss_model"] != pytest.approx(float(zero[2]["loss_model"]))
+    assert m["target_model"] < float(zero[2]["target_model"])  # a penalty lowers the targets
+    for k in ("loss_data", "loss_ema", "q_data", "q_model", "done_rate"):
+        assert m[k] == pytest.approx(float(zero[2][k]), rel=1e-6)
+
+
+def test_mobile_penalty_does_not_reach_the_q_objective(setup):
+    """The q actor objective has no reward terms: the penalty changes only the critic there."""
+    g_actor, g_critic, _ = parts(setup, mobile_beta=0.5, actor_objective="q", **MOBILE)
+    ref = parts(setup, mobile_beta=0.0, actor_objective="q", **MOBILE)
+    assert same(g_actor, ref[0]) and not same(g_critic, ref[1])
+
+
+def test_two_identical_critics_train_like_one(setup, base):
+    """An ensemble of two copies of the critic: the min of equal values is that value, the loss
+    sums the critics' terms, so each copy gets the single critic's gradient and the actor's is unchanged."""
+    task, wm, nets, st, s0, batch, done_fn = setup
+    stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x, x]), tree)  # noqa: E731
+    st2 = st._replace(critic=stack(st.critic), critic_ema=stack(st.critic_ema))
+    g_actor, g_critic, m = parts(setup, nets=nets._replace(num_critics=2), st=st2, num_critics=2)
+    assert same(g_actor, base[0])
+    for j in range(2):
+        assert same(jax.tree.map(lambda x: x[j], g_critic), base[1])
+    for k in ("loss_data", "loss_model", "loss_ema"):
+        assert m[k] == pytest.approx(2 * float(base[2][k]), rel=1e-6)
+    assert m["q_data"] == pytest.approx(float(base[2]["q_data"]), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def stochastic_state(setup):
+    task, wm, nets, st, s0, batch, done_fn = setup
+    return st._replace(actor=networks.with_log_std_head(nets, st.actor, jax.random.PRNGKey(12), 4, 0.0))
+
+
+def test_stochastic_policy_with_zero_noise_is_the_deterministic_actor(setup, base, stochastic_state, monkeypatch):
+    """With eps = 0 every sample is tanh(mean): without the entropy bonus the stochastic switch
+    gives the trunk and mean head the deterministic actor's gradient, the log-std head none, and
+    the critic the deterministic critic's gradient (so it changes only the actions' noise and the bonus)."""
+    monkeypatch.setattr(leq, "policy_noise", lambda key, shape: jnp.zeros(shape))
+    g_actor, g_critic, m = parts(setup, st=stochastic_state, policy="stochastic", entropy_coef=0.0)
+    head = g_actor["params"].pop("log_std")
+    assert same(g_actor, base[0]) and same(g_critic, base[1])
+    assert not np.any(np.asarray(head["kernel"])) and not np.any(np.asarray(head["bias"]))
+
+
+def test_stochastic_policy_samples_and_its_entropy_coefficient_changes_only_the_actor(setup, base, stochastic_state):
+    g0 = parts(setup, st=stochastic_state, policy="stochastic", entropy_coef=0.0)
+    g1 = parts(setup, st=stochastic_state, policy="stochastic", entropy_coef=0.5)
+    assert not same(g0[1], base[1])  # sampled actions in the critic's rollout and target
+    assert not same(g0[0], g1[0]) and same(g0[1], g1[1])
+    assert float(g1[2]["entropy_loss"]) != 0.0 and float(g0[2]["entropy_loss"]) == 0.0

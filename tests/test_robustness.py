@@ -258,6 +258,10 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(upstream, tiny_maz
     ({"total_steps": -5}, "--total-steps must be >= 0"),
     ({"lam": 1.5}, "--lam in [0, 1]"),
     ({"batch_size": 0}, "batch sizes"),
+    ({"num_critics": 0}, "--num-critics must be >= 1"),
+    ({"mobile_beta": -0.1}, "--mobile-beta and --entropy-coef must be >= 0"),
+    ({"entropy_coef": -1.0}, "--mobile-beta and --entropy-coef must be >= 0"),
+    ({"learned_termination": True, "goal": (1.0, 2.0)}, "no effect with --learned-termination"),
 ])
 def test_flags_out_of_range(flags, message):
     with pytest.raises(tasks.InputError) as e:
