@@ -243,7 +243,7 @@ def test_bc_clones_a_known_deterministic_policy():
     assert rms_error(state.actor) > 0.3  # untrained: far from the policy
     key = jax.random.PRNGKey(1)
     for i in range(8):
-        state, loss = bc_chunk(state, jax.random.split(jax.random.fold_in(key, i), 500))
+        state, loss, _ = bc_chunk(state, jax.random.split(jax.random.fold_in(key, i), 500))
     assert rms_error(state.actor) < BC_TOLERANCE
     assert float(loss) < BC_TOLERANCE ** 2
     # BC leaves the critic alone
@@ -320,7 +320,7 @@ def test_fqe_matches_the_exact_q_of_a_chain():
     assert q_error(state.critic) > 1.0
     key = jax.random.PRNGKey(1)
     for i in range(steps // per_call):
-        state, _ = fqe_chunk(state, jax.random.split(jax.random.fold_in(key, i), per_call))
+        state, _, _ = fqe_chunk(state, jax.random.split(jax.random.fold_in(key, i), per_call))
     assert q_error(state.critic) < FQE_TOLERANCE
     assert q_error(state.critic_ema) < 2 * FQE_TOLERANCE
     for x, y in zip(jax.tree.leaves(state.actor), jax.tree.leaves(actor)):  # FQE leaves the actor
@@ -373,7 +373,7 @@ def test_fqe_loss_is_a_semi_gradient_with_ema_term():
     fqe_opt = optax.adam(args.fqe_lr)
     state = pretrain.PretrainState(actor, optax.adam(1e-3).init(actor), critic, ema, fqe_opt.init(critic))
     _, fqe_chunk = pretrain.make_chunks(nets, optax.adam(1e-3), fqe_opt, tasks.device_dataset(ds), args)
-    new, _ = fqe_chunk(state, jax.random.split(jax.random.PRNGKey(0), 1))
+    new, _, _ = fqe_chunk(state, jax.random.split(jax.random.PRNGKey(0), 1))
     trees = (new.critic_ema, ema, new.critic, critic)
     for e_new, e_old, c_new, c_old in zip(*(jax.tree.leaves(t) for t in trees)):
         assert float(jnp.abs(c_new - c_old).max()) > 0  # the critic did move

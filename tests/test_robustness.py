@@ -2,13 +2,8 @@
 one-line errors for bad input (the real scripts, in subprocesses)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -16,86 +11,12 @@ import artifacts
 import leq
 import mazes
 import tasks
-from conftest import ROOT
-
-ENV = "pointmaze-umaze"
-
-
-def run(args, cwd, check=True, timeout=600):
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args[0]} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    return p
-
-
-def run_and_kill_when(args, cwd, ready, timeout=300):
-    """Start a script, SIGKILL it as soon as `ready()` is true, return how it ended."""
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    start = time.time()
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"{args[0]} ended before it could be killed: {proc.stderr.read()[-3000:]}")
-        if time.time() - start > timeout:
-            proc.kill()
-            raise AssertionError("timed out waiting to kill")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return proc.returncode
-
-
-TINY_WORLD_MODEL = ["--hidden-dims", 16, 16, "--weight-decay", 2.5e-5, 5e-5, 1e-4, "--ensemble-size", 3,
-                    "--num-elites", 2, "--max-epochs", 2]
-TINY_PRETRAIN = ["--hidden-dims", 32, 32, "--bc-steps", 20, "--fqe-steps", 20, "--bc-batch-size", 64]
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory, tiny_maze_file_module):
-    """A tiny world model and pretrained actor/critic for fast LEQ runs."""
-    d = tmp_path_factory.mktemp("upstream")
-    common = ["--env", ENV, "--dataset-path", tiny_maze_file_module]
-    run([ROOT / "world_model.py", *common, "--out", d / "wm.npz", *TINY_WORLD_MODEL], d)
-    run([ROOT / "pretrain.py", *common, "--world-model", d / "wm.npz", "--out", d / "pt.npz", *TINY_PRETRAIN,
-         "--chunk", 10], d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tiny_maze_file_module(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "umaze_tiny.hdf5"
-    mazes.generate_pointmaze(tasks.get_task(ENV), path, size=6000, seed=3, episode_len=1000)
-    return path
-
-
-def leq_cmd(upstream, data, run_dir, *extra):
-    return [ROOT / "leq.py", "--env", ENV, "--dataset-path", data, "--world-model", upstream / "wm.npz",
-            "--pretrain", upstream / "pt.npz", "--run-dir", run_dir, "--total-steps", 300, "--chunk", 50,
-            "--checkpoint-every", 100, "--eval-every", 300, "--eval-episodes", 1, "--final-eval-rounds", 1,
-            "--expand-every", 100, "--expand-size", 64, "--batch-size", 32, "--model-batch-size", 32,
-            "--horizon", 3, *extra]
-
-
-def npz_arrays(path, prefixes=("actor/", "critic/", "critic_ema/")):
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files if k.startswith(prefixes)}
-
-
-def metric_rows(run_dir):
-    rows = [json.loads(r) for r in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if r]
-    return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]  # wall time differs
+from conftest import ENV, ROOT, TINY_PRETRAIN, TINY_WORLD_MODEL, killed_before_a_rename, leq_cmd, metric_rows, npz_arrays, run, run_and_kill_when
 
 
 # --------------------------------------------------------------------------------------------
 # Kill and resume
 # --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def uninterrupted(upstream, tiny_maze_file_module):
-    run_dir = upstream / "plain"
-    run(leq_cmd(upstream, tiny_maze_file_module, run_dir), upstream)
-    return run_dir
-
 
 def test_leq_killed_and_resumed_equals_an_uninterrupted_run(upstream, tiny_maze_file_module, uninterrupted):
     """SIGKILL after the first checkpoint, rerun the same command: same total, identical weights."""
@@ -201,22 +122,8 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     task = tasks.get_task(ENV)
     path = tmp_path / "checkpoint.npz"
     artifacts.save_npz(path, {"x": np.zeros(3)}, "leq_checkpoint", task, {})
-    script = f"""
-import os, sys, time
-sys.path.insert(0, {str(ROOT)!r})
-import numpy as np, artifacts, tasks
-real_replace = os.replace
-def slow_replace(a, b):
-    print("written", flush=True)
-    time.sleep(60)  # killed here: the new file is complete but not yet renamed
-    real_replace(a, b)
-os.replace = slow_replace
-artifacts.save_npz({str(path)!r}, {{"x": np.ones(5_000_000)}}, "leq_checkpoint", tasks.get_task({ENV!r}), {{}})
-"""
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "written"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_before_a_rename(f"import numpy as np, artifacts, tasks\nartifacts.save_npz({str(path)!r}, "
+                           f"{{'x': np.ones(5_000_000)}}, 'leq_checkpoint', tasks.get_task({ENV!r}), {{}})")
     f = artifacts.load_artifact(path, task)
     np.testing.assert_array_equal(f["x"], np.zeros(3))
     assert [p.name for p in tmp_path.glob("*.tmp")]  # the orphan temp file, never read
@@ -233,15 +140,37 @@ class Unsavable:
         raise RuntimeError("cannot be saved")
 
 
+POISON = """
+import sys
+sys.path.insert(0, {root!r})
+import jax.numpy as jnp
+import leq, tasks
+def poison(step, st, data):  # one NaN reward in the data, from step {at} on
+    return st, (data._replace(rewards=data.rewards.at[{row}].set(jnp.nan)) if step == {at} else data)
+leq.before_chunk = poison
+sys.argv = ["leq.py", *sys.argv[1:]]
+tasks.run_script(leq.train, leq.Args)
+"""
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(upstream, tiny_maze_file_module):
-    """A non-finite critic stops LEQ with a one-line message naming the step and the quantity."""
+    """A NaN reward in one data row, put there at step 200 (leq.before_chunk, a test hook), stops
+    LEQ with one line naming the first non-finite quantities and the first step whose batch drew
+    that row, found here by replaying the data sampling (the keys of make_update) in a plain loop;
+    the last good checkpoint is kept and leq.npz is not written."""
+    n = tasks.load_dataset(tasks.get_task(ENV), str(tiny_maze_file_module)).observations.shape[0]
+    k_train = jax.random.split(jax.random.PRNGKey(0), 3)[1]
+    batches = [set(np.asarray(jax.random.randint(jax.random.split(jax.random.fold_in(k_train, s), 4)[0], (32,), 0, n)).tolist())
+               for s in range(200, 250)]  # the data rows of the batches of steps 201..250
+    first = next(i for i in range(10, 50) if batches[i] - set().union(*batches[:i]))  # mid-chunk
+    row = min(batches[first] - set().union(*batches[:first]))
     run_dir = upstream / "nan"
-    p = run(leq_cmd(upstream, tiny_maze_file_module, run_dir, "--inject-nan-at", 200), upstream, check=False)
-    assert p.returncode != 0
-    assert "Traceback" not in p.stderr  # the progress bar, then one line saying what happened
+    cmd = ["-c", POISON.format(root=str(ROOT), at=200, row=row), *leq_cmd(upstream, tiny_maze_file_module, run_dir)[1:]]
+    p = run(cmd, upstream, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr  # the progress bar, then one line
     message = p.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: non-finite")
-    assert "step 250" in message and "critic_loss" in message and "checkpoint_00000200.npz" in message
+    assert message == (f"error: non-finite critic_loss first at step {200 + first + 1} (with loss_data); stopped; "
+                       f"the last good checkpoint, {run_dir / 'checkpoint_00000200.npz'}, is kept"), message
     good = artifacts.load_artifact(run_dir / "checkpoint_00000200.npz", tasks.get_task(ENV))
     assert all(np.isfinite(v).all() for k, v in good.items() if k.startswith("state/"))
     assert not (run_dir / "leq.npz").exists()
@@ -256,11 +185,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(upstream, tiny_maz
     ({"expectile": 1.2}, "--expectile must be in (0, 1)"),
     ({"horizon": 0}, "--horizon must be >= 1"),
     ({"total_steps": -5}, "--total-steps must be >= 0"),
-    ({"lam": 1.5}, "--lam in [0, 1]"),
-    ({"batch_size": 0}, "batch sizes"),
-    ({"num_critics": 0}, "--num-critics must be >= 1"),
-    ({"mobile_beta": -0.1}, "--mobile-beta and --entropy-coef must be >= 0"),
-    ({"entropy_coef": -1.0}, "--mobile-beta and --entropy-coef must be >= 0"),
+    ({"lam": 1.5}, "--lam must be in [0, 1], got 1.5"),
+    ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    ({"num_critics": 0}, "--num-critics must be >= 1, got 0"),
+    ({"mobile_beta": -0.1}, "--mobile-beta must be >= 0, got -0.1"),
+    ({"entropy_coef": -1.0}, "--entropy-coef must be >= 0, got -1.0"),
     ({"learned_termination": True, "goal": (1.0, 2.0)}, "no effect with --learned-termination"),
 ])
 def test_flags_out_of_range(flags, message):
@@ -325,17 +254,26 @@ def test_one_leq_command_runs_shrunk_upstream_stages(upstream, tiny_maze_file_mo
 
 
 def test_world_model_of_other_data_is_refused(upstream, tiny_maze_file_module, tmp_path):
-    """pretrain.py and leq.py refuse a world model fitted to another dataset file (e.g. an older
-    version of a built-in dataset), in one line that says what to do."""
-    other = tmp_path / "umaze_other.hdf5"
-    other.write_bytes(tiny_maze_file_module.read_bytes())
+    """pretrain.py and leq.py refuse a world model fitted to other data, even under the same file
+    name (the content's sha256 is compared), in one line that says what to do; the same data under
+    another name is accepted."""
+    other = tmp_path / "other" / tiny_maze_file_module.name  # the same name, other data
+    mazes.generate_pointmaze(tasks.get_task(ENV), other, size=6000, seed=4, episode_len=1000)
     common = ["--env", ENV, "--dataset-path", other, "--world-model", upstream / "wm.npz"]
     for cmd in ([ROOT / "pretrain.py", *common, "--out", tmp_path / "pt.npz"],
                 [ROOT / "leq.py", *common, "--pretrain", upstream / "pt.npz", "--run-dir", tmp_path / "r"]):
         p = run(cmd, tmp_path, check=False)
         lines = p.stderr.strip().splitlines()
-        assert p.returncode != 0 and "was trained on umaze_tiny.hdf5, but this run uses umaze_other.hdf5" \
-            in lines[-1] and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert lines[-1].startswith(f"error: world model {upstream / 'wm.npz'} was made from the dataset "
+                                    f"{tiny_maze_file_module} (sha256 ") and f"this run's {other} is" in lines[-1]
+        assert "pass the world model of this dataset with --world-model, or retrain it" in lines[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+    renamed = tmp_path / "renamed.hdf5"
+    renamed.write_bytes(tiny_maze_file_module.read_bytes())
+    run([ROOT / "pretrain.py", *common[:2], "--dataset-path", renamed, *common[4:], "--out", tmp_path / "pt.npz",
+         "--hidden-dims", 8, "--bc-steps", 2, "--fqe-steps", 2, "--chunk", 2], tmp_path)
+    assert (tmp_path / "pt.npz").exists()
 
 
 def test_artifact_format_version_and_dims(tmp_path):
