@@ -125,7 +125,7 @@ def test_independent_rollouts(setup):
         state = st._replace(actor_opt=opt.init(st.actor), critic_opt=opt.init(st.critic))
         update = leq.make_update(nets, wm, done_fn, opt, opt, args)
         results[independent] = jax.jit(update)(state, data, s0, B, jax.random.PRNGKey(9))
-    (st_ind, m_ind), (st_same, m_same) = results[True], results[False]
+    (st_ind, _), (st_same, _) = results[True], results[False]
     assert same(st_ind.actor, st_same.actor)            # the actor's side is untouched
     assert not same(st_ind.critic, st_same.critic)      # the critic imagines with other samples
 
