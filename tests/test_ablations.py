@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import artifacts
+import imagination
 import leq
 import networks
 import tasks
@@ -75,7 +76,7 @@ def test_mobile_uncertainty_is_the_std_over_elites_by_a_loop(system, n_critics):
         critics = [critic]
     a = jnp.tanh(jax.random.normal(jax.random.PRNGKey(4), (B, 2)))
     eps = jax.random.normal(jax.random.PRNGKey(5), (3, B, 4))
-    got = np.asarray(jax.jit(lambda s, a, e: leq.mobile_uncertainty(nets, actor, critic, wm, s, a, e))(s0, a, eps))
+    got = np.asarray(jax.jit(lambda s, a, e: imagination.mobile_uncertainty(nets, actor, critic, wm, s, a, e))(s0, a, eps))
     want = loop_uncertainty(nets, actor, critics, wm, s0, a, eps)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     assert want.min() > 1e-3  # the elites really disagree
@@ -86,8 +87,8 @@ def test_mobile_penalty_is_in_every_imagined_reward_and_the_critic_target(system
     term is plain squared error against the lambda-returns of the penalised rewards."""
     nets, actor, critic, wm, s0 = system
     beta, key = 0.7, jax.random.PRNGKey(6)
-    plain = leq.imagine(nets, actor, wm, done_fn, s0, key, H)
-    ro = leq.imagine(nets, actor, wm, done_fn, s0, key, H, critic, leq.Variant(penalty=beta))
+    plain = imagination.imagine(nets, actor, wm, done_fn, s0, key, H)
+    ro = imagination.imagine(nets, actor, wm, done_fn, s0, key, H, critic, imagination.Variant(penalty=beta))
     np.testing.assert_array_equal(ro.states, plain.states)
     np.testing.assert_array_equal(ro.dones, plain.dones)
     assert ro.penalty_eps.shape == (H, 3, B, 4)
@@ -99,7 +100,7 @@ def test_mobile_penalty_is_in_every_imagined_reward_and_the_critic_target(system
     args = dataclasses.replace(leq.resolve(leq.Args(horizon=H, expectile=0.1)), conservatism="mobile",
                                mobile_beta=beta, num_critics=1)
     data = tasks.Transitions(s0[:2], ro.actions[0, :2], None, None, None)
-    masks = np.asarray(leq.alive_masks(ro.dones))
+    masks = np.asarray(imagination.alive_masks(ro.dones))
     _, m = leq.critic_loss(critic, critic, nets, data, jnp.zeros(2), ro, jnp.asarray(masks), args)
     q = np.asarray(nets.q(critic, ro.states, ro.actions))
     rewards = np.asarray(plain.rewards) - beta * u
@@ -120,13 +121,13 @@ def test_adjoint_action_gradients_equal_the_full_jacobian(system, variant, objec
     nets, actor, critic, wm, s0 = system
     if n_critics == 2:
         nets, critic = two_critics(nets, critic)
-    coefficients = leq.return_coefficients(objective, H, LAM)
-    v = leq.Variant(**VARIANTS[variant])
+    coefficients = imagination.return_coefficients(objective, H, LAM)
+    v = imagination.Variant(**VARIANTS[variant])
     def run(fn):
         return jax.jit(lambda k: fn(nets, actor, critic, wm, done_fn, s0, k, H, coefficients, GAMMA, v))(
             jax.random.PRNGKey(7))
-    D_adj, ro, q, masks = run(leq.action_grads_adjoint)
-    D_jac, ro2, q2, masks2 = run(leq.action_grads_jacobian)
+    D_adj, ro, q, masks = run(imagination.action_grads_adjoint)
+    D_jac, ro2, q2, masks2 = run(imagination.action_grads_jacobian)
     np.testing.assert_allclose(ro.states, ro2.states, atol=1e-5)
     np.testing.assert_allclose(ro.rewards, ro2.rewards, atol=1e-5)
     np.testing.assert_array_equal(masks, masks2)
@@ -142,13 +143,13 @@ def test_mobile_action_gradient_counts_the_penalty_once(system):
     penalty and the critic directly (the release's perturbed pass doubles the du/da part)."""
     nets, actor, critic, wm, s0 = system
     beta, key = 20.0, jax.random.PRNGKey(8)
-    v = leq.Variant(penalty=beta)
-    D, ro, _, _ = leq.action_grads_adjoint(nets, actor, critic, wm, done_fn, s0, key, 1,
-                                           leq.return_coefficients("hstep", 1, LAM), GAMMA, v)
+    v = imagination.Variant(penalty=beta)
+    D, ro, _, _ = imagination.action_grads_adjoint(nets, actor, critic, wm, done_fn, s0, key, 1,
+                                           imagination.return_coefficients("hstep", 1, LAM), GAMMA, v)
 
     def G0(a0):
         s1, r, done = world_model.model_step_given(wm, s0, a0, ro.noise.member[0], ro.noise.eps[0], done_fn)
-        u = leq.mobile_uncertainty(nets, actor, critic, wm, s0, a0, ro.penalty_eps[0])
+        u = imagination.mobile_uncertainty(nets, actor, critic, wm, s0, a0, ro.penalty_eps[0])
         return (r - beta * u) + GAMMA * (1.0 - done) * nets.q(critic, s1, nets.pi(actor, s1))
     G0 = jax.jit(G0)
     a0, h = ro.actions[0], 1e-2
@@ -157,7 +158,7 @@ def test_mobile_action_gradient_counts_the_penalty_once(system):
         fd = (G0(a0 + e) - G0(a0 - e)) / (2 * h)
         np.testing.assert_allclose(D[0][:, i], fd, rtol=2e-2, atol=2e-2 * float(jnp.abs(fd).max()))
     # the penalty's share of D_0 is large here, so counting it twice could not pass the check above
-    u_grad = jax.grad(lambda a: leq.mobile_uncertainty(nets, actor, critic, wm, s0, a, ro.penalty_eps[0]).sum())(a0)
+    u_grad = jax.grad(lambda a: imagination.mobile_uncertainty(nets, actor, critic, wm, s0, a, ro.penalty_eps[0]).sum())(a0)
     assert float(jnp.abs(beta * u_grad).mean()) > 0.2 * float(jnp.abs(D[0]).mean())
 
 
@@ -236,8 +237,8 @@ def test_entropy_bonus_and_reparameterised_surrogate_gradients_by_the_chain_rule
 def test_stochastic_imagination_samples_reparameterised_actions(system):
     nets, actor, critic, wm, s0 = system
     key = jax.random.PRNGKey(14)
-    ro = leq.imagine(nets, actor, wm, done_fn, s0, key, H, variant=leq.Variant(stochastic=True))
-    plain = leq.imagine(nets, actor, wm, done_fn, s0, key, H)
+    ro = imagination.imagine(nets, actor, wm, done_fn, s0, key, H, variant=imagination.Variant(stochastic=True))
+    plain = imagination.imagine(nets, actor, wm, done_fn, s0, key, H)
     np.testing.assert_array_equal(ro.noise.member, plain.noise.member)  # LEQ's model draws are unchanged
     np.testing.assert_array_equal(ro.noise.eps, plain.noise.eps)
     s = s0
@@ -249,7 +250,7 @@ def test_stochastic_imagination_samples_reparameterised_actions(system):
             s = world_model.model_step_given(wm, s, a, ro.noise.member[t], ro.noise.eps[t], done_fn)[0]
             np.testing.assert_allclose(ro.states[t + 1], s, atol=1e-5)
     assert not np.allclose(ro.actions, plain.actions, atol=0.05)
-    again = leq.imagine(nets, actor, wm, done_fn, s0, key, H, variant=leq.Variant(stochastic=True))
+    again = imagination.imagine(nets, actor, wm, done_fn, s0, key, H, variant=imagination.Variant(stochastic=True))
     np.testing.assert_array_equal(again.actions, ro.actions)  # the noise comes from the key
 
 
@@ -349,8 +350,8 @@ def test_learned_termination_replaces_only_the_done_of_imagination(system, class
                               "termination/holdout_bce": np.array(0.1)}, "world_model", TASK, {})
     learned = world_model.load_learned_termination(path, TASK, stats)
     key = jax.random.PRNGKey(21)
-    ro = leq.imagine(nets, actor, wm, learned, s0, key, H)
-    plain = leq.imagine(nets, actor, wm, done_fn, s0, key, H)
+    ro = imagination.imagine(nets, actor, wm, learned, s0, key, H)
+    plain = imagination.imagine(nets, actor, wm, done_fn, s0, key, H)
     np.testing.assert_array_equal(ro.states, plain.states)
     np.testing.assert_array_equal(ro.rewards, plain.rewards)
     want = np.array([[numpy_logits(params, np.asarray(ro.states[t + 1, b], np.float64), stats) >= 0

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import artifacts
+import imagination
 import leq
 import networks
 import tasks
@@ -108,9 +109,9 @@ def test_jacobian_action_gradients_give_the_same_update(setup, base):
 def test_horizon_changes_the_imagination(setup, base):
     task, wm, nets, st, s0, batch, done_fn = setup
     args = dataclasses.replace(leq.resolve(leq.Args(horizon=H)), horizon=H + 2)
-    D, ro, q, masks = jax.jit(lambda k: leq.action_grads_adjoint(
+    D, ro, q, masks = jax.jit(lambda k: imagination.action_grads_adjoint(
         nets, st.actor, st.critic, wm, done_fn, s0, k, args.horizon,
-        leq.return_coefficients("lambda", args.horizon, args.lam), args.gamma))(jax.random.PRNGKey(7))
+        imagination.return_coefficients("lambda", args.horizon, args.lam), args.gamma))(jax.random.PRNGKey(7))
     assert ro.states.shape[0] == H + 3 and D.shape[0] == H + 3
 
 
@@ -225,7 +226,7 @@ def test_stochastic_policy_with_zero_noise_is_the_deterministic_actor(setup, bas
     """With eps = 0 every sample is tanh(mean): without the entropy bonus the stochastic switch
     gives the trunk and mean head the deterministic actor's gradient, the log-std head none, and
     the critic the deterministic critic's gradient (so it changes only the actions' noise and the bonus)."""
-    monkeypatch.setattr(leq, "policy_noise", lambda key, shape: jnp.zeros(shape))
+    monkeypatch.setattr(imagination, "policy_noise", lambda key, shape: jnp.zeros(shape))
     g_actor, g_critic, m = parts(setup, st=stochastic_state, policy="stochastic", entropy_coef=0.0)
     head = g_actor["params"].pop("log_std")
     assert same(g_actor, base[0]) and same(g_critic, base[1])
