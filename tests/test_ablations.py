@@ -114,9 +114,10 @@ VARIANTS = {"mobile": dict(penalty=0.8), "stochastic": dict(stochastic=True),
             "mobile+stochastic": dict(penalty=0.8, stochastic=True)}
 
 
+# each variant, each objective and the critic ensemble at least once (every case compiles an
+# H + 1-pass Jacobian: about a minute of CI each)
 @pytest.mark.parametrize("variant,objective,n_critics", [
-    ("mobile", "lambda", 1), ("mobile", "hstep", 1), ("mobile", "lambda", 2), ("stochastic", "lambda", 1),
-    ("stochastic", "hstep", 1), ("mobile+stochastic", "lambda", 2)])
+    ("mobile", "hstep", 1), ("stochastic", "lambda", 1), ("mobile+stochastic", "lambda", 2)])
 def test_adjoint_action_gradients_equal_the_full_jacobian(system, variant, objective, n_critics):
     nets, actor, critic, wm, s0 = system
     if n_critics == 2:
@@ -365,7 +366,7 @@ def test_world_model_without_classifier_loads_and_refuses_learned_termination(tm
     ds = tasks.Dataset(*([np.zeros((3, 1))] * 5), 1.0, -1.0, "data/umaze.hdf5")
     path = tmp_path / "old.npz"
     world_model.save_world_model(path, TASK, {}, wm_params, np.zeros(6), np.ones(6), np.array([0, 1]),
-                                 np.zeros(2), ds, 1)
+                                 np.zeros(2), ds, 1, None)
     wm = world_model.load_world_model(path, TASK)
     assert len(world_model.members(wm.params)) == 2
     with pytest.raises(tasks.InputError, match="--termination-only") as e:
