@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cli
 import artifacts
 import networks
 import tasks
@@ -333,4 +334,4 @@ def main(args: Args) -> Optional[dict]:
 
 
 if __name__ == "__main__":
-    tasks.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)

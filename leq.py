@@ -27,6 +27,7 @@ import numpy as np
 import optax
 import tyro
 
+import cli
 import artifacts
 import evaluate
 import imagination
@@ -529,7 +530,7 @@ def train(args: Args) -> Path:
 
         bar = tqdm(total=args.total_steps, initial=step, desc=f"LEQ {args.env}", unit="step", mininterval=2)
         last_score, t_last, saved = float("nan"), time.time(), None
-        tasks.STOP.armed = True  # a SIGINT/SIGTERM stops at the next chunk boundary, with a checkpoint
+        cli.STOP.armed = True  # a SIGINT/SIGTERM stops at the next chunk boundary, with a checkpoint
         while step < args.total_steps:
             if not args.no_expansion and step % args.expand_every == 0:
                 buf = expand(buf, st.actor, data.observations, jax.random.fold_in(k_expand, step))
@@ -548,13 +549,13 @@ def train(args: Args) -> Path:
                 row.update(score=last_score, success=result["success"])
                 t_last = time.time()  # evaluation time is not training speed
             metrics_log.log(row)
-            if (step % args.checkpoint_every == 0 and step < args.total_steps) or tasks.STOP.signum:
+            if (step % args.checkpoint_every == 0 and step < args.total_steps) or cli.STOP.signum:
                 saved = save_checkpoint(run_dir, task, args, st, buf, step, nets.stats, inputs)
             bar.update(chunk)
             bar.set_postfix_str(f"critic {metrics['critic_loss']:.3g} q {metrics['q_data']:.3g} "
                                 f"score {last_score:.1f}")
-            tasks.stop_if_requested(f"at step {step}, saved in {saved}")
-        tasks.STOP.armed = False
+            cli.stop_if_requested(f"at step {step}, saved in {saved}")
+        cli.STOP.armed = False
         bar.close()
 
         final = evaluate.paper_protocol(task, nets, st.actor, args.final_eval_rounds, args.eval_episodes, args.seed)
@@ -569,4 +570,4 @@ def train(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    tasks.run_script(train, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(train, Args)  # with an XLA CPU compiler option (deviation, README)

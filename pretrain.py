@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import tyro
 
+import cli
 import artifacts
 import networks
 import tasks
@@ -287,7 +288,7 @@ def train(args: Args) -> Path:
         # BC for steps [0, bc_steps), then FQE of the cloned actor for [bc_steps, bc_steps + fqe_steps)
         total, start = args.bc_steps + args.fqe_steps, time.time()
         bar = tqdm(total=total, initial=step, desc=f"pretrain {args.env}", unit="step", mininterval=2)
-        tasks.STOP.armed = True  # a SIGINT/SIGTERM stops at the next chunk boundary, with a checkpoint
+        cli.STOP.armed = True  # a SIGINT/SIGTERM stops at the next chunk boundary, with a checkpoint
         while step < total:
             phase, end = ("BC", args.bc_steps) if step < args.bc_steps else ("FQE", total)
             n = min(args.chunk, end - step)
@@ -295,13 +296,13 @@ def train(args: Args) -> Path:
             state, loss, first_bad = (bc_chunk if phase == "BC" else fqe_chunk)(state, keys)
             artifacts.check_finite({f"{phase} loss": first_bad}, n, step, True, ckpt)
             step += n
-            if step % args.checkpoint_every < n or step == total or tasks.STOP.signum:
+            if step % args.checkpoint_every < n or step == total or cli.STOP.signum:
                 arrays = {**artifacts.tree_arrays(jax.device_get(state), "state"), "progress/step": np.array(step)}
                 artifacts.save_npz(ckpt, arrays, "pretrain_checkpoint", task, args, inputs)
             bar.update(n)
             bar.set_postfix_str(f"{phase} loss {float(loss):.4g}")
-            tasks.stop_if_requested(f"at step {step}, saved in {ckpt}")
-        tasks.STOP.armed = False
+            cli.stop_if_requested(f"at step {step}, saved in {ckpt}")
+        cli.STOP.armed = False
         bar.close()
 
         s = data.observations[:4096]
@@ -317,4 +318,4 @@ def train(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    tasks.run_script(train, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(train, Args)  # with an XLA CPU compiler option (deviation, README)

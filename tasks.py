@@ -28,10 +28,7 @@ pointmaze-giant-navigate-singletask-v0` does the same for an OGBench PointMaze.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -68,16 +65,6 @@ def check_flags(args, *rules) -> None:
             if value is not None and not (values and all(RULES[rule](v) for v in values)):
                 raise InputError(f"--{name.replace('_', '-')} must be {rule}{' (each)' if isinstance(value, tuple) else ''}, "
                                  f"got {' '.join(map(str, values)) if isinstance(value, tuple) else value}")
-
-
-def use_fast_cpu_kernels() -> None:
-    """(Deviation, README.) XLA's CPU backend runs this project's small matrix products about 10%
-    faster through its Eigen kernels than through the YNNPACK fusions it picks by default
-    (measured with benchmarks/). Only CPU compilation is affected, never the maths of a GPU run.
-    The scripts call this in their `__main__` (a library user may leave it out); it must run
-    before JAX's first computation, and XLA_FLAGS that already name the option win."""
-    if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
 
 
 @dataclasses.dataclass
@@ -450,83 +437,6 @@ def normalized_score(task: Task, mean_return: float, success_rate: float) -> flo
     return 100.0 * float(d4rl.get_normalized_score(task.name, mean_return))
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: run_script prints "stopped by SIG...: <detail>" and exits with 128 + signum."""
-
-    def __init__(self, signum: int, detail: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name}: {detail}")
-        self.signum = signum
-
-
-class StopRequest:
-    """Set by run_script's signal handlers. While a training loop is `armed`, the first SIGINT or
-    SIGTERM only sets `signum`, and the loop saves a checkpoint at its next chunk boundary and
-    raises Interrupted; otherwise (or at a second signal) the signal stops the script at once."""
-    armed = False
-    signum = 0
-
-
-STOP = StopRequest()
-
-
-def stop_if_requested(saved: str) -> None:
-    """At a training loop's chunk boundary, after saving: end the script if a signal asked to."""
-    if STOP.signum:
-        raise Interrupted(STOP.signum, f"{saved}; the same command resumes from it")
-
-
-def _on_signal(signum, frame):
-    if STOP.armed and not STOP.signum:
-        STOP.signum = signum
-        os.write(1, f"\n[{signal.Signals(signum).name}] stopping at the next chunk boundary to save a checkpoint "
-                    f"(send it again to stop at once)\n".encode())
-        return
-    raise Interrupted(signum, "nothing was saved since the last checkpoint (if any); the same command resumes from it")
-
-
-OS_ADVICE = {errno.ENOSPC: "free some disk space, then run the same command again (runs resume from their last checkpoint)",
-             errno.EFBIG: "the file size limit (ulimit -f) was reached; raise it, then run the same command again",
-             errno.EROFS: "the file system is read-only: write somewhere else (--run-dir / --out)",
-             errno.EACCES: "no permission: write somewhere else (--run-dir / --out)",
-             errno.EISDIR: "a folder is where a file should be: move it or choose another path",
-             errno.ENOTDIR: "a file is where a folder should be: move it or choose another path"}
-
-
-def os_error_message(e: OSError) -> str:
-    """One line for a failed file operation: what failed, on which file, and what to do."""
-    name = errno.errorcode.get(e.errno, "?") if e.errno else type(e).__name__
-    where = f" {e.filename}" if e.filename else ""
-    return f"{e.strerror or e} [{name}]:{where}; {OS_ADVICE.get(e.errno, 'check the file and the folder')}"
-
-
-def run_script(main: Callable, args_type) -> None:
-    """Every script's `__main__`: set the XLA CPU option of `use_fast_cpu_kernels` (a library
-    user who imports a stage and calls it directly does not get it), install the SIGINT/SIGTERM
-    handlers (see StopRequest), parse `args_type` with tyro and call `main` on it. Bad input
-    (InputError), a non-finite loss (FloatingPointError) and failed file operations (OSError: a
-    full disk, a read-only folder, ...) end the script with one line and exit code 1; a signal
-    with one line and 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
-    import tyro
-    use_fast_cpu_kernels()
-    STOP.armed, STOP.signum = False, 0
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    code = 0
-    try:
-        main(tyro.cli(args_type))
-    except (InputError, FloatingPointError) as e:
-        code, message = 1, f"error: {e}"
-    except OSError as e:
-        code, message = 1, f"error: {os_error_message(e)}"
-    except Interrupted as e:
-        code, message = 128 + e.signum, str(e)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if code:  # here, the exception and its frames are gone: progress bars have printed their last line
-        print(message, file=sys.stderr, flush=True)
-        sys.exit(code)
-
-
 # ============================================================================================
 # CLI: generate a built-in (or OGBench PointMaze) dataset and measure the controller
 # ============================================================================================
@@ -598,4 +508,6 @@ def generate_ogbench(task: Task, args: Args):
 
 
 if __name__ == "__main__":
-    run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)
+    import cli
+    import tasks  # this file as the module the others import (its InputError is the one cli catches)
+    cli.run_script(tasks.main, tasks.Args)  # with an XLA CPU compiler option (deviation, README)

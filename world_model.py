@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import cli
 import artifacts
 import networks
 import tasks
@@ -570,7 +571,7 @@ def train(args: Args) -> Path:
 
         start = time.time()
         bar = tqdm(desc=f"world model {args.env}", unit="epoch", total=args.max_epochs, initial=epoch)
-        tasks.STOP.armed = True  # a SIGINT/SIGTERM stops after the epoch's checkpoint
+        cli.STOP.armed = True  # a SIGINT/SIGTERM stops after the epoch's checkpoint
         while since < args.patience and (args.max_epochs is None or epoch < args.max_epochs):
             state, loss = train_epoch(state, shuffle_bootstrap(boot_idx, args.seed, epoch))
             mse = holdout_mse(state.params, x_hold, y_hold)
@@ -584,8 +585,8 @@ def train(args: Args) -> Path:
             decay = float(decay_loss(state.params, args.weight_decay))  # the loss's third part, at epoch end
             bar.set_postfix_str(f"loss {float(loss):.3f} + decay {decay:.3f} | holdout mse "
                                 f"{' '.join(f'{m:.2e}' for m in np.asarray(mse))} | since {since}")
-            tasks.stop_if_requested(f"after epoch {epoch}, saved in {ckpt}")
-        tasks.STOP.armed = False
+            cli.stop_if_requested(f"after epoch {epoch}, saved in {ckpt}")
+        cli.STOP.armed = False
         bar.close()
         best_mse = np.asarray(state.best_mse)
         elites = np.sort(np.argsort(best_mse)[:args.num_elites])
@@ -607,4 +608,4 @@ def save_checkpoint(path, task, args, state: TrainState, epoch, since, inputs):
 
 
 if __name__ == "__main__":
-    tasks.run_script(train, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(train, Args)  # with an XLA CPU compiler option (deviation, README)

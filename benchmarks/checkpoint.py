@@ -22,8 +22,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import cli  # noqa: E402
 import leq  # noqa: E402
-import tasks  # noqa: E402
 from leq_step import build  # noqa: E402  (benchmarks/leq_step.py: random LEQ state at paper sizes)
 
 STEP_MS = 88.0  # measured by benchmarks/leq_step.py on this 2-core CPU (adjoint, median)
@@ -57,5 +57,5 @@ def main():
 
 
 if __name__ == "__main__":
-    tasks.use_fast_cpu_kernels()  # as the stages do (README, Performance)
+    cli.use_fast_cpu_kernels()  # as the stages do (README, Performance)
     main()

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import cli  # noqa: E402
 import evaluate  # noqa: E402
 import networks  # noqa: E402
 import tasks  # noqa: E402
@@ -51,5 +52,5 @@ def main(a: Args):
 
 if __name__ == "__main__":
     import tyro
-    tasks.use_fast_cpu_kernels()  # as the stages do (README, Performance)
+    cli.use_fast_cpu_kernels()  # as the stages do (README, Performance)
     main(tyro.cli(Args))

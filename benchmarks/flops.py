@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
+import cli  # noqa: E402
 import leq  # noqa: E402
-import tasks  # noqa: E402
 from leq_step import build  # noqa: E402  (random LEQ state at paper sizes)
 
 
@@ -37,5 +37,5 @@ def main():
 
 
 if __name__ == "__main__":
-    tasks.use_fast_cpu_kernels()  # as the stages do (README, Performance)
+    cli.use_fast_cpu_kernels()  # as the stages do (README, Performance)
     main()

@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import cli  # noqa: E402
 import leq  # noqa: E402
 import networks  # noqa: E402
 import tasks  # noqa: E402
@@ -148,5 +149,5 @@ def main(a: Args):
 
 if __name__ == "__main__":
     import tyro
-    tasks.use_fast_cpu_kernels()  # as the stages do (README, Performance)
+    cli.use_fast_cpu_kernels()  # as the stages do (README, Performance)
     main(tyro.cli(Args))

@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import tasks  # noqa: E402
+import cli  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -69,5 +69,5 @@ def main(a: Args):
 
 if __name__ == "__main__":
     import tyro
-    tasks.use_fast_cpu_kernels()  # as the stages do (README, Performance)
+    cli.use_fast_cpu_kernels()  # as the stages do (README, Performance)
     main(tyro.cli(Args))

@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
+import cli  # noqa: E402
 import artifacts  # noqa: E402
 import evaluate  # noqa: E402
 import leq  # noqa: E402
@@ -219,4 +220,4 @@ def plot(summary, path):
 
 
 if __name__ == "__main__":
-    tasks.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import cli  # noqa: E402
 import networks  # noqa: E402
 import tasks  # noqa: E402
 import world_model  # noqa: E402
@@ -59,4 +60,4 @@ def main(a: Args):
 
 
 if __name__ == "__main__":
-    tasks.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)

@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import cli  # noqa: E402
 import mazes  # noqa: E402
 import tasks  # noqa: E402
 
-tasks.use_fast_cpu_kernels()  # the compiler options the scripts use, before JAX starts
+cli.use_fast_cpu_kernels()  # the compiler options the scripts use, before JAX starts
 
 
 def write_d4rl_file(path, observations, actions, rewards, terminals, timeouts=None, **extra):

@@ -1,5 +1,5 @@
 """What fault injection broke, one test per item of the reliability issue (round two), on the real
-scripts (in a subprocess, or through their entry point tasks.run_script in this process): each
+scripts (in a subprocess, or through their entry point cli.run_script in this process): each
 checks the one-line message, the exit code and that the files already there are unchanged.
 
    1 two runs on one folder: a lock              6 a corrupt newest checkpoint: fall back
@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import artifacts
+import cli
 import evaluate
 import leq
 import mazes
@@ -55,12 +56,12 @@ def last_line(p, code: int = 1, only: bool = False) -> str:
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys):
-    """A script's entry point, tasks.run_script, in this process: -> (returncode, stdout, stderr)."""
+def entry(monkeypatch, capsys):
+    """A script's entry point, cli.run_script, in this process: -> (returncode, stdout, stderr)."""
     def call(module, *argv):
         monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
         try:
-            tasks.run_script(getattr(module, "train", getattr(module, "main", None)), module.Args)
+            cli.run_script(getattr(module, "train", getattr(module, "main", None)), module.Args)
             code = 0
         except SystemExit as e:  # sys.exit("error: ...") prints the message and exits with 1
             code = e.code if isinstance(e.code, int) else 1
@@ -138,7 +139,7 @@ def test_1_a_second_leq_on_a_held_run_folder_is_refused(upstream, tiny_maze_file
 
 
 @pytest.mark.parametrize("stage", ["world_model", "pretrain", "leq"])
-def test_1_every_stage_locks_what_it_writes(stage, upstream, tiny_maze_file_module, tmp_path, cli):
+def test_1_every_stage_locks_what_it_writes(stage, upstream, tiny_maze_file_module, tmp_path, entry):
     """world_model.py and pretrain.py lock their output file, leq.py its run folder: a holder
     (here this process) makes them refuse in one line before any work; a lock left by a process
     that has ended is stale (the kernel dropped its flock) and is taken over, saying so."""
@@ -152,7 +153,7 @@ def test_1_every_stage_locks_what_it_writes(stage, upstream, tiny_maze_file_modu
     module = {"world_model": world_model, "pretrain": pretrain, "leq": leq}[stage]
     with artifacts.FolderLock(lock, "held by the test"):
         before = snapshot(out)
-        line = last_line(cli(module, *argv), only=True)
+        line = last_line(entry(module, *argv), only=True)
         assert line.startswith(f"error: {'run folder' if stage == 'leq' else ''}") and \
             f"is in use by pid {os.getpid()} on " in line and f"(lock file {lock})" in line, line
         assert snapshot(out) == before
@@ -251,7 +252,7 @@ ROWS = [{"step": s, "critic_loss": 1.0 / s} for s in (50, 100, 150, 200)]
 
 @pytest.mark.parametrize("case", ["a resume after a torn last line", "a kill during the rewrite",
                                   "evaluate --curve on a torn file"])
-def test_3_metrics_log_is_crash_safe(case, tmp_path, cli, capsys):
+def test_3_metrics_log_is_crash_safe(case, tmp_path, entry, capsys):
     """A row cut off by a full disk is dropped with a warning (a resume goes on, keeping the rows
     up to its step); the rewrite at a resume is atomic (a kill during it leaves the old file); a
     learning curve of a torn file is drawn from its whole rows."""
@@ -270,7 +271,7 @@ def test_3_metrics_log_is_crash_safe(case, tmp_path, cli, capsys):
         artifacts.MetricsLog(tmp_path, 1000)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
     else:
-        p = cli(evaluate, "--curve", path)
+        p = entry(evaluate, "--curve", path)
         assert p.returncode == 0 and "line 5 cut off or not a metrics row" in p.stderr and "Traceback" not in p.stderr
         assert (tmp_path / "metrics.png").stat().st_size > 0 and path.read_text() == text
 
@@ -298,7 +299,7 @@ def test_3_metrics_log_is_crash_safe(case, tmp_path, cli, capsys):
     ("evaluate", ["--seed", -2], "--seed must be >= 0, got -2"),
     ("tasks", ["--excursion", 1.5], "--excursion must be in [0, 1], got 1.5"),
 ])
-def test_4_every_flag_is_checked_before_any_work(script, flags, message, tmp_path, cli):
+def test_4_every_flag_is_checked_before_any_work(script, flags, message, tmp_path, entry):
     """Out-of-range flags of every script end it at once with one line naming the flag and the
     value (exit 1): nothing trained, nothing written (they used to write untrained models, divide
     by zero, or fail with a TypeError)."""
@@ -314,7 +315,7 @@ def test_4_every_flag_is_checked_before_any_work(script, flags, message, tmp_pat
             "tasks": ["--data-dir", tmp_path / "data"]}[script]
     module = {"world_model": world_model, "pretrain": pretrain, "leq": leq, "evaluate": evaluate, "tasks": tasks}[script]
     before = snapshot(tmp_path)
-    assert last_line(cli(module, *argv, *flags), only=True) == f"error: {message}"
+    assert last_line(entry(module, *argv, *flags), only=True) == f"error: {message}"
     assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
@@ -324,7 +325,7 @@ def test_4_every_flag_is_checked_before_any_work(script, flags, message, tmp_pat
 
 @pytest.mark.parametrize("case", ["a resume with only --run-dir", "a read-only run folder",
                                   "the checkpoint's world model is missing"])
-def test_5_checks_come_before_any_work(case, half_run, inputs, tmp_path, monkeypatch, cli):
+def test_5_checks_come_before_any_work(case, half_run, inputs, tmp_path, monkeypatch, entry):
     """Settings that differ from the checkpoint's, a folder the run cannot write and an input of
     the checkpoint that is missing are refused at once, in one line: no dataset generated, no
     upstream stage trained (they used to come after minutes of work)."""
@@ -348,7 +349,7 @@ def test_5_checks_come_before_any_work(case, half_run, inputs, tmp_path, monkeyp
         argv = ["--run-dir", run_dir] if case == "a resume with only --run-dir" else \
             [x for x in leq_cmd(inputs, inputs / "umaze_tiny.hdf5", run_dir)[1:] if str(x) != "--world-model"
              and x != inputs / "wm.npz"]
-        line = last_line(cli(leq, *argv), only=True)
+        line = last_line(entry(leq, *argv), only=True)
         newest = artifacts.checkpoints(run_dir)[-1]
         if case == "a resume with only --run-dir":
             assert line.startswith(f"error: checkpoint {newest} was written with other settings (") and \
@@ -412,7 +413,7 @@ def enospc(args):
                                   "--curve of a missing file", "--curve of a broken file", "--out into a missing folder",
                                   "parameters of the wrong shape", "actions is a group", "actions are strings",
                                   "a short buffer in a checkpoint"])
-def test_7_failures_end_in_one_line(case, half_run, inputs, tiny_maze_file_module, tmp_path, cli, monkeypatch):
+def test_7_failures_end_in_one_line(case, half_run, inputs, tiny_maze_file_module, tmp_path, entry, monkeypatch):
     """Each of these ended in a traceback; now in one line that names the file and says what to do,
     exit code 1, leaving the files already there as they were."""
     folder = tmp_path / "folder"
@@ -440,18 +441,18 @@ def test_7_failures_end_in_one_line(case, half_run, inputs, tiny_maze_file_modul
                  "--out", folder / "wm.npz", "--hidden-dims", 16, 16, "--weight-decay", 0, 0, 0], folder, check=False)
     elif case == "ENOSPC":
         monkeypatch.setattr(world_model, "train", enospc)
-        p = cli(world_model)
+        p = entry(world_model)
     elif case == "--run-dir is a file":
-        p = cli(leq, *leq_cmd(inputs, inputs / "umaze_tiny.hdf5", folder / "notes.txt")[1:])
+        p = entry(leq, *leq_cmd(inputs, inputs / "umaze_tiny.hdf5", folder / "notes.txt")[1:])
     elif case.startswith("--curve"):
-        p = cli(evaluate, "--curve", folder / "m.jsonl")
+        p = entry(evaluate, "--curve", folder / "m.jsonl")
     elif case in ("--out into a missing folder", "parameters of the wrong shape"):
         out = ["--out", folder / "missing" / "e.json"] if case == "--out into a missing folder" else []
-        p = cli(evaluate, "--checkpoint", actor, "--episodes", 1, "--parallel", 1, *out)
+        p = entry(evaluate, "--checkpoint", actor, "--episodes", 1, "--parallel", 1, *out)
     elif case.startswith("actions"):
-        p = cli(world_model, "--env", ENV, "--dataset-path", folder / "bad.hdf5", "--out", folder / "wm.npz")
+        p = entry(world_model, "--env", ENV, "--dataset-path", folder / "bad.hdf5", "--out", folder / "wm.npz")
     else:
-        p = cli(leq, *leq_cmd(inputs, inputs / "umaze_tiny.hdf5", folder)[1:])
+        p = entry(leq, *leq_cmd(inputs, inputs / "umaze_tiny.hdf5", folder)[1:])
     line = last_line(p, only=case not in ("--curve of a broken file", "a full disk (a file size limit)"))  # a warning, a bar
     want = {
         "a full disk (a file size limit)": f"error: File too large [EFBIG]: {folder / 'wm.ckpt.npz'}; the file size "
@@ -523,13 +524,13 @@ def test_7_signals_save_a_checkpoint_and_exit_with_one_line(stage, sig, half_run
 
 @pytest.mark.parametrize("case", ["pretrain's NaN before its first checkpoint", "a pickled entry",
                                   "your broken dataset", "a broken built-in dataset"])
-def test_8_messages_say_what_happened(case, upstream, tmp_path, cli, tiny_maze_file_module):
+def test_8_messages_say_what_happened(case, upstream, tmp_path, entry, tiny_maze_file_module):
     """No checkpoint is named that does not exist; a pickled entry is called that, not "corrupt";
     "delete it" is advised only for files the project made (the built-in data), not for the user's."""
     folder = tmp_path / "folder"
     folder.mkdir()
     if case == "pretrain's NaN before its first checkpoint":
-        p = cli(pretrain, "--env", ENV, "--dataset-path", tiny_maze_file_module, "--world-model", upstream / "wm.npz",
+        p = entry(pretrain, "--env", ENV, "--dataset-path", tiny_maze_file_module, "--world-model", upstream / "wm.npz",
                 "--out", folder / "pt.npz", "--hidden-dims", 8, "--bc-steps", 2, "--fqe-steps", 400, "--chunk", 100,
                 "--fqe-lr", 1e30)
         line = last_line(p)
@@ -542,7 +543,7 @@ def test_8_messages_say_what_happened(case, upstream, tmp_path, cli, tiny_maze_f
         with np.load(upstream / "pt.npz", allow_pickle=False) as f:
             np.savez(bad, **{k: f[k] for k in f.files}, **{"actor/extra": np.array([{"a": 1}], dtype=object)})
         before = snapshot(folder)
-        line = last_line(cli(evaluate, "--checkpoint", bad), only=True)
+        line = last_line(entry(evaluate, "--checkpoint", bad), only=True)
         assert line == (f"error: artifact {bad}: entry 'actor/extra' is a pickled object, refused for safety (this "
                         f"project never writes pickles); re-create the file with the stage that makes it"), line
     else:
@@ -550,7 +551,7 @@ def test_8_messages_say_what_happened(case, upstream, tmp_path, cli, tiny_maze_f
         data.write_bytes(tiny_maze_file_module.read_bytes()[:3000])
         before = snapshot(folder)
         source = ["--dataset-path", data] if case == "your broken dataset" else ["--data-dir", folder]
-        line = last_line(cli(world_model, "--env", ENV, *source, "--out", folder / "wm.npz"), only=True)
+        line = last_line(entry(world_model, "--env", ENV, *source, "--out", folder / "wm.npz"), only=True)
         assert line.startswith(f"error: dataset file {data} is not a readable HDF5 file (corrupt or truncated?): ")
         advice = "check or replace the file" if case == "your broken dataset" else "delete it to regenerate it"
         assert line.endswith(f"; {advice}") and "delete" not in line.replace(advice, ""), line
@@ -563,7 +564,7 @@ def test_8_messages_say_what_happened(case, upstream, tmp_path, cli, tiny_maze_f
 
 @pytest.mark.parametrize("case", ["actions outside [-1, 1]", "--inject-nan-at is not a flag", "a NaN actor",
                                   "file modes follow the umask", "a finished run folder", "a finished run, other flags"])
-def test_9_no_longer_accepted_silently(case, uninterrupted, upstream, tiny_maze_file_module, tmp_path, cli):
+def test_9_no_longer_accepted_silently(case, uninterrupted, upstream, tiny_maze_file_module, tmp_path, entry):
     folder = tmp_path / "folder"
     folder.mkdir()
     if case == "actions outside [-1, 1]":
@@ -572,7 +573,7 @@ def test_9_no_longer_accepted_silently(case, uninterrupted, upstream, tiny_maze_
         actions[[3, 3, 90], [0, 1, 1]] = [1.5, -7.0, 1.0001]
         data = write_d4rl_file(folder / "d.hdf5", rng.normal(size=(800, 4)), actions, np.zeros(800), np.zeros(800))
         before = snapshot(folder)
-        p = cli(world_model, "--env", ENV, "--dataset-path", data, "--out", folder / "wm.npz", "--hidden-dims", 8,
+        p = entry(world_model, "--env", ENV, "--dataset-path", data, "--out", folder / "wm.npz", "--hidden-dims", 8,
                 "--weight-decay", 0, 0, "--max-epochs", 1)
         assert p.returncode == 0 and p.stderr.splitlines()[0] == (
             f"warning: dataset {data}: 3 action values (in 2 rows) are outside [-1, 1]; they are clipped to "
@@ -587,7 +588,7 @@ def test_9_no_longer_accepted_silently(case, uninterrupted, upstream, tiny_maze_
         shutil.copy(upstream / "pt.npz", nan)
         rewrite(nan, lambda a: a["actor/params/Dense_0/kernel"].__setitem__((0, 0), np.nan))
         before = snapshot(folder)
-        line = last_line(cli(evaluate, "--checkpoint", nan), only=True)
+        line = last_line(entry(evaluate, "--checkpoint", nan), only=True)
         assert line == (f"error: artifact {nan} has non-finite values in 'actor/params/Dense_0/kernel' (1 of "
                         f"{4 * 32}): refused; re-create it (or resume from an earlier checkpoint)"), line
         assert snapshot(folder) == before
@@ -608,7 +609,7 @@ def test_9_no_longer_accepted_silently(case, uninterrupted, upstream, tiny_maze_
         run_dir = copy_run(uninterrupted, folder / "run")
         before = snapshot(run_dir)
         other = ["--seed", 1] if case == "a finished run, other flags" else []
-        p = cli(leq, *leq_cmd(upstream, tiny_maze_file_module, run_dir)[1:], *other)
+        p = entry(leq, *leq_cmd(upstream, tiny_maze_file_module, run_dir)[1:], *other)
         if other:
             line = last_line(p, only=True)
             assert line.startswith(f"error: the finished run in {run_dir} was written with other settings (seed 0 "

@@ -144,12 +144,12 @@ POISON = """
 import sys
 sys.path.insert(0, {root!r})
 import jax.numpy as jnp
-import leq, tasks
+import cli, leq
 def poison(step, st, data):  # one NaN reward in the data, from step {at} on
     return st, (data._replace(rewards=data.rewards.at[{row}].set(jnp.nan)) if step == {at} else data)
 leq.before_chunk = poison
 sys.argv = ["leq.py", *sys.argv[1:]]
-tasks.run_script(leq.train, leq.Args)
+cli.run_script(leq.train, leq.Args)
 """
 
 
