@@ -324,11 +324,12 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
         path, t = minari_tasks.transitions(task, dataset_path, data_dir)
     else:
         path, origin = d4rl_format_file(task, dataset_path, data_dir)
-        t = qlearning_transitions(read_hdf5(path, task.max_episode_steps, origin))
-    outside = np.abs(t["actions"]) > 1
-    if outside.any():
-        warn(f"dataset {path}: {int(outside.sum())} action values (in {int(outside.any(1).sum())} rows) are "
-             f"outside [-1, 1]; they are clipped to [-1 + 1e-5, 1 - 1e-5] like every action")
+        data = read_hdf5(path, task.max_episode_steps, origin)
+        outside = np.abs(data["actions"]) > 1
+        if outside.any():
+            warn(f"dataset {path}: {int(outside.sum())} action values (in {int(outside.any(1).sum())} rows) are "
+                 f"outside [-1, 1]; they are clipped to [-1 + 1e-5, 1 - 1e-5] like every action")
+        t = qlearning_transitions(data)
     dims = (t["observations"].shape[1], t["actions"].shape[1])
     if dims != (task.obs_dim, task.act_dim):
         raise InputError(f"dataset file {path} has obs/action dims {dims}, but {task.name} "
