@@ -82,6 +82,7 @@ def test_mobile_uncertainty_is_the_std_over_elites_by_a_loop(system, n_critics):
     assert want.min() > 1e-3  # the elites really disagree
 
 
+@pytest.mark.slow
 def test_mobile_penalty_is_in_every_imagined_reward_and_the_critic_target(system):
     """Same model samples as LEQ's rollout, rewards r_t - beta u(s_t, a_t), and the critic's model
     term is plain squared error against the lambda-returns of the penalised rewards."""
@@ -116,6 +117,7 @@ VARIANTS = {"mobile": dict(penalty=0.8), "stochastic": dict(stochastic=True),
 
 # each variant, each objective and the critic ensemble at least once (every case compiles an
 # H + 1-pass Jacobian: about a minute of CI each)
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,objective,n_critics", [
     ("mobile", "hstep", 1), ("stochastic", "lambda", 1), ("mobile+stochastic", "lambda", 2)])
 def test_adjoint_action_gradients_equal_the_full_jacobian(system, variant, objective, n_critics):
@@ -138,6 +140,7 @@ def test_adjoint_action_gradients_equal_the_full_jacobian(system, variant, objec
     assert scale > 1e-3
 
 
+@pytest.mark.slow
 def test_mobile_action_gradient_counts_the_penalty_once(system):
     """H = 1, H-step return G_0 = m_0 (r_0 - beta u(s_0, a_0)) + gamma m_1 q(s_1, pi(s_1)): the
     adjoint's D_0 against central differences of that formula, assembled from the model step, the
@@ -418,6 +421,7 @@ def model_arrays(path):
         return {k: f[k] for k in f.files if not k.startswith("meta/")}
 
 
+@pytest.mark.slow
 def test_termination_classifier_leaves_the_ensemble_as_it_is(pipeline):
     """--termination-only adds termination/* to the file and changes nothing else; training the
     ensemble with --learn-termination gives the very same ensemble as without it."""
@@ -443,6 +447,7 @@ def test_learned_termination_needs_a_classifier_in_one_line(pipeline, tmp_path):
     assert p.returncode != 0 and len(lines) == 1 and "--termination-only" in lines[0], p.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,metric", [
     (("--conservatism", "mobile"), "penalty"),
     (("--policy", "stochastic", "--entropy-coef", 0.05), "entropy_loss"),
@@ -457,6 +462,7 @@ def test_each_ablation_runs_end_to_end(pipeline, tmp_path, flags, metric):
     assert (tmp_path / "run" / "leq.npz").exists() and (tmp_path / "run" / "final_eval.json").exists()
 
 
+@pytest.mark.slow
 def test_all_three_ablations_resume_exactly(pipeline, tmp_path):
     """A run with the three switches, and the same run resumed from its step-50 checkpoint: the
     same final networks (the ablations' noise comes from each step's key). Its leq.npz (two

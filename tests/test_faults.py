@@ -116,6 +116,7 @@ def rewrite(path, change) -> None:
 # 1. Two runs on one folder
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_1_a_second_leq_on_a_held_run_folder_is_refused(upstream, tiny_maze_file_module, uninterrupted, tmp_path):
     """Two leq.py processes on one --run-dir (seeds 0 and 1): the second is refused in one line
     naming the first's pid, and the first ends exactly as a run alone (its leq.npz, metrics and
@@ -168,6 +169,7 @@ def test_1_every_stage_locks_what_it_writes(stage, upstream, tiny_maze_file_modu
 # 2. Changed inputs at a resume
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["world model replaced", "other data under the same name", "pretrain replaced",
                                   "relative paths: accepted, ends equal"])
 def test_2_a_resume_refuses_inputs_that_changed(case, half_run, inputs, uninterrupted, tiny_maze_file_module, tmp_path):
@@ -366,6 +368,7 @@ def test_5_checks_come_before_any_work(case, half_run, inputs, tmp_path, monkeyp
 # 6. A corrupt newest checkpoint
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["the newest is corrupt", "every checkpoint is corrupt"])
 def test_6_a_corrupt_newest_checkpoint_falls_back_to_the_previous(case, half_run, inputs, uninterrupted, tmp_path):
     """The newest checkpoint cut short: the resume says so and goes on from the previous one, to
@@ -476,6 +479,7 @@ def test_7_failures_end_in_one_line(case, half_run, inputs, tiny_maze_file_modul
     assert snapshot(folder) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,sig", [("world_model", signal.SIGINT), ("pretrain", signal.SIGTERM),
                                        ("leq", signal.SIGINT)])
 def test_7_signals_save_a_checkpoint_and_exit_with_one_line(stage, sig, half_run, upstream, tiny_maze_file_module,

@@ -115,6 +115,7 @@ def test_horizon_changes_the_imagination(setup, base):
     assert ro.states.shape[0] == H + 3 and D.shape[0] == H + 3
 
 
+@pytest.mark.slow
 def test_independent_rollouts(setup):
     task, wm, nets, st, s0, batch, done_fn = setup
     data = tasks.Transitions(*(jnp.concatenate([x] * 4) for x in batch))
@@ -173,6 +174,7 @@ def test_num_critics_default_follows_the_conservatism():
     assert leq.resolve(leq.Args(conservatism="mobile", num_critics=1)).num_critics == 1
 
 
+@pytest.mark.slow
 def test_mobile_without_penalty_is_the_expectile_one_half(setup):
     """MOBILE's conservatism with beta = 0 and one critic is LEQ with tau = 1/2 (plain squared
     error) in the critic's model term and the actor's weights, exactly."""
@@ -183,6 +185,7 @@ def test_mobile_without_penalty_is_the_expectile_one_half(setup):
         assert m[k] == pytest.approx(float(ref[2][k]), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_mobile_penalty_changes_only_the_imagined_rewards(setup):
     zero = parts(setup, mobile_beta=0.0, **MOBILE)
     g_actor, g_critic, m = parts(setup, mobile_beta=0.5, **MOBILE)
@@ -194,6 +197,7 @@ def test_mobile_penalty_changes_only_the_imagined_rewards(setup):
         assert m[k] == pytest.approx(float(zero[2][k]), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_mobile_penalty_does_not_reach_the_q_objective(setup):
     """The q actor objective has no reward terms: the penalty changes only the critic there."""
     g_actor, g_critic, _ = parts(setup, mobile_beta=0.5, actor_objective="q", **MOBILE)

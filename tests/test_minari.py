@@ -174,6 +174,7 @@ def test_missing_dataset_and_bad_flags_give_one_line(root, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1 and "minari download" in p.stderr
 
 
+@pytest.mark.slow
 def test_end_to_end_on_a_minari_pointmaze_dataset(root, tmp_path):
     env = {**os.environ, "MINARI_DATASETS_PATH": str(root)}
 

@@ -195,6 +195,7 @@ def test_bad_names_and_files_give_one_line(tmp_path):
     assert "only built-in pointmaze tasks and OGBench pointmaze" in one_line(e)
 
 
+@pytest.mark.slow
 def test_end_to_end_on_a_generated_dataset(tmp_path):
     """tasks.py generates a small navigate dataset; all stages run on it and evaluate in ogbench's env."""
     def run(*args):

@@ -38,6 +38,7 @@ def test_leq_killed_and_resumed_equals_an_uninterrupted_run(upstream, tiny_maze_
     assert len(list(run_dir.glob("checkpoint_*.npz"))) <= 2  # the last two are kept
 
 
+@pytest.mark.slow
 def test_same_seed_twice_gives_identical_metrics(upstream, tiny_maze_file_module, uninterrupted):
     """Every random draw comes from the seed."""
     run_dir = upstream / "again"
@@ -78,6 +79,7 @@ def test_one_compile_per_run(upstream, tiny_maze_file_module, tmp_path, monkeypa
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_world_model_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
     """world_model.py continues from its per-epoch checkpoint and ends with the same model."""
     # A tiny epoch takes ~20 ms: run 300 of them (no early stop) so that the kill, sent once the
@@ -97,6 +99,7 @@ def test_world_model_killed_and_resumed(upstream, tiny_maze_file_module, tmp_pat
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_pretrain_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
     """pretrain.py continues from its checkpoint and ends with the same networks."""
     def cmd(out):
@@ -218,6 +221,7 @@ def nested(prefix, flags):
     return [f"--{prefix}.{f[2:]}" if str(f).startswith("--") else f for f in flags]
 
 
+@pytest.mark.slow
 def test_one_leq_command_runs_shrunk_upstream_stages(upstream, tiny_maze_file_module, tmp_path):
     """leq.py without upstream artifacts runs world_model.py and pretrain.py with the nested
     --world-model-settings.* / --pretrain-settings.*: the world model is the one world_model.py
