@@ -360,10 +360,11 @@ def make_update(nets: Nets, wm, done_fn, actor_opt, critic_opt, args: Args):
     return update
 
 
-def make_train_chunk(update, args: Args):
-    """K update steps in one compiled call; keys fold in the global step, so a resumed run draws
-    the same numbers. Metrics come back averaged over the chunk, with each one's first
-    non-finite step in the chunk (n_steps if none) and whether the final state is finite."""
+def chunk_of(update):
+    """K update steps as one function (st, data, starts, n_starts, base_key, step0, K); keys fold
+    in the global step, so a resumed run draws the same numbers. Metrics come back averaged over
+    the chunk, with each one's first non-finite step in the chunk (n_steps if none) and whether
+    the final state is finite."""
     def chunk(st: LEQState, data, starts, n_starts, base_key, step0, n_steps):
         def body(st, i):
             return update(st, data, starts, n_starts, jax.random.fold_in(base_key, step0 + i))
@@ -371,7 +372,12 @@ def make_train_chunk(update, args: Args):
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(st)]))
         first_bad = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x).all(), n_steps, jnp.argmin(jnp.isfinite(x))), metrics)
         return st, jax.tree.map(jnp.mean, metrics), first_bad, finite
-    return jax.jit(chunk, static_argnums=6, donate_argnums=0)
+    return chunk
+
+
+def make_train_chunk(update, args: Args):
+    """`chunk_of(update)` in one compiled call."""
+    return jax.jit(chunk_of(update), static_argnums=6, donate_argnums=0)
 
 
 # ============================================================================================
@@ -403,11 +409,11 @@ def buffer_add(buf: Buffer, obs, act, rew, next_obs, masks) -> Buffer:
                   (buf.ptr + n) % capacity, jnp.minimum(buf.filled + n, capacity))
 
 
-def make_expand(nets: Nets, wm, done_fn, args: Args):
-    """Sample expand_size dataset states, roll out expand_length steps with
-    a = tanh(mean + N(0, expand_noise^2)) in the model (the stochastic actor: tanh(mean +
-    expand_noise sigma(s) N(0, 1))), add every transition (mask = 1 - done of that step; rollouts
-    are not cut at a termination)."""
+def expansion(nets: Nets, wm, done_fn, args: Args):
+    """(buf, actor, data_obs, key) -> buf: sample expand_size dataset states, roll out
+    expand_length steps with a = tanh(mean + N(0, expand_noise^2)) in the model (the stochastic
+    actor: tanh(mean + expand_noise sigma(s) N(0, 1))), add every transition (mask = 1 - done of
+    that step; rollouts are not cut at a termination)."""
     def expand(buf: Buffer, actor, data_obs, key):
         k_start, k_roll = jax.random.split(key)
         s = data_obs[jax.random.randint(k_start, (args.expand_size,), 0, data_obs.shape[0])]
@@ -424,7 +430,12 @@ def make_expand(nets: Nets, wm, done_fn, args: Args):
 
         _, rows = jax.lax.scan(step, s, jax.random.split(k_roll, args.expand_length))
         return buffer_add(buf, *(x.reshape(-1, *x.shape[2:]) for x in rows))
-    return jax.jit(expand, donate_argnums=0)
+    return expand
+
+
+def make_expand(nets: Nets, wm, done_fn, args: Args):
+    """`expansion` in one compiled call."""
+    return jax.jit(expansion(nets, wm, done_fn, args), donate_argnums=0)
 
 
 # ============================================================================================
