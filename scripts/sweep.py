@@ -1,17 +1,23 @@
 """Sweeps: a grid of envs x leq.py flag sets, one job per cell, each training its seeds in one
 process (`leq.py --num-seeds N`), submitted through submitit; then one table of the results.
 
-    # on one machine (submitit's local executor runs the jobs as subprocesses, one after another here)
+    # on one machine (submitit's local executor: the jobs run as subprocesses here)
     python scripts/sweep.py submit --envs pointmaze-umaze pointmaze-medium --seed 0 --num-seeds 3 \
-        --flags "--expectile 0.1" "--expectile 0.3" "--expectile 0.5" --sweep-dir sweeps/tau
+        --sweep-dir sweeps/tau -- --expectile 0.1 0.3 0.5 --total-steps 20000
     # on a Slurm cluster: the same, plus where and how long
     python scripts/sweep.py submit ... --executor slurm --slurm-partition gpu --gpus-per-job 1 --time-min 720
     # when the jobs have finished (or to see the cells so far)
     python scripts/sweep.py collect --sweep-dir sweeps/tau
 
+After `--` come leq.py's flags: a flag given several values is an axis of the grid (the cells are
+every combination), one given one value (or a flag with a tuple value, e.g. --goal 1 2 or
+--world-model-settings.hidden-dims 64 64) is passed to every cell, and {env} in a value is
+replaced by the cell's env (e.g. --dataset-path data/{env}.hdf5).
+
 `submit` first makes every (env, seed)'s world model and pretraining in one job per env (so the
 cells of an env do not train them twice at once), then one job per (env, flag set), which waits
-for its env's job (a Slurm dependency; the local executor simply waits). The grid is written to
+for its env's job (a Slurm dependency; with the local executor `submit` waits for the jobs of
+each stage, and returns when every cell has ended, naming the ones that failed). The grid is written to
 <sweep-dir>/sweep.json. `collect` reads each cell's seeds' final_eval.json and metrics.jsonl and
 writes <sweep-dir>/results.csv, results.md (mean final score and a 95% bootstrap interval over
 seeds per cell) and curves.png. submitit keeps its own job files (pickled, as submitit works)
@@ -19,6 +25,7 @@ under <sweep-dir>/submitit/; nothing this project writes or reads uses pickle.
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -41,14 +48,12 @@ class Submit:
     """Submit the grid."""
     envs: tuple[str, ...] = ("pointmaze-umaze",)
     """tasks of the grid"""
-    flags: tuple[str, ...] = ("",)
-    """leq.py flag sets of the grid, one string each (e.g. "--expectile 0.3"; "" = the defaults)"""
+    leq_flags: str = ""
+    """leq.py's flags, as written after `--` (set from them; see above)"""
     seed: int = 0
     """first seed of every cell"""
     num_seeds: int = 3
     """seeds per cell (seed .. seed + num_seeds - 1), trained in one process"""
-    common_flags: str = ""
-    """leq.py flags added to every cell (e.g. "--total-steps 20000")"""
     sweep_dir: str = "sweeps/sweep"
     """folder of the sweep: sweep.json, the cells' run folders, submitit's job files"""
     executor: Literal["local", "slurm", "debug"] = "local"
@@ -74,6 +79,38 @@ class Collect:
     """bootstrap resamples for the 95% interval"""
 
 
+def tuple_flags() -> set:
+    """leq.py's flags whose value is a tuple (their values are one value, not a grid axis)."""
+    import typing
+
+    import leq
+    found = set()
+    for name, hint in typing.get_type_hints(leq.Args).items():
+        if dataclasses.is_dataclass(hint):  # the nested --world-model-settings.* / --pretrain-settings.*
+            found |= {f"--{name}.{k}".replace("_", "-") for k, h in typing.get_type_hints(hint).items()
+                      if "tuple" in str(h)}
+        elif "tuple" in str(hint):
+            found.add(f"--{name}".replace("_", "-"))
+    return found
+
+
+def grid(words) -> tuple:
+    """(flags common to every cell, [flag set of each cell]) of leq.py's flags as written after `--`."""
+    groups = []
+    for w in words:
+        if w.startswith("--"):
+            groups.append((w, []))
+        elif not groups:
+            raise tasks.InputError(f"leq.py's flags after -- start with a flag (--name), not {w!r}")
+        else:
+            groups[-1][1].append(w)
+    whole = tuple_flags()
+    is_axis = [len(values) > 1 and flag.replace("_", "-") not in whole for flag, values in groups]
+    common = [x for (flag, values), axis in zip(groups, is_axis) if not axis for x in (flag, *values)]
+    axes = [[shlex.join([flag, v]) for v in values] for (flag, values), axis in zip(groups, is_axis) if axis]
+    return common, [" ".join(cell) for cell in itertools.product(*axes)]
+
+
 def cell_name(flags: str) -> str:
     """A folder name for a flag set: "--expectile 0.3" -> "expectile_0.3"; "" -> "defaults"."""
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", flags.replace("--", " ")).strip("_") or "defaults"
@@ -95,38 +132,58 @@ def executor_for(s: Submit, folder: Path, name: str):
 
 def submit(s: Submit) -> None:
     import submitit
-    if s.num_seeds < 1 or not s.envs or not s.flags:
-        raise tasks.InputError("--num-seeds must be >= 1 and --envs and --flags must not be empty")
+    if s.num_seeds < 1 or not s.envs:
+        raise tasks.InputError("--num-seeds must be >= 1 and --envs must not be empty")
     for env in s.envs:
         tasks.get_task(env)  # unknown names fail now, not inside a job
-    names = [cell_name(f) for f in s.flags]
+    common_flags, flag_sets = grid(shlex.split(s.leq_flags))
+    names = [cell_name(f) for f in flag_sets]
     if len(set(names)) != len(names):
         raise tasks.InputError(f"two flag sets give the same cell name: {names}")
     sweep = Path(s.sweep_dir).resolve()
     sweep.mkdir(parents=True, exist_ok=True)
     python, seeds = sys.executable, [str(k) for k in range(s.seed, s.seed + s.num_seeds)]
-    cells = []
-    for env in s.envs:
-        # the upstream stages of every seed, once per env, in the folder the cells run in
+    common = {env: [w.replace("{env}", env) for w in common_flags] for env in s.envs}
+    prep_jobs = {}
+    for env in s.envs:  # the upstream stages of every seed, once per env, in the folder the cells run in
         prep = submitit.helpers.CommandFunction(
-            [python, str(ROOT / "scripts" / "sweep.py"), "prepare", "--env", env, "--seeds", *seeds], cwd=sweep)
-        prep_job = executor_for(s, sweep / "submitit", f"prepare-{env}").submit(prep)
-        if s.executor != "slurm":
-            prep_job.result()  # local/debug: no dependencies, so wait here
-        for flags, name in zip(s.flags, names):
+            [python, str(ROOT / "scripts" / "sweep.py"), "prepare", "--env", env, "--seeds", *seeds,
+             f"--leq-flags={shlex.join(common[env])}"], cwd=sweep)
+        prep_jobs[env] = executor_for(s, sweep / "submitit", f"prepare-{env}").submit(prep)
+    if s.executor != "slurm":  # local/debug: no dependencies, so wait here
+        wait([(f"prepare {env}", job) for env, job in prep_jobs.items()])
+    cells, jobs = [], []
+    for env in s.envs:
+        for flags, name in zip(flag_sets, names):
             run_dir = sweep / env / name
             command = [python, str(ROOT / "leq.py"), "--env", env, "--seed", str(s.seed), "--num-seeds",
-                       str(s.num_seeds), "--run-dir", str(run_dir), *shlex.split(s.common_flags), *shlex.split(flags)]
+                       str(s.num_seeds), "--run-dir", str(run_dir), *common[env], *shlex.split(flags)]
             ex = executor_for(s, sweep / "submitit", f"{env}-{name}")
             if s.executor == "slurm":
-                ex.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{prep_job.job_id}"})
+                ex.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{prep_jobs[env].job_id}"})
             job = ex.submit(submitit.helpers.CommandFunction(command, cwd=sweep))
+            jobs.append((f"{env} / {name}", job))
             cells.append(dict(env=env, flags=flags, name=name, run_dir=str(run_dir), seeds=list(map(int, seeds)),
                               job_id=str(job.job_id), command=command))
             print(f"submitted {env} / {name}: job {job.job_id}")
     (sweep / "sweep.json").write_text(json.dumps({"cells": cells, "submit": dataclasses.asdict(s)}, indent=2))
-    print(f"wrote {sweep / 'sweep.json'}; when the jobs are done: python scripts/sweep.py collect "
+    print(f"wrote {sweep / 'sweep.json'}")
+    if s.executor != "slurm":
+        wait(jobs)
+    print(f"{'when the jobs are done' if s.executor == 'slurm' else 'done'}: python scripts/sweep.py collect "
           f"--sweep-dir {s.sweep_dir}")
+
+
+def wait(jobs) -> None:
+    """Wait for local jobs; one line naming those that failed (their logs are in submitit's folder)."""
+    failed = []
+    for name, job in jobs:
+        try:
+            job.result()
+        except Exception as e:  # submitit re-raises the job's failure here
+            failed.append(f"{name} ({type(e).__name__}; log {job.paths.stderr})")
+    if failed:
+        raise tasks.InputError(f"{len(failed)} job(s) failed: {'; '.join(failed)}")
 
 
 @dataclasses.dataclass
@@ -136,12 +193,18 @@ class Prepare:
     """task"""
     seeds: tuple[int, ...] = (0,)
     """seeds"""
+    leq_flags: str = ""
+    """the leq.py flags of the env's cells (data, --world-model-settings.*, --pretrain-settings.*)"""
 
 
 def prepare(p: Prepare) -> None:
+    import tyro
+
     import leq
+    import pretrain
     for seed in p.seeds:
-        leq.upstream_artifacts(leq.resolve(leq.Args(env=p.env, seed=seed)))
+        args = tyro.cli(leq.Args, args=["--env", p.env, "--seed", str(seed), *shlex.split(p.leq_flags)])
+        pretrain.upstream(tasks.get_task(p.env), leq.resolve(args), None)
 
 
 # ============================================================================================
@@ -220,4 +283,7 @@ def main(command: Union[Submit, Collect, Prepare]) -> None:
 
 
 if __name__ == "__main__":
+    if "--" in sys.argv:  # leq.py's flags: into --leq-flags, one string
+        cut = sys.argv.index("--")
+        sys.argv[cut:] = [f"--leq-flags={shlex.join(sys.argv[cut + 1:])}"]
     tasks.run_script(main, Union[Submit, Collect, Prepare])  # with an XLA CPU compiler option (deviation, README)
