@@ -141,9 +141,12 @@ def submit(s: Submit) -> None:
     if len(set(names)) != len(names):
         raise tasks.InputError(f"two flag sets give the same cell name: {names}")
     sweep = Path(s.sweep_dir).resolve()
-    sweep.mkdir(parents=True, exist_ok=True)
     python, seeds = sys.executable, [str(k) for k in range(s.seed, s.seed + s.num_seeds)]
     common = {env: [w.replace("{env}", env) for w in common_flags] for env in s.envs}
+    for env in s.envs:  # every cell's leq.py flags parse and pass leq.resolve now, not inside a job
+        for flags in flag_sets:
+            leq_args(env, s.seed, [*common[env], *shlex.split(flags), "--num-seeds", str(s.num_seeds)])
+    sweep.mkdir(parents=True, exist_ok=True)
     prep_jobs = {}
     for env in s.envs:  # the upstream stages of every seed, once per env, in the folder the cells run in
         prep = submitit.helpers.CommandFunction(
@@ -197,14 +200,18 @@ class Prepare:
     """the leq.py flags of the env's cells (data, --world-model-settings.*, --pretrain-settings.*)"""
 
 
-def prepare(p: Prepare) -> None:
+def leq_args(env: str, seed: int, flags):
+    """leq.py's resolved Args of these flags (tyro's message and exit on a flag it does not know)."""
     import tyro
 
     import leq
+    return leq.resolve(tyro.cli(leq.Args, args=["--env", env, "--seed", str(seed), *flags]))
+
+
+def prepare(p: Prepare) -> None:
     import pretrain
     for seed in p.seeds:
-        args = tyro.cli(leq.Args, args=["--env", p.env, "--seed", str(seed), *shlex.split(p.leq_flags)])
-        pretrain.upstream(tasks.get_task(p.env), leq.resolve(args), None)
+        pretrain.upstream(tasks.get_task(p.env), leq_args(p.env, seed, shlex.split(p.leq_flags)), None)
 
 
 # ============================================================================================
