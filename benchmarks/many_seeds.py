@@ -74,7 +74,6 @@ def main(a: Args):
         compile_s, ms = time_chunk(lambda s, step: train_chunk(s, models, data, pool, filled, keys, step, k),
                                    many_seeds.stack([st] * n), k, a.calls)
         rows.append(dict(n=n, ms_per_step=ms, compile_s=compile_s, ratio=ms / t1, per_seed=ms / (n * t1)))
-        del pool
 
     print("| N | ms per step | t(N)/t(1) | t(N)/(N t(1)) | compile + first call, s |")
     print("|---|---|---|---|---|")

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
+import artifacts  # noqa: E402
 import tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,8 @@ class Submit:
     envs: tuple[str, ...] = ("pointmaze-umaze",)
     """tasks of the grid"""
     leq_flags: str = ""
-    """leq.py's flags, as written after `--` (set from them; see above)"""
+    """leq.py's flags, normally written after `--`: a flag with several values is an axis of the
+    grid, {env} in a value becomes the cell's env"""
     seed: int = 0
     """first seed of every cell"""
     num_seeds: int = 3
@@ -243,7 +245,7 @@ def collect(c: Collect) -> None:
         for seed, folder in seed_folders(Path(cell["run_dir"]), cell["seeds"]).items():
             if (folder / "final_eval.json").exists():
                 finals.append(json.loads((folder / "final_eval.json").read_text())["score"])
-                metrics = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines() if r.strip()]
+                metrics = artifacts.read_metrics(folder / "metrics.jsonl")  # drops a row cut off by a crash
                 curves.append([(r["step"], r["score"]) for r in metrics if "score" in r])
         low, high = bootstrap_interval(finals, c.resamples) if finals else (float("nan"), float("nan"))
         rows.append(dict(env=cell["env"], cell=cell["name"], flags=cell["flags"], seeds_done=len(finals),
