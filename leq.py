@@ -51,6 +51,9 @@ WorldModelSettings, PretrainSettings = world_model.Settings, pretrain.Settings
 @dataclasses.dataclass
 class Args(tasks.TaskArgs):
     # --- Experiment (and --env, --dataset-path, --data-dir, --seed: tasks.TaskArgs) ---
+    num_seeds: int = 1
+    """train seeds seed .. seed + num_seeds - 1 in one process (vmapped), each with its own upstream
+    artifacts (--world-model/--pretrain: a path with {seed} in it), each in <run_dir>/seed_<seed>/"""
     world_model: Optional[str] = None
     """world_model.npz (default: runs/<env>__world_model__s<seed>/, trained first if missing)"""
     pretrain: Optional[str] = None
@@ -172,9 +175,12 @@ def resolve(args: Args) -> Args:
     if args.num_critics is None:
         args = dataclasses.replace(args, num_critics=2 if args.conservatism == "mobile" else 1)
     tasks.check_flags(args, ("in (0, 1)", "expectile"), ("in (0, 1]", "gamma"), ("in [0, 1]", "lam beta ema_decay"),
-                      (">= 1", "num_critics horizon batch_size model_batch_size chunk eval_episodes final_eval_rounds expand_every "
+                      (">= 1", "num_seeds num_critics horizon batch_size model_batch_size chunk eval_episodes final_eval_rounds expand_every "
                                "expand_size expand_length expand_retain eval_every checkpoint_every"),
                       (">= 0", "mobile_beta entropy_coef total_steps actor_lr critic_lr ema_weight expand_noise"))
+    if args.num_seeds > 1:
+        import many_seeds  # (its own module; it imports this one)
+        many_seeds.check_flags(args)
     if args.learned_termination and args.goal:
         raise tasks.InputError("--goal sets the true termination's centre: it has no effect with "
                                "--learned-termination; drop one of them")
@@ -361,10 +367,11 @@ def make_update(nets: Nets, wm, done_fn, actor_opt, critic_opt, args: Args):
     return update
 
 
-def make_train_chunk(update, args: Args):
-    """K update steps in one compiled call; keys fold in the global step, so a resumed run draws
-    the same numbers. Metrics come back averaged over the chunk, with each one's first
-    non-finite step in the chunk (n_steps if none) and whether the final state is finite."""
+def chunk_of(update):
+    """K update steps as one function (st, data, starts, n_starts, base_key, step0, K); keys fold
+    in the global step, so a resumed run draws the same numbers. Metrics come back averaged over
+    the chunk, with each one's first non-finite step in the chunk (n_steps if none) and whether
+    the final state is finite."""
     def chunk(st: LEQState, data, starts, n_starts, base_key, step0, n_steps):
         def body(st, i):
             return update(st, data, starts, n_starts, jax.random.fold_in(base_key, step0 + i))
@@ -372,7 +379,12 @@ def make_train_chunk(update, args: Args):
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(st)]))
         first_bad = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x).all(), n_steps, jnp.argmin(jnp.isfinite(x))), metrics)
         return st, jax.tree.map(jnp.mean, metrics), first_bad, finite
-    return jax.jit(chunk, static_argnums=6, donate_argnums=0)
+    return chunk
+
+
+def make_train_chunk(update, args: Args):
+    """`chunk_of(update)` in one compiled call."""
+    return jax.jit(chunk_of(update), static_argnums=6, donate_argnums=0)
 
 
 # ============================================================================================
@@ -404,11 +416,11 @@ def buffer_add(buf: Buffer, obs, act, rew, next_obs, masks) -> Buffer:
                   (buf.ptr + n) % capacity, jnp.minimum(buf.filled + n, capacity))
 
 
-def make_expand(nets: Nets, wm, done_fn, args: Args):
-    """Sample expand_size dataset states, roll out expand_length steps with
-    a = tanh(mean + N(0, expand_noise^2)) in the model (the stochastic actor: tanh(mean +
-    expand_noise sigma(s) N(0, 1))), add every transition (mask = 1 - done of that step; rollouts
-    are not cut at a termination)."""
+def expansion(nets: Nets, wm, done_fn, args: Args):
+    """(buf, actor, data_obs, key) -> buf: sample expand_size dataset states, roll out
+    expand_length steps with a = tanh(mean + N(0, expand_noise^2)) in the model (the stochastic
+    actor: tanh(mean + expand_noise sigma(s) N(0, 1))), add every transition (mask = 1 - done of
+    that step; rollouts are not cut at a termination)."""
     def expand(buf: Buffer, actor, data_obs, key):
         k_start, k_roll = jax.random.split(key)
         s = data_obs[jax.random.randint(k_start, (args.expand_size,), 0, data_obs.shape[0])]
@@ -425,18 +437,28 @@ def make_expand(nets: Nets, wm, done_fn, args: Args):
 
         _, rows = jax.lax.scan(step, s, jax.random.split(k_roll, args.expand_length))
         return buffer_add(buf, *(x.reshape(-1, *x.shape[2:]) for x in rows))
-    return jax.jit(expand, donate_argnums=0)
+    return expand
+
+
+def make_expand(nets: Nets, wm, done_fn, args: Args):
+    """`expansion` in one compiled call."""
+    return jax.jit(expansion(nets, wm, done_fn, args), donate_argnums=0)
 
 
 # ============================================================================================
 # Checkpoints
 # ============================================================================================
 
+def checkpoint_arrays(st: LEQState, buf: Buffer, stats, prefix: str = "") -> dict:
+    """One seed's training state (the filled part of its buffer) as named arrays."""
+    return {**artifacts.tree_arrays(jax.device_get(st), prefix + "state"),
+            **artifacts.flatten(jax.device_get(st.actor), prefix + "actor"), **artifacts.rows_arrays(buf, prefix + "buffer"),
+            prefix + "stats/mean": np.asarray(stats[0]), prefix + "stats/std": np.asarray(stats[1])}
+
+
 def save_checkpoint(run_dir: Path, task, args: Args, st: LEQState, buf: Buffer, step: int, stats, inputs=None):
-    """The whole training state (the filled part of the buffer), atomically; keeps the last two."""
-    arrays = {**artifacts.tree_arrays(jax.device_get(st), "state"), **artifacts.flatten(jax.device_get(st.actor), "actor"),
-              **artifacts.rows_arrays(buf), "progress/step": np.array(step), "stats/mean": np.asarray(stats[0]),
-              "stats/std": np.asarray(stats[1])}
+    """The whole training state, atomically; keeps the last two."""
+    arrays = {**checkpoint_arrays(st, buf, stats), "progress/step": np.array(step)}
     return artifacts.save_checkpoint(run_dir, step, arrays, "leq_checkpoint", task, args, inputs=inputs)
 
 
@@ -444,17 +466,20 @@ IGNORED = ("run_dir", "track", "inject_nan_at",  # settings a resume may change 
            "world_model_settings", "pretrain_settings")  # the upstream settings act before LEQ
 
 
-def read_checkpoint(path: Path, task, args: Args, empty: Buffer) -> dict:
-    """A checkpoint's arrays, checked before any work: its settings, and a buffer that fits them."""
+def read_checkpoint(path: Path, task, args: Args, empty: Buffer, prefixes=("",)) -> dict:
+    """A checkpoint's arrays, checked before any work: its settings, and buffers that fit them
+    (prefixes: the seeds' names in a --num-seeds checkpoint)."""
     f = artifacts.load_artifact(path, task, kinds=("leq_checkpoint",))
     artifacts.check_same_config(f"checkpoint {path}", f["meta/config"], args, ignore=IGNORED)
-    artifacts.check_rows(empty, f, path)
+    for prefix in prefixes:
+        artifacts.check_rows(empty, f, path, prefix + "buffer")
     return f
 
 
-def load_checkpoint(f: dict, template: LEQState, empty: Buffer):
+def load_checkpoint(f: dict, template: LEQState, empty: Buffer, prefix: str = ""):
     """(state, buffer, step) from the arrays of read_checkpoint."""
-    return artifacts.tree_from_arrays(template, f, "state"), artifacts.rows_from_arrays(empty, f), int(f["progress/step"])
+    return (artifacts.tree_from_arrays(template, f, prefix + "state"), artifacts.rows_from_arrays(empty, f, prefix + "buffer"),
+            int(f["progress/step"]))
 
 
 # ============================================================================================
@@ -486,36 +511,70 @@ def start_states(args: Args, data, buf: Buffer):
     return (data.observations, data.observations.shape[0]) if args.no_expansion else (buf.observations, buf.filled)
 
 
+def optimizers(args: Args):
+    """(actor's, critic's) Adam; the actor's learning rate cosine-decays to 0 over the run."""
+    return optax.adam(optax.cosine_decay_schedule(args.actor_lr, max(args.total_steps, 1))), optax.adam(args.critic_lr)
+
+
+def setup_seed(task, args: Args, resume, actor_opt, critic_opt):
+    """(dataset, world model, termination, nets, initial state, train key, expansion key, inputs'
+    fingerprints) of seed args.seed; pretrain.upstream checks the inputs against the checkpoint
+    being resumed, and makes the missing ones first."""
+    ds, wm, pt_path, inputs = pretrain.upstream(task, args, resume)  # checked before any training
+    wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
+    done_fn = (world_model.load_learned_termination(wm_path, task, (wm.input_mean, wm.input_std))
+               if args.learned_termination else tasks.termination_fn(task, args.goal))
+    k_init, k_train, k_expand = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+    nets, actor, critic = initial_networks(args, task, wm, pt_path, k_init)
+    ema = jax.tree.map(jnp.copy, critic)  # the EMA copy starts equal to the (pretrained) critic
+    st = LEQState(actor, critic, ema, actor_opt.init(actor), critic_opt.init(critic))
+    return ds, wm, done_fn, nets, st, k_train, k_expand, inputs
+
+
+def chunk_size(args: Args) -> int:
+    """Chunk boundaries fall on every expansion, evaluation and checkpoint step: one compile."""
+    return math.gcd(args.chunk, args.expand_every, args.eval_every, args.checkpoint_every, args.total_steps or args.chunk)
+
+
+def announce(args: Args, chunk: int, run_dir: Path, seeds: str) -> None:
+    print(f"[leq] {args.env}, {seeds}: {args.total_steps:,} steps (evaluation every {args.eval_every:,}, "
+          f"checkpoint every {args.checkpoint_every:,}, chunks of {chunk}), tau {args.expectile}, "
+          f"H {args.horizon}; {run_dir}")
+
+
+def finish(out_dir: Path, task, args: Args, nets: Nets, st: LEQState, inputs, metrics_log, step: int) -> dict:
+    """The final evaluation (paper protocol), final_eval.json, its metrics row, then leq.npz."""
+    final = evaluate.paper_protocol(task, nets, st.actor, args.final_eval_rounds, args.eval_episodes, args.seed)
+    artifacts.write_json(out_dir / "final_eval.json", final)
+    metrics_log.log({"step": step, "final_score": final["score"], "final_score_std": final.get("score_std", 0.0)})
+    arrays = {**networks.networks_arrays(nets, st.actor, st.critic, st.critic_ema),
+              "summary/final_score": np.array(final["score"])}
+    artifacts.save_npz(out_dir / "leq.npz", arrays, "leq", task, args, inputs)  # last: it marks the run finished
+    print(f"[leq] {f'seed {args.seed}: ' if out_dir.name.startswith('seed_') else ''}final score {final['score']:.1f} "
+          f"+- {final.get('score_std', 0.0):.1f} ({args.final_eval_rounds} x {args.eval_episodes} episodes); "
+          f"wrote {out_dir / 'leq.npz'}")
+    return final
+
+
 def train(args: Args) -> Path:
     from tqdm import tqdm
     args = resolve(args)
+    if args.num_seeds > 1:
+        import many_seeds  # the same steps vmapped over a seed axis
+        return many_seeds.train(args)
     task = tasks.get_task(args.env)
     run_dir = Path(args.run_dir or f"runs/{tasks.run_name(args.env)}__leq__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-    # chunk boundaries fall on every expansion, evaluation and checkpoint step: one compile
-    chunk = math.gcd(args.chunk, args.expand_every, args.eval_every, args.checkpoint_every,
-                     args.total_steps or args.chunk)
-    print(f"[leq] {args.env}, seed {args.seed}: {args.total_steps:,} steps (evaluation every {args.eval_every:,}, "
-          f"checkpoint every {args.checkpoint_every:,}, chunks of {chunk}), tau {args.expectile}, "
-          f"H {args.horizon}; {run_dir}")
+    chunk = chunk_size(args)
+    announce(args, chunk, run_dir, f"seed {args.seed}")
     capacity = args.expand_retain * args.expand_size * args.expand_length
     buf = empty_buffer(0 if args.no_expansion else capacity, task.obs_dim, task.act_dim)
     with artifacts.FolderLock(run_dir / "run.lock", f"run folder {run_dir}"):  # also: the folder is writable
         if artifacts.finished_run(run_dir / "leq.npz", task, args, IGNORED):
             return run_dir
         resume = artifacts.newest_checkpoint(run_dir, lambda path: read_checkpoint(path, task, args, buf))
-        ds, wm, pt_path, inputs = pretrain.upstream(task, args, resume)  # checked before any training
-
-        # --- data, model, networks ---
+        actor_opt, critic_opt = optimizers(args)
+        ds, wm, done_fn, nets, st, k_train, k_expand, inputs = setup_seed(task, args, resume, actor_opt, critic_opt)
         data = tasks.device_dataset(ds)
-        wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
-        done_fn = (world_model.load_learned_termination(wm_path, task, (wm.input_mean, wm.input_std))
-                   if args.learned_termination else tasks.termination_fn(task, args.goal))
-        k_init, k_train, k_expand = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-        nets, actor, critic = initial_networks(args, task, wm, pt_path, k_init)
-        ema = jax.tree.map(jnp.copy, critic)  # the EMA copy starts equal to the (pretrained) critic
-        actor_opt = optax.adam(optax.cosine_decay_schedule(args.actor_lr, max(args.total_steps, 1)))
-        critic_opt = optax.adam(args.critic_lr)
-        st = LEQState(actor, critic, ema, actor_opt.init(actor), critic_opt.init(critic))
 
         step = 0
         if resume:
@@ -557,15 +616,7 @@ def train(args: Args) -> Path:
             cli.stop_if_requested(f"at step {step}, saved in {saved}")
         cli.STOP.armed = False
         bar.close()
-
-        final = evaluate.paper_protocol(task, nets, st.actor, args.final_eval_rounds, args.eval_episodes, args.seed)
-        artifacts.write_json(run_dir / "final_eval.json", final)
-        metrics_log.log({"step": step, "final_score": final["score"], "final_score_std": final.get("score_std", 0.0)})
-        arrays = {**networks.networks_arrays(nets, st.actor, st.critic, st.critic_ema),
-                  "summary/final_score": np.array(final["score"])}
-        artifacts.save_npz(run_dir / "leq.npz", arrays, "leq", task, args, inputs)  # last: it marks the run finished
-    print(f"[leq] final score {final['score']:.1f} +- {final.get('score_std', 0.0):.1f} "
-          f"({args.final_eval_rounds} x {args.eval_episodes} episodes); wrote {run_dir / 'leq.npz'}")
+        finish(run_dir, task, args, nets, st, inputs, metrics_log, step)
     return run_dir
 
 
