@@ -24,7 +24,6 @@ import jax.numpy as jnp  # noqa: E402
 import cli  # noqa: E402
 import leq  # noqa: E402
 import many_seeds  # noqa: E402
-import tasks  # noqa: E402
 from leq_step import build, timed  # noqa: E402
 
 

@@ -42,6 +42,7 @@ def test_grid_of_flags():
     assert sweep.grid(["--total-steps", "20"]) == (["--total-steps", "20"], [""]) and sweep.cell_name("") == "defaults"
 
 
+@pytest.mark.slow
 def test_sweep_2x2_grid_with_the_local_executor(tmp_path, tiny_maze_file_module):
     data = tmp_path / "data"
     data.mkdir()
