@@ -440,6 +440,7 @@ def test_termination_classifier_leaves_the_ensemble_as_it_is(pipeline):
     assert "termination/params/Dense_0/kernel" in learned
 
 
+@pytest.mark.slow
 def test_learned_termination_needs_a_classifier_in_one_line(pipeline, tmp_path):
     d, data = pipeline
     p = leq_run(d, data, tmp_path / "r", "--learned-termination", world_model="wm_plain.npz", check=False)

@@ -139,6 +139,7 @@ def test_1_a_second_leq_on_a_held_run_folder_is_refused(upstream, tiny_maze_file
     assert json.loads((run_dir / "config.json").read_text())["seed"] == 0 and not lock.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["world_model", "pretrain", "leq"])
 def test_1_every_stage_locks_what_it_writes(stage, upstream, tiny_maze_file_module, tmp_path, entry):
     """world_model.py and pretrain.py lock their output file, leq.py its run folder: a holder
@@ -325,6 +326,7 @@ def test_4_every_flag_is_checked_before_any_work(script, flags, message, tmp_pat
 # 5. Checks before any work
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["a resume with only --run-dir", "a read-only run folder",
                                   "the checkpoint's world model is missing"])
 def test_5_checks_come_before_any_work(case, half_run, inputs, tmp_path, monkeypatch, entry):
@@ -412,6 +414,7 @@ def enospc(args):
     raise OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["a full disk (a file size limit)", "ENOSPC", "--run-dir is a file",
                                   "--curve of a missing file", "--curve of a broken file", "--out into a missing folder",
                                   "parameters of the wrong shape", "actions is a group", "actions are strings",
@@ -566,6 +569,7 @@ def test_8_messages_say_what_happened(case, upstream, tmp_path, entry, tiny_maze
 # 9. No longer accepted silently
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["actions outside [-1, 1]", "--inject-nan-at is not a flag", "a NaN actor",
                                   "file modes follow the umask", "a finished run folder", "a finished run, other flags"])
 def test_9_no_longer_accepted_silently(case, uninterrupted, upstream, tiny_maze_file_module, tmp_path, entry):

@@ -61,6 +61,7 @@ def assert_seed_equals_single(seed_dir, single_dir):
     assert final_many == {k: pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in final_one.items()}
 
 
+@pytest.mark.slow
 def test_each_seed_of_a_many_seed_run_equals_its_single_seed_run(runs):
     d, p = runs
     for k in range(N):  # each seed made its own upstream artifacts, at its default path
@@ -87,6 +88,7 @@ def test_each_seed_of_a_many_seed_run_equals_its_single_seed_run(runs):
     assert stream[-1]["final_score"] == pytest.approx(np.mean([rows[-1]["final_score"] for rows in per_seed]))
 
 
+@pytest.mark.slow
 def test_killed_many_seed_run_resumes_to_the_same_result(runs, tiny_maze_file_module):
     d, _ = runs
     run_dir = d / "killed"
@@ -105,6 +107,7 @@ def test_killed_many_seed_run_resumes_to_the_same_result(runs, tiny_maze_file_mo
     assert "nothing to do" in run(command, d).stdout
 
 
+@pytest.mark.slow
 def test_evaluate_reads_a_seed_of_a_many_seed_run(runs):
     d, _ = runs
     path = d / "many" / f"seed_{S + 2}" / "leq.npz"
