@@ -206,6 +206,7 @@ def per_sample_jacobians(nets, actor, s):
             jax.jacrev(lambda p: mean_log_std(nets, p, s[None])[1][0])(actor))
 
 
+@pytest.mark.slow
 def test_entropy_bonus_and_reparameterised_surrogate_gradients_by_the_chain_rule(system):
     """With z = mu + sigma eps and a = tanh(z), by hand: d log pi / d mu = 2 tanh(z),
     d log pi / d log_std = -1 + 2 tanh(z) sigma eps, da/d mu = 1 - a^2, da/d log_std = (1 - a^2)

@@ -378,6 +378,7 @@ def run_save_video(path, mujoco_gl):
 
 
 # the child execs at once, so JAX's warning about forking a threaded process does not apply
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def test_video_is_written_or_fails_naming_mujoco_gl(tmp_path):
     """save_video writes an MP4 holding the whole episode (length + 1 frames) where MuJoCo can

@@ -116,6 +116,7 @@ def test_adjoint_action_gradients_equal_the_full_jacobian_diagonal(system, objec
     assert scale > 1e-3
 
 
+@pytest.mark.slow
 def test_one_grad_of_the_summed_returns_is_not_the_action_gradient(system):
     """The tempting shortcut jax.grad(sum_t G_t) mixes in how a_t moves later G_s."""
     nets, actor, critic, wm, done_fn, s0 = system

@@ -99,6 +99,7 @@ def test_data_expectile(setup, base):
         assert m[k] == pytest.approx(float(base[2][k]))
 
 
+@pytest.mark.slow
 def test_jacobian_action_gradients_give_the_same_update(setup, base):
     g_actor, g_critic, m = parts(setup, action_grad="jacobian")
     for x, y in zip(jax.tree.leaves(g_actor), jax.tree.leaves(base[0])):
@@ -205,6 +206,7 @@ def test_mobile_penalty_does_not_reach_the_q_objective(setup):
     assert same(g_actor, ref[0]) and not same(g_critic, ref[1])
 
 
+@pytest.mark.slow
 def test_two_identical_critics_train_like_one(setup, base):
     """An ensemble of two copies of the critic: the min of equal values is that value, the loss
     sums the critics' terms, so each copy gets the single critic's gradient and the actor's is unchanged."""
@@ -237,6 +239,7 @@ def test_stochastic_policy_with_zero_noise_is_the_deterministic_actor(setup, bas
     assert not np.any(np.asarray(head["kernel"])) and not np.any(np.asarray(head["bias"]))
 
 
+@pytest.mark.slow
 def test_stochastic_policy_samples_and_its_entropy_coefficient_changes_only_the_actor(setup, base, stochastic_state):
     g0 = parts(setup, st=stochastic_state, policy="stochastic", entropy_coef=0.0)
     g1 = parts(setup, st=stochastic_state, policy="stochastic", entropy_coef=0.5)

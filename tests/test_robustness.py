@@ -59,6 +59,7 @@ def test_leq_artifact_runs_in_evaluate(uninterrupted):
     assert "q_start" in result and np.isfinite(result["q_start"]) and "score" in p.stdout
 
 
+@pytest.mark.slow
 def test_one_compile_per_run(upstream, tiny_maze_file_module, tmp_path, monkeypatch):
     """The chunk of K steps is traced once per run, across expansions, evaluations and checkpoints
     (a Python side effect in the update runs only while JAX traces it)."""
@@ -156,6 +157,7 @@ cli.run_script(leq.train, leq.Args)
 """
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(upstream, tiny_maze_file_module):
     """A NaN reward in one data row, put there at step 200 (leq.before_chunk, a test hook), stops
     LEQ with one line naming the first non-finite quantities and the first step whose batch drew
@@ -257,6 +259,7 @@ def test_one_leq_command_runs_shrunk_upstream_stages(upstream, tiny_maze_file_mo
     assert "note:" not in p.stdout and "running" not in p.stdout, p.stdout
 
 
+@pytest.mark.slow
 def test_world_model_of_other_data_is_refused(upstream, tiny_maze_file_module, tmp_path):
     """pretrain.py and leq.py refuse a world model fitted to other data, even under the same file
     name (the content's sha256 is compared), in one line that says what to do; the same data under
