@@ -521,7 +521,7 @@ def setup_seed(task, args: Args, resume, actor_opt, critic_opt):
     fingerprints) of seed args.seed; pretrain.upstream checks the inputs against the checkpoint
     being resumed, and makes the missing ones first."""
     ds, wm, pt_path, inputs = pretrain.upstream(task, args, resume)  # checked before any training
-    wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
+    wm_path = world_model.path_or_default(args.world_model, args.env, args.seed)
     done_fn = (world_model.load_learned_termination(wm_path, task, (wm.input_mean, wm.input_std))
                if args.learned_termination else tasks.termination_fn(task, args.goal))
     k_init, k_train, k_expand = jax.random.split(jax.random.PRNGKey(args.seed), 3)

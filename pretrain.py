@@ -161,6 +161,11 @@ def default_path(env: str, seed: int) -> Path:
     return Path("runs") / f"{tasks.run_name(env)}__pretrain__s{seed}" / "pretrain.npz"
 
 
+def path_or_default(path, env: str, seed: int) -> Path:
+    """pretrain.npz at `path` (a flag's value) if given, else at the default path of (env, seed)."""
+    return Path(path) if path else default_path(env, seed)
+
+
 def load_pretrained(path, task: tasks.Task):
     """(nets, actor params, critic params, EMA critic params) from a pretrain.npz."""
     f = artifacts.load_artifact(path, task, kinds=("pretrain",))
@@ -200,14 +205,15 @@ def upstream(task: tasks.Task, args, resume) -> tuple:
     ckpt, saved = resume or (None, {"meta/inputs": {}})
     recorded = saved["meta/inputs"] or {}
     common = dict(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir, seed=args.seed)
-    wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
-    pt_path = None if args.no_pretrain else Path(args.pretrain or default_path(args.env, args.seed))
+    wm_path = world_model.path_or_default(args.world_model, args.env, args.seed)
+    pt_path = None if args.no_pretrain else path_or_default(args.pretrain, args.env, args.seed)
     wm_settings, pt_settings = args.world_model_settings, args.pretrain_settings
     wm_args = world_model.resolve(world_model.Args(**common, **dataclasses.asdict(wm_settings), out=str(wm_path),
                                                    learn_termination=getattr(args, "learned_termination", False)))
     pt_args = resolve(Args(**common, **dataclasses.asdict(pt_settings), world_model=str(wm_path), out=str(pt_path)))
     stages = (("world_model", wm_path, args.world_model, wm_settings, wm_args),
               ("pretrain", pt_path, args.pretrain, pt_settings, pt_args))
+    loaded = {}
     for name, path, flag, settings, stage_args in stages:
         if path and not path.exists() and (flag or recorded.get(name)):
             raise tasks.InputError(f"--{name.replace('_', '-')} {path} does not exist" if flag else
@@ -215,7 +221,7 @@ def upstream(task: tasks.Task, args, resume) -> tuple:
                                    f"{recorded[name]['path']}, but {path} does not exist: restore it, or start "
                                    f"over in another --run-dir")
         if path and path.exists():  # env, dims, shapes; and what it was made with
-            (world_model.load_world_model if name == "world_model" else load_pretrained)(path, task)
+            loaded[name] = (world_model.load_world_model if name == "world_model" else load_pretrained)(path, task)
             note_other_settings(path, f"{name.replace('_', '-')}-settings", given_settings(settings) if flag else
                                 {k: getattr(stage_args, k) for k in dataclasses.asdict(settings)})
     ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
@@ -230,7 +236,7 @@ def upstream(task: tasks.Task, args, resume) -> tuple:
     if not wm_path.exists():
         announce(wm_path, "world_model", wm_settings)
         world_model.train(wm_args)
-    wm = world_model.load_world_model(wm_path, task)
+    wm = loaded.get("world_model") or world_model.load_world_model(wm_path, task)
     inputs["world_model"] = world_model.check_dataset(wm, wm_path, ds, inputs["dataset"])
     if ckpt:
         artifacts.check_inputs(f"checkpoint {ckpt}", saved["meta/inputs"], inputs, remedy)
@@ -254,11 +260,11 @@ def train(args: Args) -> Path:
     from tqdm import tqdm
     args = resolve(args)
     task = tasks.get_task(args.env)
-    out = Path(args.out) if args.out else default_path(args.env, args.seed)
+    out = path_or_default(args.out, args.env, args.seed)
     ckpt = out.with_name(out.name.replace(".npz", "") + ".ckpt.npz")
     print(f"[pretrain] {args.env}, seed {args.seed}: {args.bc_steps:,} BC steps, then {args.fqe_steps:,} FQE "
           f"steps; {out}")
-    wm_path = Path(args.world_model or world_model.default_path(args.env, args.seed))
+    wm_path = world_model.path_or_default(args.world_model, args.env, args.seed)
     if not wm_path.exists():
         raise tasks.InputError(f"world model {wm_path} does not exist: run world_model.py --env {args.env} "
                                f"first, or pass --world-model PATH")

@@ -475,6 +475,11 @@ def default_path(env: str, seed: int) -> Path:
     return Path("runs") / f"{tasks.run_name(env)}__world_model__s{seed}" / "world_model.npz"
 
 
+def path_or_default(path, env: str, seed: int) -> Path:
+    """The world model at `path` (a flag's value) if given, else at the default path of (env, seed)."""
+    return Path(path) if path else default_path(env, seed)
+
+
 def load_world_model(path, task: tasks.Task) -> WorldModel:
     f = artifacts.load_artifact(path, task, kinds=("world_model",))
     params = artifacts.unflatten(f, "model/params")
@@ -536,7 +541,7 @@ def train(args: Args) -> Path:
     from tqdm import tqdm
     args = resolve(args)
     task = tasks.get_task(args.env)
-    out = Path(args.out) if args.out else default_path(args.env, args.seed)
+    out = path_or_default(args.out, args.env, args.seed)
     ckpt = out.with_name(out.name.replace(".npz", "") + ".ckpt.npz")
     with artifacts.FolderLock(out.with_name(out.name + ".lock"), f"world model {out}"):
         if args.termination_only:
