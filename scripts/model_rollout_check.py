@@ -8,6 +8,11 @@ steps in the real env, and from the same state through each elite's MEAN predict
 sampling noise), and prints the xy positions side by side. A policy that exploits a model error
 shows up as elites that all go where the real env does not (e.g. through a wall): then the
 ensemble has no spread there, and the lower expectile cannot be conservative about it.
+
+On the built-in PointMazes it also counts impossible states: positions inside a wall cell
+(marked * in the path table; the real point's centre never enters one), along the path and in
+imagination as LEQ does it (`--imagined N` dataset states, `--horizon` steps under the actor,
+each step from a uniformly drawn elite with its sampling noise, `world_model.model_step`).
 """
 
 import dataclasses
@@ -16,10 +21,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cli  # noqa: E402
+import mazes  # noqa: E402
 import networks  # noqa: E402
 import tasks  # noqa: E402
 import world_model  # noqa: E402
@@ -34,29 +41,83 @@ class Args:
     steps: int = 40
     """steps to roll out"""
     seed: int = 0
-    """reset seed of the real env"""
+    """reset seed of the real env, and of the imagined rollouts' start states and noise"""
     every: int = 10
     """print every this many steps"""
+    imagined: int = 10_000
+    """built-in PointMazes: imagined rollouts to count impossible states in (0: none)"""
+    horizon: int = 10
+    """steps per imagined rollout (LEQ's H)"""
+
+
+def in_wall_fn(task):
+    """xy (..., 2) -> True where the point's centre is inside a wall cell or outside the maze
+    (built-in PointMazes only; the real env keeps the centre out of walls)."""
+    layout = mazes.MAZES[task.maze]
+    wall = jnp.asarray([[c == "#" for c in row] for row in layout])
+    height, width = wall.shape
+
+    def in_wall(xy):
+        i = jnp.floor(height / 2 - xy[..., 1]).astype(jnp.int32)
+        j = jnp.floor(xy[..., 0] + width / 2).astype(jnp.int32)
+        inside = (i >= 0) & (i < height) & (j >= 0) & (j < width)
+        return ~inside | wall[jnp.clip(i, 0, height - 1), jnp.clip(j, 0, width - 1)]
+    return in_wall
+
+
+def imagined_wall_rate(task, wm, nets, actor, done_fn, in_wall, a: Args) -> float:
+    """Fraction of imagined states (N start states from the dataset, H steps of the actor in the
+    sampled model, as LEQ's imagination) that lie inside a wall cell, not counting states after
+    a done."""
+    ds = tasks.load_dataset(task)
+    rng = np.random.default_rng(a.seed)
+    s = jnp.asarray(ds.observations[rng.choice(len(ds.observations), a.imagined)])
+
+    @jax.jit
+    def rollout(s, key):
+        def step(carry, k):
+            s, alive = carry
+            s2, _, done = world_model.model_step(wm, s, nets.pi(actor, s), k, done_fn)
+            bad = in_wall(s2[:, :2]) & alive
+            return (s2, alive & ~done.astype(bool)), (bad, alive)
+        _, (bad, alive) = jax.lax.scan(step, (s, jnp.ones(s.shape[0], bool)), jax.random.split(key, a.horizon))
+        return bad.sum(), alive.sum()
+    bad, alive = rollout(s, jax.random.PRNGKey(a.seed))
+    return float(bad) / max(float(alive), 1.0)
 
 
 def main(a: Args):
     task, nets, actor = networks.load_actor(a.checkpoint)
     wm = world_model.load_world_model(a.world_model, task)
     done_fn = tasks.termination_fn(task)
+    walls = task.source == "builtin" and task.family == "pointmaze"
+    in_wall = in_wall_fn(task) if walls else (lambda xy: jnp.zeros(xy.shape[:-1], bool))
     env = tasks.make_env(task)
     obs, _ = env.reset(seed=a.seed)
     n = len(world_model.members(wm.params))
     s = jnp.asarray(np.repeat(obs[None], n, 0), jnp.float32)  # one row per elite
     member, no_noise = jnp.arange(n), jnp.zeros((n, task.obs_dim + 1))
-    print(f"{'step':>4}  {'real env xy':>16}  " + "  ".join(f"{f'elite {e} xy':>16}" for e in range(n)))
+    pi = jax.jit(nets.pi)
+    mean_step = jax.jit(lambda s: world_model.model_step_given(wm, s, nets.pi(actor, s), member, no_noise, done_fn)[0])
+    first_in_wall = [None] * n
+    print(f"{'step':>4}  {'real env xy':>16}  " + "  ".join(f"{f'elite {e} xy':>17}" for e in range(n)))
     for t in range(1, a.steps + 1):
-        action = np.asarray(nets.pi(actor, jnp.asarray(obs[None], jnp.float32)))[0]
+        action = np.asarray(pi(actor, jnp.asarray(obs[None], jnp.float32)))[0]
         obs = env.step(action)[0]
-        s = world_model.model_step_given(wm, s, nets.pi(actor, s), member, no_noise, done_fn)[0]
+        s = mean_step(s)
+        bad = np.asarray(in_wall(s[:, :2]))
+        first_in_wall = [f if f is not None or not b else t for f, b in zip(first_in_wall, bad)]
         if t % a.every == 0 or t == a.steps:
             xy = np.asarray(s[:, :2])
             print(f"{t:>4}  {np.array2string(obs[:2], precision=2):>16}  "
-                  + "  ".join(f"{np.array2string(p, precision=2):>16}" for p in xy))
+                  + "  ".join(f"{np.array2string(p, precision=2):>16}{'*' if b else ' '}" for p, b in zip(xy, bad)))
+    if walls:
+        print("first step inside a wall, per elite's mean path: "
+              + ", ".join(f"elite {e}: {f if f is not None else 'never'}" for e, f in enumerate(first_in_wall)))
+        if a.imagined:
+            rate = imagined_wall_rate(task, wm, nets, actor, done_fn, in_wall, a)
+            print(f"imagined states inside a wall ({a.imagined:,} dataset starts x {a.horizon} steps, sampled "
+                  f"model): {100 * rate:.3f}%")
 
 
 if __name__ == "__main__":

@@ -438,3 +438,28 @@ def test_policy_compiles_once_per_network_shape():
     other, actor_c, _ = build((8,), 5)
     evaluate.actor_policy(other, actor_c)(obs)
     assert evaluate.deterministic_action._cache_size() == compiled + 1
+
+
+@pytest.mark.parametrize("maze", ["umaze", "large"])
+def test_model_rollout_check_finds_states_inside_walls(maze):
+    """scripts/model_rollout_check.py's wall test against the layout read cell by cell: points near
+    each corner of every cell (placed by mazes.cell_xy) are inside a wall exactly when the cell is
+    '#', and points beyond the maze's edge are too."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import model_rollout_check
+    task = tasks.get_task(f"pointmaze-{maze}")
+    in_wall = model_rollout_check.in_wall_fn(task)
+    layout = mazes.MAZES[maze]
+    points, expected = [], []
+    for i, row in enumerate(layout):
+        for j, char in enumerate(row):
+            centre = mazes.cell_xy(layout, (i, j))
+            for dx in (-0.45, 0.45):
+                for dy in (-0.45, 0.45):
+                    points.append(centre + [dx, dy])
+                    expected.append(char == "#")
+    height, width = len(layout), len(layout[0])
+    points += [[-width / 2 - 0.2, 0.0], [width / 2 + 0.2, 0.0], [0.0, height / 2 + 0.2], [0.0, -height / 2 - 0.2]]
+    expected += [True] * 4
+    assert np.asarray(in_wall(jnp.asarray(np.array(points), jnp.float32))).tolist() == expected
+    assert 0 < sum(expected) < len(expected)
