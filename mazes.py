@@ -181,9 +181,16 @@ def bfs_distances(layout, target):
     return dist
 
 
+def xy_cells(layout, xy, xp=np):
+    """The maze cells (rows, columns) of points xy (..., 2), as integer arrays; xp is numpy or
+    jax.numpy (for jitted code)."""
+    return (xp.floor(len(layout) / 2 - xy[..., 1]).astype(int), xp.floor(xy[..., 0] + len(layout[0]) / 2).astype(int))
+
+
 def obs_cell(layout, obs):
     """The maze cell (row, column) the point is in."""
-    return int(np.floor(len(layout) / 2 - obs[1])), int(np.floor(obs[0] + len(layout[0]) / 2))
+    i, j = xy_cells(layout, np.asarray(obs[:2]))
+    return int(i), int(j)
 
 
 def waypoint_action(layout, dist, target_cell, obs, offset=(0.0, 0.0), kp=10.0, kd=1.0):

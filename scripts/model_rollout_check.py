@@ -58,8 +58,7 @@ def in_wall_fn(task):
     height, width = wall.shape
 
     def in_wall(xy):
-        i = jnp.floor(height / 2 - xy[..., 1]).astype(jnp.int32)
-        j = jnp.floor(xy[..., 0] + width / 2).astype(jnp.int32)
+        i, j = mazes.xy_cells(layout, xy, jnp)
         inside = (i >= 0) & (i < height) & (j >= 0) & (j < width)
         return ~inside | wall[jnp.clip(i, 0, height - 1), jnp.clip(j, 0, width - 1)]
     return in_wall
