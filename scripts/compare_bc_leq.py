@@ -98,21 +98,27 @@ def protocol(task, nets, actor, critic, config: dict, record: bool = False) -> d
     return out, episodes
 
 
+def bar_seconds(text: str, bar: str, resumed: str) -> float:
+    """A tqdm bar's elapsed time summed over a log's resumed segments (each process restarts the clock)."""
+    total = 0.0
+    for segment in text.split(resumed):
+        stamps = re.findall(bar + r" [^|]*\|[^|]*\| *\d+/\d+ \[(?:(\d+):)?(\d+):(\d+)<", segment)
+        if stamps:
+            h, m, s = stamps[-1]
+            total += 3600 * int(h or 0) + 60 * int(m) + int(s)
+    return total
+
+
 def stage_times(log_path: Optional[Path]) -> dict:
-    """Each stage's wall time in seconds as printed in a run's log (summed over resumed segments):
-    world_model.py's "N epochs in X s", pretrain.py's "X s; wrote", and the LEQ bar's elapsed time."""
+    """Each stage's wall time in seconds as printed in a run's log, summed over resumed segments:
+    world_model.py's "N epochs in X s", and the pretrain and LEQ bars' elapsed times (a pretraining
+    stopped and resumed prints its closing "X s" for the last segment only, so its bar is read)."""
     if not log_path or not log_path.exists():
         return {}
     text = log_path.read_text(errors="replace").replace("\r", "\n")
     times = {"world_model_s": sum(float(x) for x in re.findall(r"\[world_model\] \d+ epochs in (\d+) s", text)),
-             "pretrain_s": sum(float(x) for x in re.findall(r"\[pretrain\] BC mse .*?, (\d+) s; wrote", text))}
-    leq_s = 0.0
-    for segment in re.split(r"\[leq\] resuming", text):  # each process's bar restarts its clock
-        stamps = re.findall(r"LEQ [^|]*\|[^|]*\| *\d+/\d+ \[(?:(\d+):)?(\d+):(\d+)<", segment)
-        if stamps:
-            h, m, s = stamps[-1]
-            leq_s += 3600 * int(h or 0) + 60 * int(m) + int(s)
-    times["leq_s"] = leq_s
+             "pretrain_s": bar_seconds(text, "pretrain", "[pretrain] resuming"),
+             "leq_s": bar_seconds(text, "LEQ", "[leq] resuming")}
     return {k: v or None for k, v in times.items()}
 
 

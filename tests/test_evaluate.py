@@ -302,6 +302,28 @@ def test_comparison_plot_is_labelled_titled_and_fits():
     evaluate.pyplot().close(fig)
 
 
+def test_compare_stage_times_sum_resumed_segments(tmp_path):
+    """compare_bc_leq.stage_times on a log written like a real one (tqdm's carriage returns,
+    a pretraining and an LEQ run each stopped once and resumed): each stage's time is the sum of
+    its segments' last bar stamps, not the last segment's closing line alone."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_bc_leq
+    bar = "{} pointmaze-large:  {}%|x         | {}/80000 [{}<1:46:34, 12.35step/s, BC loss 0.6297]"
+    log = "\n".join([
+        "[world_model] 21 epochs in 2656 s; elites [0, 1, 3, 4, 6] holdout mse 2.0e-02; wrote w.npz",
+        "\r".join(bar.format("pretrain", 1, n, t) for n, t in [(1000, "01:20"), (11000, "1:02:05")]),
+        "[pretrain] resuming from p.ckpt.npz at step 10000",
+        "\r".join(bar.format("pretrain", 2, n, t) for n, t in [(20000, "10:00"), (80000, "15:25")]),
+        "[pretrain] BC mse 0.5792, mean Q(s, pi(s)) on data -151.64, 925 s; wrote p.npz",
+        bar.format("LEQ", 25, 10000, "2:10:09") + "[leq] resuming r from step 10000",
+        bar.format("LEQ", 100, 40000, "1:05:00")])
+    (tmp_path / "run.log").write_text(log)
+    times = compare_bc_leq.stage_times(tmp_path / "run.log")
+    assert times == {"world_model_s": 2656.0, "pretrain_s": 3725.0 + 925.0,
+                     "leq_s": 7809.0 + 3900.0}
+    assert compare_bc_leq.stage_times(tmp_path / "missing.log") == {}
+
+
 # --------------------------------------------------------------------------------------------
 # Bad checkpoints: one-line errors
 # --------------------------------------------------------------------------------------------
