@@ -71,7 +71,9 @@ class Args:
     log: Optional[str] = None
     """the run's log file per seed (format string with {env}, {seed}, {run}), to read stage times from"""
     out: str = "docs/{env}_leq_vs_bc"
-    """output stem for .json and .png (format string with {env})"""
+    """output stem for .json, .md (the results table) and .png (format string with {env})"""
+    replot: bool = False
+    """run and evaluate nothing: redraw <out>.png and rewrite <out>.md from an existing <out>.json"""
 
 
 # ============================================================================================
@@ -168,8 +170,12 @@ def run_one(a: Args, task, seed: int, label: str = "", flags: str = ""):
 # ============================================================================================
 
 def main(a: Args):
-    task = tasks.get_task(a.env)
     out = Path(a.out.format(env=tasks.run_name(a.env)))
+    if a.replot:
+        if not out.with_suffix(".json").exists():
+            raise tasks.InputError(f"--replot needs {out}.json; run without --replot first to make it")
+        return write_outputs(json.loads(out.with_suffix(".json").read_text()), out)
+    task = tasks.get_task(a.env)
     out.parent.mkdir(parents=True, exist_ok=True)
     results, ablations = [], []
     for i, seed in enumerate(a.seeds):
@@ -187,10 +193,39 @@ def main(a: Args):
                "leq_success_mean": float(np.mean([r["leq_success"] for r in results])),
                "bc_success_mean": float(np.mean([r["bc_success"] for r in results])),
                "per_seed": results, "ablations": ablations}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    artifacts.write_json(out.with_suffix(".json"), summary)
+    write_outputs(summary, out)
+
+
+def write_outputs(summary, out: Path):
     plot(summary, out.with_suffix(".png"))
+    artifacts.atomic_write(out.with_suffix(".md"), lambda f: f.write(table(summary).encode()))
+    print(table(summary))
     print(f"LEQ {summary['leq_success_mean']:.2f} vs BC {summary['bc_success_mean']:.2f} success over "
-          f"{len(results)} seeds; wrote {out}.json and {out}.png")
+          f"{len(summary['per_seed'])} seed(s); wrote {out}.json, {out}.md and {out}.png")
+
+
+def table(summary) -> str:
+    """The results as a markdown table, one row per run (the README's rows are pasted from it)."""
+    def pct(success, std):  # the score of these tasks is success x 100; std over the 10 rounds
+        return f"{100 * success:.0f}% (sd {std:.1f})"
+
+    def num(r, key, spec=".1f", unit=""):  # "?" for what a run did not record (older JSONs, no --log)
+        return "?" if r.get(key) is None else format(r[key], spec) + unit
+    rows = ["| run | LEQ steps | BC actor: success | LEQ: success | periodic evaluations (step: success) "
+            "| episode length BC / LEQ | Q(s0, pi(s0)) BC / LEQ (Monte-Carlo value of LEQ's path) "
+            "| wall time: world model / BC+FQE / LEQ |", "|" + "---|" * 8]
+    for r in summary["per_seed"] + summary.get("ablations", []):
+        label = r.get("label", "LEQ")
+        name = f"LEQ, seed {r['seed']}" if label == "LEQ" else f"{label} (`{r['flags']}`), seed {r['seed']}"
+        curve = ", ".join(f"{step // 1000}k: {100 * success:.0f}%" for step, success in r["curve"])
+        rows.append(f"| {name} | {r['steps'] // 1000}k | {pct(r['bc_success'], r['bc_score_std'])} "
+                    f"| **{pct(r['leq_success'], r['leq_score_std'])}** | {curve} "
+                    f"| {num(r, 'bc_length', '.0f')} / {num(r, 'leq_length', '.0f')} "
+                    f"| {num(r, 'bc_q_start')} / {num(r, 'leq_q_start')} ({num(r, 'leq_mc_value')}) "
+                    f"| {num(r, 'world_model_s', '.0f', ' s')} / {num(r, 'pretrain_s', '.0f', ' s')} "
+                    f"/ {num(r, 'leq_s', '.0f', ' s')} |")
+    return "\n".join(rows) + "\n"
 
 
 def figure(summary):

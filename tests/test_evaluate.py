@@ -302,6 +302,31 @@ def test_comparison_plot_is_labelled_titled_and_fits():
     evaluate.pyplot().close(fig)
 
 
+def test_compare_table_and_replot(tmp_path):
+    """compare_bc_leq's markdown table from the committed pointmaze-large JSON plus an ablation
+    without wall times: one row per run with the numbers of the JSON; --replot rewrites the .md
+    and .png from a JSON alone and, without one, stops in one line."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_bc_leq
+    summary = json.loads((ROOT / "docs" / "pointmaze-large_leq_vs_bc.json").read_text())
+    summary["ablations"] = [{**summary["per_seed"][0], "label": "1step", "flags": "--critic-target 1step",
+                             "leq_success": 0.3, "leq_score_std": 4.56, "world_model_s": None}]
+    lines = compare_bc_leq.table(summary).splitlines()
+    assert len(lines) == 2 + 2 and all(line.count("|") == 9 for line in lines)
+    leq_row, ablation_row = lines[2].split("|")[1:-1], lines[3].split("|")[1:-1]
+    assert [c.strip() for c in leq_row[:4]] == ["LEQ, seed 0", "40k", "0% (sd 0.0)", "**100% (sd 0.0)**"]
+    assert "15k: 0%" in leq_row[4] and leq_row[5].strip() == "800 / 235"
+    assert leq_row[6].strip() == "-151.3 / -190.7 (-168.1)" and leq_row[7].strip() == "2656 s / 925 s / 14140 s"
+    assert ablation_row[0].strip() == "1step (`--critic-target 1step`), seed 0"
+    assert ablation_row[3].strip() == "**30% (sd 4.6)**" and ablation_row[7].strip().startswith("? / ")
+    (tmp_path / "x.json").write_text(json.dumps(summary))
+    compare_bc_leq.main(compare_bc_leq.Args(env="pointmaze-large", out=str(tmp_path / "x"), replot=True))
+    assert (tmp_path / "x.md").read_text() == compare_bc_leq.table(summary) and (tmp_path / "x.png").stat().st_size
+    with pytest.raises(tasks.InputError) as e:
+        compare_bc_leq.main(compare_bc_leq.Args(env="pointmaze-large", out=str(tmp_path / "y"), replot=True))
+    assert "--replot needs" in one_line(e) and not (tmp_path / "y.md").exists()
+
+
 def test_compare_stage_times_sum_resumed_segments(tmp_path):
     """compare_bc_leq.stage_times on a log written like a real one (tqdm's carriage returns,
     a pretraining and an LEQ run each stopped once and resumed): each stage's time is the sum of
