@@ -248,7 +248,8 @@ def figure(summary):
     ax.set_ylabel("success rate (%)")
     ax.set_ylim(-3, 103)
     seeds = ", ".join(str(r["seed"]) for r in summary["per_seed"])
-    ax.set_title(f"{summary['env']}: LEQ vs the BC actor it starts from (seeds {seeds})", fontsize=10)
+    plural = "s" if len(summary["per_seed"]) > 1 else ""
+    ax.set_title(f"{summary['env']}: LEQ vs the BC actor it starts from (seed{plural} {seeds})", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, over no line
     fig.tight_layout()
     return fig
