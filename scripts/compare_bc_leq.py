@@ -212,18 +212,26 @@ def table(summary) -> str:
 
     def num(r, key, spec=".1f", unit=""):  # "?" for what a run did not record (older JSONs, no --log)
         return "?" if r.get(key) is None else format(r[key], spec) + unit
+
+    def upstream(r, key):  # an ablation reuses its seed's world model and BC/FQE: their time is that run's
+        if r.get(key) is not None or r.get("label", "LEQ") == "LEQ":
+            return num(r, key, ".0f", " s")
+        return "none" if key == "pretrain_s" and "--no-pretrain" in r["flags"] else f"seed {r['seed']}'s"
+
+    def k(steps):  # 2500 -> 2.5k
+        return f"{steps / 1000:g}k"
     rows = ["| run | LEQ steps | BC actor: success | LEQ: success | periodic evaluations (step: success) "
             "| episode length BC / LEQ | Q(s0, pi(s0)) BC / LEQ (Monte-Carlo value of LEQ's path) "
             "| wall time: world model / BC+FQE / LEQ |", "|" + "---|" * 8]
     for r in summary["per_seed"] + summary.get("ablations", []):
         label = r.get("label", "LEQ")
         name = f"LEQ, seed {r['seed']}" if label == "LEQ" else f"{label} (`{r['flags']}`), seed {r['seed']}"
-        curve = ", ".join(f"{step // 1000}k: {100 * success:.0f}%" for step, success in r["curve"])
-        rows.append(f"| {name} | {r['steps'] // 1000}k | {pct(r['bc_success'], r['bc_score_std'])} "
+        curve = ", ".join(f"{k(step)}: {100 * success:.0f}%" for step, success in r["curve"])
+        rows.append(f"| {name} | {k(r['steps'])} | {pct(r['bc_success'], r['bc_score_std'])} "
                     f"| **{pct(r['leq_success'], r['leq_score_std'])}** | {curve} "
                     f"| {num(r, 'bc_length', '.0f')} / {num(r, 'leq_length', '.0f')} "
                     f"| {num(r, 'bc_q_start')} / {num(r, 'leq_q_start')} ({num(r, 'leq_mc_value')}) "
-                    f"| {num(r, 'world_model_s', '.0f', ' s')} / {num(r, 'pretrain_s', '.0f', ' s')} "
+                    f"| {upstream(r, 'world_model_s')} / {upstream(r, 'pretrain_s')} "
                     f"/ {num(r, 'leq_s', '.0f', ' s')} |")
     return "\n".join(rows) + "\n"
 

@@ -310,7 +310,8 @@ def test_compare_table_and_replot(tmp_path):
     import compare_bc_leq
     summary = json.loads((ROOT / "docs" / "pointmaze-large_leq_vs_bc.json").read_text())
     summary["ablations"] = [{**summary["per_seed"][0], "label": "1step", "flags": "--critic-target 1step",
-                             "leq_success": 0.3, "leq_score_std": 4.56, "world_model_s": None}]
+                             "leq_success": 0.3, "leq_score_std": 4.56, "world_model_s": None, "pretrain_s": None,
+                             "curve": [[2500, 1.0], [5000, 0.5]]}]
     lines = compare_bc_leq.table(summary).splitlines()
     assert len(lines) == 2 + 2 and all(line.count("|") == 9 for line in lines)
     leq_row, ablation_row = lines[2].split("|")[1:-1], lines[3].split("|")[1:-1]
@@ -320,7 +321,8 @@ def test_compare_table_and_replot(tmp_path):
     walls = " / ".join(f"{seed0[k]:.0f} s" for k in ("world_model_s", "pretrain_s", "leq_s"))
     assert leq_row[6].strip() == "-151.3 / -190.7 (-168.1)" and leq_row[7].strip() == walls
     assert ablation_row[0].strip() == "1step (`--critic-target 1step`), seed 0"
-    assert ablation_row[3].strip() == "**30% (sd 4.6)**" and ablation_row[7].strip().startswith("? / ")
+    assert ablation_row[3].strip() == "**30% (sd 4.6)**" and ablation_row[4].strip() == "2.5k: 100%, 5k: 50%"
+    assert ablation_row[7].strip().startswith("seed 0's / seed 0's / ")  # it reused seed 0's upstream stages
     (tmp_path / "x.json").write_text(json.dumps(summary))
     compare_bc_leq.main(compare_bc_leq.Args(env="pointmaze-large", out=str(tmp_path / "x"), replot=True))
     assert (tmp_path / "x.md").read_text() == compare_bc_leq.table(summary) and (tmp_path / "x.png").stat().st_size
