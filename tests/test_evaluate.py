@@ -323,6 +323,9 @@ def test_compare_table_and_replot(tmp_path):
     assert ablation_row[0].strip() == "1step (`--critic-target 1step`), seed 0"
     assert ablation_row[3].strip() == "**30% (sd 4.6)**" and ablation_row[4].strip() == "2.5k: 100%, 5k: 50%"
     assert ablation_row[7].strip().startswith("seed 0's / seed 0's / ")  # it reused seed 0's upstream stages
+    summary["ablations"][0]["flags"] = "--no-pretrain"  # no BC/FQE stage at all: its time is "none"
+    assert compare_bc_leq.table(summary).splitlines()[3].split("|")[8].strip().startswith("seed 0's / none / ")
+    summary["ablations"][0]["flags"] = "--critic-target 1step"
     (tmp_path / "x.json").write_text(json.dumps(summary))
     compare_bc_leq.main(compare_bc_leq.Args(env="pointmaze-large", out=str(tmp_path / "x"), replot=True))
     assert (tmp_path / "x.md").read_text() == compare_bc_leq.table(summary) and (tmp_path / "x.png").stat().st_size
