@@ -14,6 +14,9 @@ critic's Q(s0, pi(s0)) against the Monte-Carlo value of the episodes driven, wal
 stage), <out>.png (periodic success against steps; BC dashed) and, for the first seed,
 <out>_{bc,leq}_trajectories.png on maze tasks.
 
+With --keep, a run whose folder is gone (made on another machine) keeps its row of the earlier
+<out>.json, so seeds run at different times end up in one table.
+
 Wall times: the time of the leq.py call this script made (null for a reused run), and, when
 `--log` names the run's log file, each stage's time as the stages printed it there.
 """
@@ -72,6 +75,9 @@ class Args:
     """the run's log file per seed (format string with {env}, {seed}, {run}), to read stage times from"""
     out: str = "docs/{env}_leq_vs_bc"
     """output stem for .json, .md (the results table) and .png (format string with {env})"""
+    keep: bool = False
+    """reuse <out>.json's row for a run whose folder holds no leq.npz (made on another machine, its
+    folder gone) when its seed, label, flags and steps match, instead of running it again"""
     replot: bool = False
     """run and evaluate nothing: redraw <out>.png and rewrite <out>.md from an existing <out>.json"""
 
@@ -124,9 +130,28 @@ def stage_times(log_path: Optional[Path]) -> dict:
     return {k: v or None for k, v in times.items()}
 
 
+def run_dir_of(a: Args, seed: int, label: str = "") -> Path:
+    return Path(a.run_dir.format(env=tasks.run_name(a.env), seed=seed) + (f"__{label}" if label else ""))
+
+
+def kept_row(a: Args, old: Optional[dict], seed: int, label: str = "", flags: str = "") -> Optional[dict]:
+    """With --keep: the earlier JSON's row of this run, if its folder has no leq.npz and the row
+    matches the run asked for (seed, label, flags, and --total-steps / --eval-every when given)."""
+    if not a.keep or old is None or (run_dir_of(a, seed, label) / "leq.npz").exists():
+        return None
+    for r in old["per_seed"] + old.get("ablations", []):
+        same_run = (r["seed"], r.get("label", "LEQ"), r.get("flags", "")) == (seed, label or "LEQ", flags)
+        steps_ok = a.total_steps is None or r["steps"] == a.total_steps
+        every_ok = a.eval_every is None or [s for s, _ in r["curve"]] == list(
+            range(a.eval_every, r["steps"] + 1, a.eval_every))
+        if same_run and steps_ok and every_ok:
+            return r
+    return None
+
+
 def run_one(a: Args, task, seed: int, label: str = "", flags: str = ""):
     fmt = dict(env=tasks.run_name(a.env), seed=seed)
-    run_dir = Path(a.run_dir.format(**fmt) + (f"__{label}" if label else ""))
+    run_dir = run_dir_of(a, seed, label)
     pt_path, wm_path = Path(a.pretrain.format(**fmt)), Path(a.world_model.format(**fmt))
     wall = None  # a reused run's time is not known here (null in the JSON, not a near-zero number)
     if not (run_dir / "leq.npz").exists():
@@ -177,18 +202,28 @@ def main(a: Args):
         return write_outputs(json.loads(out.with_suffix(".json").read_text()), out)
     task = tasks.get_task(a.env)
     out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.with_suffix(".json").read_text()) if a.keep and out.with_suffix(".json").exists() else None
     results, ablations = [], []
+
+    def run_or_keep(seed, label="", flags=""):
+        row = kept_row(a, old, seed, label, flags)
+        if row is None:
+            return run_one(a, task, seed, label, flags)
+        print(f"{a.env} seed {seed} {label or 'LEQ'}: kept from {out}.json ({run_dir_of(a, seed, label)} "
+              f"has no leq.npz): success {row['leq_success']:.2f}, BC {row['bc_success']:.2f}")
+        return row, None, None
+
     for i, seed in enumerate(a.seeds):
-        result, leq_eps, bc_eps = run_one(a, task, seed)
+        result, leq_eps, bc_eps = run_or_keep(seed)
         results.append(result)
-        if i == 0 and task.family in ("pointmaze", "antmaze"):
+        if i == 0 and leq_eps is not None and task.family in ("pointmaze", "antmaze"):  # kept: pictures stay
             evaluate.plot_trajectories(task, leq_eps, f"{out}_leq_trajectories.png", title=f"LEQ, seed {seed}")
             evaluate.plot_trajectories(task, bc_eps, f"{out}_bc_trajectories.png", title=f"BC actor, seed {seed}")
     for spec in a.ablations:
         label, _, flags = spec.partition("=")
         if not label or not flags:
             raise tasks.InputError(f"--ablations takes 'label=leq.py flags', got '{spec}'")
-        ablations.append(run_one(a, task, a.ablation_seed, label, flags)[0])
+        ablations.append(run_or_keep(a.ablation_seed, label, flags)[0])
     summary = {"env": a.env, "seeds": list(a.seeds),
                "leq_success_mean": float(np.mean([r["leq_success"] for r in results])),
                "bc_success_mean": float(np.mean([r["bc_success"] for r in results])),

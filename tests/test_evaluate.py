@@ -1,6 +1,7 @@
 """Evaluation (docs/ALGORITHM.md, section 5.8): scripted policies with known outcomes on the built-in mazes,
 seeding, the CLI's JSON and pictures, bad checkpoints, video, and compiling the policy once."""
 
+import dataclasses
 import json
 import os
 import statistics
@@ -332,6 +333,34 @@ def test_compare_table_and_replot(tmp_path):
     with pytest.raises(tasks.InputError) as e:
         compare_bc_leq.main(compare_bc_leq.Args(env="pointmaze-large", out=str(tmp_path / "y"), replot=True))
     assert "--replot needs" in one_line(e) and not (tmp_path / "y.md").exists()
+
+
+def test_compare_keep_reuses_rows_of_runs_gone(tmp_path, monkeypatch):
+    """--keep: a run whose folder holds no leq.npz keeps its row of the earlier JSON when seed, label,
+    flags, steps and evaluation interval match; a mismatch (or no --keep) would run it instead."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_bc_leq
+    old = json.loads((ROOT / "docs" / "pointmaze-large_leq_vs_bc.json").read_text())
+    (tmp_path / "x.json").write_text(json.dumps(old))
+    ran = []
+    monkeypatch.setattr(compare_bc_leq, "run_one", lambda a, task, seed, label="", flags="": ran.append(seed))
+    args = compare_bc_leq.Args(env="pointmaze-large", seeds=(0,), total_steps=40000, eval_every=5000, keep=True,
+                               ablations=("1step=--critic-target 1step",), out=str(tmp_path / "x"),
+                               run_dir=str(tmp_path / "runs" / "{env}__leq__s{seed}"))
+    compare_bc_leq.main(args)
+    new = json.loads((tmp_path / "x.json").read_text())
+    assert ran == [] and new["per_seed"] == old["per_seed"] and new["ablations"] == old["ablations"]
+    assert (tmp_path / "x.md").read_text() == compare_bc_leq.table(old)
+    seed0, ablation = old["per_seed"][0], old["ablations"][0]
+    for changes in [dict(keep=False), dict(total_steps=30000), dict(eval_every=10000)]:
+        assert compare_bc_leq.kept_row(dataclasses.replace(args, **changes), old, 0) is None, changes
+    assert compare_bc_leq.kept_row(args, old, 0) == seed0 and compare_bc_leq.kept_row(args, old, 1) is None
+    assert compare_bc_leq.kept_row(args, old, 0, "1step", "--critic-target 1step") == ablation
+    assert compare_bc_leq.kept_row(args, old, 0, "1step", "--critic-target lambda") is None
+    leq_npz = tmp_path / "runs" / "pointmaze-large__leq__s0" / "leq.npz"  # a folder that is here: it is used
+    leq_npz.parent.mkdir(parents=True)
+    leq_npz.write_bytes(b"")
+    assert compare_bc_leq.kept_row(args, old, 0) is None
 
 
 def test_compare_stage_times_sum_resumed_segments(tmp_path):
