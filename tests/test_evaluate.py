@@ -313,9 +313,9 @@ def test_compare_table_and_replot(tmp_path):
     summary["ablations"] = [{**summary["per_seed"][0], "label": "1step", "flags": "--critic-target 1step",
                              "leq_success": 0.3, "leq_score_std": 4.56, "world_model_s": None, "pretrain_s": None,
                              "curve": [[2500, 1.0], [5000, 0.5]]}]
-    lines = compare_bc_leq.table(summary).splitlines()
-    assert len(lines) == 2 + 2 and all(line.count("|") == 9 for line in lines)
-    leq_row, ablation_row = lines[2].split("|")[1:-1], lines[3].split("|")[1:-1]
+    lines, n = compare_bc_leq.table(summary).splitlines(), len(summary["per_seed"])
+    assert len(lines) == 2 + n + 1 and all(line.count("|") == 9 for line in lines)
+    leq_row, ablation_row = lines[2].split("|")[1:-1], lines[2 + n].split("|")[1:-1]
     assert [c.strip() for c in leq_row[:4]] == ["LEQ, seed 0", "40k", "0% (sd 0.0)", "**100% (sd 0.0)**"]
     assert "15k: 0%" in leq_row[4] and leq_row[5].strip() == "800 / 235"
     seed0 = summary["per_seed"][0]  # wall times from the JSON: a resumed stage's time grows as runs are added
@@ -325,7 +325,7 @@ def test_compare_table_and_replot(tmp_path):
     assert ablation_row[3].strip() == "**30% (sd 4.6)**" and ablation_row[4].strip() == "2.5k: 100%, 5k: 50%"
     assert ablation_row[7].strip().startswith("seed 0's / seed 0's / ")  # it reused seed 0's upstream stages
     summary["ablations"][0]["flags"] = "--no-pretrain"  # no BC/FQE stage at all: its time is "none"
-    assert compare_bc_leq.table(summary).splitlines()[3].split("|")[8].strip().startswith("seed 0's / none / ")
+    assert compare_bc_leq.table(summary).splitlines()[2 + n].split("|")[8].strip().startswith("seed 0's / none / ")
     summary["ablations"][0]["flags"] = "--critic-target 1step"
     (tmp_path / "x.json").write_text(json.dumps(summary))
     compare_bc_leq.main(compare_bc_leq.Args(env="pointmaze-large", out=str(tmp_path / "x"), replot=True))
@@ -344,7 +344,8 @@ def test_compare_keep_reuses_rows_of_runs_gone(tmp_path, monkeypatch):
     (tmp_path / "x.json").write_text(json.dumps(old))
     ran = []
     monkeypatch.setattr(compare_bc_leq, "run_one", lambda a, task, seed, label="", flags="": ran.append(seed))
-    args = compare_bc_leq.Args(env="pointmaze-large", seeds=(0,), total_steps=40000, eval_every=5000, keep=True,
+    seeds = tuple(r["seed"] for r in old["per_seed"])
+    args = compare_bc_leq.Args(env="pointmaze-large", seeds=seeds, total_steps=40000, eval_every=5000, keep=True,
                                ablations=("1step=--critic-target 1step",), out=str(tmp_path / "x"),
                                run_dir=str(tmp_path / "runs" / "{env}__leq__s{seed}"))
     compare_bc_leq.main(args)
@@ -354,7 +355,7 @@ def test_compare_keep_reuses_rows_of_runs_gone(tmp_path, monkeypatch):
     seed0, ablation = old["per_seed"][0], old["ablations"][0]
     for changes in [dict(keep=False), dict(total_steps=30000), dict(eval_every=10000)]:
         assert compare_bc_leq.kept_row(dataclasses.replace(args, **changes), old, 0) is None, changes
-    assert compare_bc_leq.kept_row(args, old, 0) == seed0 and compare_bc_leq.kept_row(args, old, 1) is None
+    assert compare_bc_leq.kept_row(args, old, 0) == seed0 and compare_bc_leq.kept_row(args, old, 5) is None
     assert compare_bc_leq.kept_row(args, old, 0, "1step", "--critic-target 1step") == ablation
     assert compare_bc_leq.kept_row(args, old, 0, "1step", "--critic-target lambda") is None
     leq_npz = tmp_path / "runs" / "pointmaze-large__leq__s0" / "leq.npz"  # a folder that is here: it is used
