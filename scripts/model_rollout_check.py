@@ -13,6 +13,11 @@ On the built-in PointMazes it also counts impossible states: positions inside a 
 (marked * in the path table; the real point's centre never enters one), along the path and in
 imagination as LEQ does it (`--imagined N` dataset states, `--horizon` steps under the actor,
 each step from a uniformly drawn elite with its sampling noise, `world_model.model_step`).
+
+It also prints the one-step error along the real path: each elite's mean prediction of the next
+xy from the REAL state and action, against the real next xy (largest over the path and the
+elites). Small one-step errors with open-loop paths that leave the real one mean the model is
+right on the path and errs by compounding, off it.
 """
 
 import dataclasses
@@ -98,11 +103,14 @@ def main(a: Args):
     member, no_noise = jnp.arange(n), jnp.zeros((n, task.obs_dim + 1))
     pi = jax.jit(nets.pi)
     mean_step = jax.jit(lambda s: world_model.model_step_given(wm, s, nets.pi(actor, s), member, no_noise, done_fn)[0])
-    first_in_wall = [None] * n
+    first_in_wall, one_step_error, worst_step = [None] * n, 0.0, 0
     print(f"{'step':>4}  {'real env xy':>16}  " + "  ".join(f"{f'elite {e} xy':>17}" for e in range(n)))
     for t in range(1, a.steps + 1):
         action = np.asarray(pi(actor, jnp.asarray(obs[None], jnp.float32)))[0]
+        from_real = mean_step(jnp.asarray(np.repeat(obs[None], n, 0), jnp.float32))  # pi(real obs): the same action
         obs = env.step(action)[0]
+        error = float(np.abs(np.asarray(from_real[:, :2]) - obs[:2]).max())
+        one_step_error, worst_step = max((one_step_error, worst_step), (error, t))
         s = mean_step(s)
         bad = np.asarray(in_wall(s[:, :2]))
         first_in_wall = [f if f is not None or not b else t for f, b in zip(first_in_wall, bad)]
@@ -110,6 +118,8 @@ def main(a: Args):
             xy = np.asarray(s[:, :2])
             print(f"{t:>4}  {np.array2string(obs[:2], precision=2):>16}  "
                   + "  ".join(f"{np.array2string(p, precision=2):>16}{'*' if b else ' '}" for p, b in zip(xy, bad)))
+    print(f"one-step error from the real states (each elite's mean next xy vs the real one), largest over "
+          f"the {a.steps} steps: {one_step_error:.4f} (step {worst_step})")
     if walls:
         print("first step inside a wall, per elite's mean path: "
               + ", ".join(f"elite {e}: {f if f is not None else 'never'}" for e, f in enumerate(first_in_wall)))

@@ -547,3 +547,30 @@ def test_model_rollout_check_finds_states_inside_walls(maze):
     expected += [True] * 4
     assert np.asarray(in_wall(jnp.asarray(np.array(points), jnp.float32))).tolist() == expected
     assert 0 < sum(expected) < len(expected)
+
+
+def test_model_rollout_check_one_step_error(upstream, capsys):
+    """model_rollout_check.py's one-step error line against a plain loop: the real path driven
+    again, each elite's mean prediction from each real state made one elite at a time."""
+    import re
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import model_rollout_check
+    import world_model
+    steps = 6
+    model_rollout_check.main(model_rollout_check.Args(checkpoint=str(upstream / "pt.npz"), steps=steps, every=3,
+                                                      world_model=str(upstream / "wm.npz"), imagined=0))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("one-step error"))
+    printed, worst = re.search(r": ([0-9.]+) \(step (\d+)\)$", line).groups()
+    task, nets, actor = networks.load_actor(str(upstream / "pt.npz"))
+    wm = world_model.load_world_model(str(upstream / "wm.npz"), task)
+    done_fn, env = tasks.termination_fn(task), tasks.make_env(task)
+    obs, _ = env.reset(seed=0)
+    errors = []
+    for _ in range(steps):
+        action = np.asarray(nets.pi(actor, jnp.asarray(obs[None], jnp.float32)))[0]
+        predictions = [np.asarray(world_model.model_step_given(
+            wm, jnp.asarray(obs[None], jnp.float32), jnp.asarray(action[None]), jnp.asarray([e]),
+            jnp.zeros((1, task.obs_dim + 1)), done_fn)[0])[0, :2] for e in range(len(world_model.members(wm.params)))]
+        obs = env.step(action)[0]
+        errors.append(max(float(np.abs(p - obs[:2]).max()) for p in predictions))
+    assert float(printed) == pytest.approx(max(errors), abs=1e-4) and int(worst) == 1 + int(np.argmax(errors))
