@@ -77,7 +77,8 @@ class Args:
     """output stem for .json, .md (the results table) and .png (format string with {env})"""
     keep: bool = False
     """reuse <out>.json's row for a run whose folder holds no leq.npz (made on another machine, its
-    folder gone) when its seed, label, flags and steps match, instead of running it again"""
+    folder gone) when its seed, label, flags, steps and evaluation interval match, instead of
+    running it again"""
     replot: bool = False
     """run and evaluate nothing: redraw <out>.png and rewrite <out>.md from an existing <out>.json"""
 
