@@ -75,8 +75,11 @@ POINTMAZE_SIZES = {"umaze": 200_000, "medium": 400_000, "large": 600_000, "ultra
 # The data policy: the waypoint controller aiming at a random point of the next cell (jitter, so
 # that the data also touches walls and the world model can learn them) plus N(0, noise^2), and,
 # with probability DATA_EXCURSION per step, a 10-40-step excursion towards a random point up to
-# 1.5 cells away (often inside a wall: the point pushes against it; see README, Data).
-DATA_NOISE, DATA_JITTER, DATA_EXCURSION, DATA_VERSION = 1.0, 0.4, 0.02, 3
+# 1.5 cells away (often inside a wall: the point pushes against it; see README, Data). With
+# probability `dash` an excursion is a dash instead: full throttle in a random direction, with the
+# smaller noise DASH_NOISE, so that the point hits walls at top speed as a learnt actor does.
+DATA_NOISE, DATA_JITTER, DATA_EXCURSION, DATA_DASH, DATA_VERSION = 1.0, 0.4, 0.02, 0.0, 3
+DASH_NOISE = 0.3
 GOAL_RADIUS = 0.5  # PointMaze: success (reward 1, episode end) when ||xy - goal|| < 0.5
 
 
@@ -218,13 +221,14 @@ def builtin_dataset_path(task, data_dir=None, size=None, seed=0) -> Path:
 
 
 def generate_pointmaze(task, path: Path, size=None, seed=0, noise=DATA_NOISE, jitter=DATA_JITTER,
-                       episode_len=1000, excursion=DATA_EXCURSION):
+                       episode_len=1000, excursion=DATA_EXCURSION, dash=DATA_DASH):
     """A "diverse" dataset the way D4RL made its mazes: each 1000-step episode starts in a random
     free cell; the waypoint controller (aiming at the next cell's centre plus a uniform offset in
     [-jitter, jitter]^2, redrawn in every cell) plus N(0, noise^2) action noise drives to random
     goal cells one after another. With probability `excursion` per step it leaves for 10-40 steps
     to a random point within +-1.5 cells (PD control, same noise), so the data pushes into walls
-    as a clumsy ant's does. Rewards/terminals are relabelled for the evaluation goal (1 when
+    as a clumsy ant's does; with probability `dash` that excursion is a dash (full throttle in a
+    random direction, noise DASH_NOISE), which hits walls at top speed. Rewards/terminals are relabelled for the evaluation goal (1 when
     ||xy' - goal|| < 0.5; the trajectory goes on); timeouts end each episode. Deterministic for a
     seed; written atomically in D4RL's format."""
     from tqdm import tqdm
@@ -251,12 +255,17 @@ def generate_pointmaze(task, path: Path, size=None, seed=0, noise=DATA_NOISE, ji
                     cell, offset = obs_cell(layout, obs), rng.uniform(-jitter, jitter, size=2)
                 if away == 0 and rng.random() < excursion:  # leave the path for a while
                     away, aim = int(rng.integers(10, 41)), obs[:2] + rng.uniform(-1.5, 1.5, size=2)
+                    heading = None  # drawn only when dashes are on, so dash=0 keeps v3's stream
+                    if dash > 0 and rng.random() < dash:  # a dash: full throttle, this heading
+                        angle = rng.uniform(0, 2 * np.pi)
+                        heading = np.array([np.cos(angle), np.sin(angle)])
+                        heading /= np.abs(heading).max()
                 if away > 0:
                     away -= 1
-                    action = pd_action(obs, aim)
+                    action, scale = (pd_action(obs, aim), noise) if heading is None else (heading, DASH_NOISE)
                 else:
-                    action = waypoint_action(layout, dists[target], target, obs, offset)
-                action = np.clip(action + noise * rng.normal(size=2), -1.0, 1.0)
+                    action, scale = waypoint_action(layout, dists[target], target, obs, offset), noise
+                action = np.clip(action + scale * rng.normal(size=2), -1.0, 1.0)
                 next_obs = env.step(action)[0]["observation"]
                 reached = np.linalg.norm(next_obs[:2] - goal) < GOAL_RADIUS
                 out["observations"][t], out["actions"][t], out["goals"][t] = obs, action, cell_xy(layout, target)
@@ -274,7 +283,7 @@ def generate_pointmaze(task, path: Path, size=None, seed=0, noise=DATA_NOISE, ji
         f.create_dataset("timeouts", data=out["timeouts"].astype(bool))
         f.create_dataset("infos/goal", data=out["goals"])
         f.attrs.update(env=task.name, size=size, seed=seed, noise=noise, jitter=jitter, excursion=excursion,
-                       episode_len=episode_len,
+                       episode_len=episode_len, **(dict(dash=dash) if dash > 0 else {}),
                        generator=f"tasks.generate_pointmaze v{DATA_VERSION}")
     os.replace(tmp, path)
     return time.time() - start_time

@@ -456,6 +456,8 @@ class Args:
     """built-in: the controller aims at a uniform random point within +-jitter of each cell's centre"""
     excursion: float = mazes.DATA_EXCURSION
     """built-in: per-step probability of a 10-40-step excursion to a random point within +-1.5 cells"""
+    dash: float = mazes.DATA_DASH
+    """built-in: probability that an excursion is a dash instead (full throttle in a random direction, into walls at top speed)"""
     episode_len: Optional[int] = None
     """OGBench: steps per trajectory (default 1000, giant 2000, as ogbench's navigate data)"""
     data_dir: Optional[str] = None
@@ -469,7 +471,7 @@ class Args:
 
 def main(args: Args):
     task = get_task(args.env)
-    check_flags(args, (">= 0", "seed noise jitter expert_episodes"), ("in [0, 1]", "excursion"))
+    check_flags(args, (">= 0", "seed noise jitter expert_episodes"), ("in [0, 1]", "excursion dash"))
     if args.size is not None and args.size < 2:
         raise InputError(f"--size must be >= 2, got {args.size}")
     if task.source == "ogbench" and task.family == "pointmaze":
@@ -480,7 +482,7 @@ def main(args: Args):
     noise = mazes.DATA_NOISE if args.noise is None else args.noise
     path = Path(args.out) if args.out else mazes.builtin_dataset_path(task, args.data_dir, args.size, args.seed)
     seconds = mazes.generate_pointmaze(task, path, args.size, args.seed, noise, args.jitter,
-                                       excursion=args.excursion)
+                                       excursion=args.excursion, dash=args.dash)
     data = qlearning_transitions(read_hdf5(path))
     print(f"wrote {path}: {len(data['rewards'])} transitions, {int(data['rewards'].sum())} at the "
           f"goal, in {seconds:.1f} s")

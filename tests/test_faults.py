@@ -301,6 +301,7 @@ def test_3_metrics_log_is_crash_safe(case, tmp_path, entry, capsys):
     ("evaluate", ["--episodes", 0], "--episodes must be >= 1, got 0"),
     ("evaluate", ["--seed", -2], "--seed must be >= 0, got -2"),
     ("tasks", ["--excursion", 1.5], "--excursion must be in [0, 1], got 1.5"),
+    ("tasks", ["--dash", -0.1], "--dash must be in [0, 1], got -0.1"),
 ])
 def test_4_every_flag_is_checked_before_any_work(script, flags, message, tmp_path, entry):
     """Out-of-range flags of every script end it at once with one line naming the flag and the

@@ -211,6 +211,30 @@ def test_generator_excursions_push_into_walls(tmp_path):
     assert with_ > 3 * without and with_ > 300, (without, with_)  # measured: 124 and 516
 
 
+def test_generator_dashes_hit_walls_fast(tmp_path):
+    """Dashes (`dash`: an excursion at full throttle) make the point hit walls at top speed: count,
+    with a plain loop, the transitions moving faster than 4.5 along an axis that cover less than
+    half the distance their speed implies (an impact)."""
+    task = tasks.get_task("pointmaze-large")
+
+    def impacts(path):
+        with h5py.File(path) as f:
+            obs = f["observations"][()]
+        count = 0
+        for t in range(len(obs) - 1):
+            if t % 1000 == 999:
+                continue
+            for axis in (0, 1):
+                speed, moved = obs[t, 2 + axis], obs[t + 1, axis] - obs[t, axis]
+                count += abs(speed) > 4.5 and moved * np.sign(speed) < 0.5 * abs(speed) * 0.01
+        return count
+
+    for dash in (0.0, 1.0):
+        mazes.generate_pointmaze(task, tmp_path / f"{dash}.hdf5", size=6000, seed=3, dash=dash)
+    without, with_ = impacts(tmp_path / "0.0.hdf5"), impacts(tmp_path / "1.0.hdf5")
+    assert with_ > 3 * without and with_ >= 10, (without, with_)  # measured: 1 and 14
+
+
 def test_builtin_env_reward_and_termination_at_the_goal():
     task = tasks.get_task("pointmaze-medium")
     env = tasks.make_env(task)
