@@ -574,3 +574,38 @@ def test_model_rollout_check_one_step_error(upstream, capsys):
         obs = env.step(action)[0]
         errors.append(max(float(np.abs(p - obs[:2]).max()) for p in predictions))
     assert float(printed) == pytest.approx(max(errors), abs=1e-4) and int(worst) == 1 + int(np.argmax(errors))
+
+
+def test_wall_impact_check_against_a_loop(upstream, tiny_maze_file_module, capsys):
+    """wall_impact_check.py's counts and mean errors against a plain loop over the transitions and
+    axes, with each elite's prediction of the whole dataset made one elite at a time."""
+    import re
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import wall_impact_check
+    import world_model
+    speed = 3.0  # the tiny data has few impacts faster than the default 4.5
+    wall_impact_check.main(wall_impact_check.Args(env="pointmaze-umaze", dataset_path=str(tiny_maze_file_module),
+                                                  world_model=str(upstream / "wm.npz"), speed=speed, samples=10**6))
+    printed = {m[0]: (int(m[1].replace(",", "")), float(m[2])) for m in
+               re.findall(r"^ *([a-z ]+): +([0-9,]+) in the data \(.*\): mean error ([0-9.]+)", capsys.readouterr().out, re.M)}
+    task = tasks.get_task("pointmaze-umaze")
+    ds = tasks.load_dataset(task, str(tiny_maze_file_module))
+    wm = world_model.load_world_model(str(upstream / "wm.npz"), task)
+    n = len(world_model.members(wm.params))
+    preds = [np.asarray(world_model.model_step_given(
+        wm, jnp.asarray(ds.observations), jnp.asarray(ds.actions), jnp.full(len(ds.actions), e),
+        jnp.zeros((len(ds.actions), 5)), tasks.termination_fn(task))[0]) for e in range(n)]
+    errors = {"fast impacts": [], "slower impacts": [], "fast free motion": []}
+    for t in range(len(ds.observations)):
+        for axis in (0, 1):
+            v = ds.observations[t, 2 + axis]
+            d = (ds.next_observations[t, axis] - ds.observations[t, axis]) * (1 if v > 0 else -1)
+            kind = ("fast impacts" if d < 0.005 * abs(v) and abs(v) > speed else
+                    "slower impacts" if d < 0.005 * abs(v) and 2 < abs(v) <= speed else
+                    "fast free motion" if d > 0.008 * abs(v) and abs(v) > speed else None)
+            if kind:
+                errors[kind].append(sum(abs(p[t, axis] - ds.next_observations[t, axis]) for p in preds) / n)
+    assert all(len(e) >= 5 for e in errors.values()), {k: len(e) for k, e in errors.items()}
+    assert set(printed) == set(errors)
+    for kind, e in errors.items():
+        assert printed[kind][0] == len(e) and printed[kind][1] == pytest.approx(np.mean(e), abs=1e-4), kind
