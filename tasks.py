@@ -480,6 +480,11 @@ def main(args: Args):
         raise InputError(f"only built-in pointmaze tasks and OGBench pointmaze-*-singletask tasks can "
                          f"be generated, not {task.name}")
     noise = mazes.DATA_NOISE if args.noise is None else args.noise
+    changed = [f"--{k}" for k, v, default in (("noise", noise, mazes.DATA_NOISE), ("jitter", args.jitter, mazes.DATA_JITTER),
+               ("excursion", args.excursion, mazes.DATA_EXCURSION), ("dash", args.dash, mazes.DATA_DASH)) if v != default]
+    if changed and not args.out:  # the default file name does not say how the data were made
+        raise InputError(f"{' '.join(changed)} make other data than the task's own: pass --out FILE.hdf5 (and "
+                         f"--dataset-path FILE.hdf5 to the stages), so that the default dataset is not replaced")
     path = Path(args.out) if args.out else mazes.builtin_dataset_path(task, args.data_dir, args.size, args.seed)
     seconds = mazes.generate_pointmaze(task, path, args.size, args.seed, noise, args.jitter,
                                        excursion=args.excursion, dash=args.dash)

@@ -302,6 +302,9 @@ def test_3_metrics_log_is_crash_safe(case, tmp_path, entry, capsys):
     ("evaluate", ["--seed", -2], "--seed must be >= 0, got -2"),
     ("tasks", ["--excursion", 1.5], "--excursion must be in [0, 1], got 1.5"),
     ("tasks", ["--dash", -0.1], "--dash must be in [0, 1], got -0.1"),
+    ("tasks", ["--env", "pointmaze-large", "--dash", 1, "--noise", 0.5],
+     "--noise --dash make other data than the task's own: pass --out FILE.hdf5 (and --dataset-path FILE.hdf5 "
+     "to the stages), so that the default dataset is not replaced"),
 ])
 def test_4_every_flag_is_checked_before_any_work(script, flags, message, tmp_path, entry):
     """Out-of-range flags of every script end it at once with one line naming the flag and the
