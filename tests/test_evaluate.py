@@ -345,8 +345,9 @@ def test_compare_keep_reuses_rows_of_runs_gone(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(compare_bc_leq, "run_one", lambda a, task, seed, label="", flags="": ran.append(seed))
     seeds = tuple(r["seed"] for r in old["per_seed"])
+    ablations = tuple(f"{r['label']}={r['flags']}" for r in old["ablations"])  # 1step, mean
     args = compare_bc_leq.Args(env="pointmaze-large", seeds=seeds, total_steps=40000, eval_every=5000, keep=True,
-                               ablations=("1step=--critic-target 1step",), out=str(tmp_path / "x"),
+                               ablations=ablations, out=str(tmp_path / "x"),
                                run_dir=str(tmp_path / "runs" / "{env}__leq__s{seed}"))
     compare_bc_leq.main(args)
     new = json.loads((tmp_path / "x.json").read_text())
