@@ -85,5 +85,6 @@ def main(a: Args):
         print(f"{kind:>16}: {len(rows):>7,} in the data ({len(picked):,} predicted): mean error "
               f"{err.mean():.4f}, 90th percentile {np.quantile(err, 0.9):.4f}")
 
+
 if __name__ == "__main__":
     cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)
