@@ -118,14 +118,30 @@ def bar_seconds(text: str, bar: str, resumed: str) -> float:
     return total
 
 
+def world_model_seconds(text: str) -> float:
+    """world_model.py's time summed over a log's resumed segments: a segment's closing "N epochs in
+    X s" (which counts that segment only), or, for a segment stopped before it, its bar's last stamp."""
+    total = 0.0
+    for segment in text.split("[world_model] resuming"):
+        closing = re.findall(r"\[world_model\] \d+ epochs in (\d+) s", segment)
+        stamps = re.findall(r"world model [^:\n]*: \d+epoch \[(?:(\d+):)?(\d+):(\d+)[,\]]", segment)
+        if closing:
+            total += float(closing[-1])
+        elif stamps:
+            h, m, s = stamps[-1]
+            total += 3600 * int(h or 0) + 60 * int(m) + int(s)
+    return total
+
+
 def stage_times(log_path: Optional[Path]) -> dict:
     """Each stage's wall time in seconds as printed in a run's log, summed over resumed segments:
-    world_model.py's "N epochs in X s", and the pretrain and LEQ bars' elapsed times (a pretraining
-    stopped and resumed prints its closing "X s" for the last segment only, so its bar is read)."""
+    world_model.py's (`world_model_seconds`), and the pretrain and LEQ bars' elapsed times (a
+    pretraining stopped and resumed prints its closing "X s" for the last segment only, so its bar
+    is read)."""
     if not log_path or not log_path.exists():
         return {}
     text = log_path.read_text(errors="replace").replace("\r", "\n")
-    times = {"world_model_s": sum(float(x) for x in re.findall(r"\[world_model\] \d+ epochs in (\d+) s", text)),
+    times = {"world_model_s": world_model_seconds(text),
              "pretrain_s": bar_seconds(text, "pretrain", "[pretrain] resuming"),
              "leq_s": bar_seconds(text, "LEQ", "[leq] resuming")}
     return {k: v or None for k, v in times.items()}

@@ -367,12 +367,17 @@ def test_compare_keep_reuses_rows_of_runs_gone(tmp_path, monkeypatch):
 
 def test_compare_stage_times_sum_resumed_segments(tmp_path):
     """compare_bc_leq.stage_times on a log written like a real one (tqdm's carriage returns,
-    a pretraining and an LEQ run each stopped once and resumed): each stage's time is the sum of
-    its segments' last bar stamps, not the last segment's closing line alone."""
+    the world model, a pretraining and an LEQ run each stopped once and resumed): each stage's
+    time is the sum of its segments' last bar stamps (the world model's: a stopped segment's bar,
+    then the closing line of the segment that finished), not the last segment's closing line alone."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare_bc_leq
     bar = "{} pointmaze-large:  {}%|x         | {}/80000 [{}<1:46:34, 12.35step/s, BC loss 0.6297]"
+    wm_bar = "world model pointmaze-large: {}epoch [{}, 46.89s/epoch, loss -56.698 + decay 0.354 | holdout mse 1.06e-02]"
     log = "\n".join([
+        "\r".join([wm_bar.format(11, "08:36"), wm_bar.format(12, "1:09:25")]),  # stopped: 4165 s
+        "[world_model] resuming from w.ckpt.npz at epoch 12",
+        "\r".join([wm_bar.format(13, "00:25"), wm_bar.format(21, "07:09")]),
         "[world_model] 21 epochs in 2656 s; elites [0, 1, 3, 4, 6] holdout mse 2.0e-02; wrote w.npz",
         "\r".join(bar.format("pretrain", 1, n, t) for n, t in [(1000, "01:20"), (11000, "1:02:05")]),
         "[pretrain] resuming from p.ckpt.npz at step 10000",
@@ -382,7 +387,7 @@ def test_compare_stage_times_sum_resumed_segments(tmp_path):
         bar.format("LEQ", 100, 40000, "1:05:00")])
     (tmp_path / "run.log").write_text(log)
     times = compare_bc_leq.stage_times(tmp_path / "run.log")
-    assert times == {"world_model_s": 2656.0, "pretrain_s": 3725.0 + 925.0,
+    assert times == {"world_model_s": 4165.0 + 2656.0, "pretrain_s": 3725.0 + 925.0,
                      "leq_s": 7809.0 + 3900.0}
     assert compare_bc_leq.stage_times(tmp_path / "missing.log") == {}
 
