@@ -3,6 +3,8 @@
     python scripts/compare_bc_leq.py --env pointmaze-umaze --seeds 0 1 2
     python scripts/compare_bc_leq.py --env pointmaze-large --seeds 0 1 2 --eval-every 5000 \
         --ablations "1step=--critic-target 1step" "mean=--expectile 0.5"
+    python scripts/compare_bc_leq.py --env pointmaze-large-navigate-singletask-v0 --seeds 0 --total-steps 40000 \
+        --eval-every 5000 --flags="--pretrain-settings.bc-steps 40000 --pretrain-settings.fqe-steps 40000"
 
 For each seed: runs leq.py (which runs the world model and pretraining first when their
 artifacts are missing; a run folder that already holds leq.npz is reused, one with a checkpoint
@@ -61,6 +63,10 @@ class Args:
     """extra runs, each "label=leq.py flags" (e.g. "1step=--critic-target 1step"), of --ablation-seed"""
     ablation_seed: int = 0
     """seed of the ablation runs (they reuse its world model and pretraining)"""
+    flags: str = ""
+    """extra leq.py flags for every run it makes, seeds and ablations, written with "=" since they
+    start with "--" (e.g. --flags="--pretrain-settings.bc-steps 40000" on a task without built-in
+    step counts); recorded in the JSON"""
     dataset_path: Optional[str] = None
     """passed to leq.py (and the stages it runs): a dataset file instead of the task's own"""
     data_dir: Optional[str] = None
@@ -153,8 +159,10 @@ def run_dir_of(a: Args, seed: int, label: str = "") -> Path:
 
 def kept_row(a: Args, old: Optional[dict], seed: int, label: str = "", flags: str = "") -> Optional[dict]:
     """With --keep: the earlier JSON's row of this run, if its folder has no leq.npz and the row
-    matches the run asked for (seed, label, flags, and --total-steps / --eval-every when given)."""
+    matches the run asked for (seed, label, flags, --flags, and --total-steps / --eval-every when given)."""
     if not a.keep or old is None or (run_dir_of(a, seed, label) / "leq.npz").exists():
+        return None
+    if old.get("flags", "") != a.flags:  # rows made with other --flags are other runs
         return None
     for r in old["per_seed"] + old.get("ablations", []):
         same_run = (r["seed"], r.get("label", "LEQ"), r.get("flags", "")) == (seed, label or "LEQ", flags)
@@ -180,7 +188,7 @@ def run_one(a: Args, task, seed: int, label: str = "", flags: str = ""):
         base += ["--world-model", str(wm_path)] if wm_path.exists() else []
         base += ["--pretrain", str(pt_path)] if pt_path.exists() else []
         start = time.time()
-        leq.train(tyro.cli(leq.Args, args=base + shlex.split(flags)))
+        leq.train(tyro.cli(leq.Args, args=base + shlex.split(a.flags) + shlex.split(flags)))
         wall = time.time() - start
     config = json.loads((run_dir / "config.json").read_text())
     f = artifacts.load_artifact(run_dir / "leq.npz", task, kinds=("leq",))
@@ -241,7 +249,7 @@ def main(a: Args):
         if not label or not flags:
             raise tasks.InputError(f"--ablations takes 'label=leq.py flags', got '{spec}'")
         ablations.append(run_or_keep(a.ablation_seed, label, flags)[0])
-    summary = {"env": a.env, "seeds": list(a.seeds),
+    summary = {"env": a.env, "seeds": list(a.seeds), "flags": a.flags,
                "leq_success_mean": float(np.mean([r["leq_success"] for r in results])),
                "bc_success_mean": float(np.mean([r["bc_success"] for r in results])),
                "per_seed": results, "ablations": ablations}

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tyro
 
 import artifacts
 import evaluate
@@ -354,7 +355,7 @@ def test_compare_keep_reuses_rows_of_runs_gone(tmp_path, monkeypatch):
     assert ran == [] and new["per_seed"] == old["per_seed"] and new["ablations"] == old["ablations"]
     assert (tmp_path / "x.md").read_text() == compare_bc_leq.table(old)
     seed0, ablation = old["per_seed"][0], old["ablations"][0]
-    for changes in [dict(keep=False), dict(total_steps=30000), dict(eval_every=10000)]:
+    for changes in [dict(keep=False), dict(total_steps=30000), dict(eval_every=10000), dict(flags="--horizon 5")]:
         assert compare_bc_leq.kept_row(dataclasses.replace(args, **changes), old, 0) is None, changes
     assert compare_bc_leq.kept_row(args, old, 0) == seed0 and compare_bc_leq.kept_row(args, old, 5) is None
     assert compare_bc_leq.kept_row(args, old, 0, "1step", "--critic-target 1step") == ablation
@@ -363,6 +364,27 @@ def test_compare_keep_reuses_rows_of_runs_gone(tmp_path, monkeypatch):
     leq_npz.parent.mkdir(parents=True)
     leq_npz.write_bytes(b"")
     assert compare_bc_leq.kept_row(args, old, 0) is None
+
+
+def test_compare_flags_reach_every_leq_run(tmp_path, monkeypatch):
+    """--flags (given with "=", as the README writes it) is added to the leq.py flags of a seed's run
+    and, before its own flags, of an ablation's."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_bc_leq
+
+    class Called(Exception):
+        pass
+
+    def train(args):
+        raise Called(args)
+    monkeypatch.setattr(compare_bc_leq.leq, "train", train)
+    a = tyro.cli(compare_bc_leq.Args, args=["--env", "pointmaze-umaze", "--run-dir", str(tmp_path / "r{seed}"),
+                                            "--flags=--horizon 5 --pretrain-settings.bc-steps 300"])
+    for label, flags, horizon in [("", "", 5), ("h3", "--horizon 3", 3)]:
+        with pytest.raises(Called) as e:
+            compare_bc_leq.run_one(a, None, 1, label, flags)
+        args, = e.value.args
+        assert (args.seed, args.horizon, args.pretrain_settings.bc_steps) == (1, horizon, 300)
 
 
 def test_compare_stage_times_sum_resumed_segments(tmp_path):
