@@ -113,26 +113,21 @@ def protocol(task, nets, actor, critic, config: dict, record: bool = False) -> d
     return out, episodes
 
 
-def bar_seconds(text: str, bar: str, resumed: str) -> float:
-    """A tqdm bar's elapsed time summed over a log's resumed segments (each process restarts the clock)."""
+# A tqdm bar's elapsed time (its clock restarts in each process): "[MM:SS" or "[H:MM:SS"
+CLOCK = r"\[(?:(\d+):)?(\d+):(\d+)"
+STEP_BAR = r"{} [^|]*\|[^|]*\| *\d+/\d+ " + CLOCK + "<"           # pretrain, LEQ: "n/total [elapsed<left"
+EPOCH_BAR = r"world model [^:\n]*: \d+epoch " + CLOCK + r"[,\]]"  # world_model.py: "Nepoch [elapsed,"
+
+
+def segment_seconds(text: str, resumed: str, bar: str, closing: Optional[str] = None) -> float:
+    """A stage's time summed over a log's resumed segments (split at the `resumed` line): a
+    segment's closing time (regex `closing`, when it counts that segment only), else the last
+    stamp of its bar (regex `bar` with CLOCK's three groups)."""
     total = 0.0
     for segment in text.split(resumed):
-        stamps = re.findall(bar + r" [^|]*\|[^|]*\| *\d+/\d+ \[(?:(\d+):)?(\d+):(\d+)<", segment)
-        if stamps:
-            h, m, s = stamps[-1]
-            total += 3600 * int(h or 0) + 60 * int(m) + int(s)
-    return total
-
-
-def world_model_seconds(text: str) -> float:
-    """world_model.py's time summed over a log's resumed segments: a segment's closing "N epochs in
-    X s" (which counts that segment only), or, for a segment stopped before it, its bar's last stamp."""
-    total = 0.0
-    for segment in text.split("[world_model] resuming"):
-        closing = re.findall(r"\[world_model\] \d+ epochs in (\d+) s", segment)
-        stamps = re.findall(r"world model [^:\n]*: \d+epoch \[(?:(\d+):)?(\d+):(\d+)[,\]]", segment)
-        if closing:
-            total += float(closing[-1])
+        closed, stamps = re.findall(closing, segment) if closing else [], re.findall(bar, segment)
+        if closed:
+            total += float(closed[-1])
         elif stamps:
             h, m, s = stamps[-1]
             total += 3600 * int(h or 0) + 60 * int(m) + int(s)
@@ -141,15 +136,16 @@ def world_model_seconds(text: str) -> float:
 
 def stage_times(log_path: Optional[Path]) -> dict:
     """Each stage's wall time in seconds as printed in a run's log, summed over resumed segments:
-    world_model.py's (`world_model_seconds`), and the pretrain and LEQ bars' elapsed times (a
-    pretraining stopped and resumed prints its closing "X s" for the last segment only, so its bar
-    is read)."""
+    world_model.py's closing "N epochs in X s" (which counts its segment only) or, for a segment
+    stopped before it, its bar; the pretrain and LEQ bars' elapsed times (a pretraining stopped and
+    resumed prints its closing "X s" for the last segment only, so its bar is read)."""
     if not log_path or not log_path.exists():
         return {}
     text = log_path.read_text(errors="replace").replace("\r", "\n")
-    times = {"world_model_s": world_model_seconds(text),
-             "pretrain_s": bar_seconds(text, "pretrain", "[pretrain] resuming"),
-             "leq_s": bar_seconds(text, "LEQ", "[leq] resuming")}
+    times = {"world_model_s": segment_seconds(text, "[world_model] resuming", EPOCH_BAR,
+                                              closing=r"\[world_model\] \d+ epochs in (\d+) s"),
+             "pretrain_s": segment_seconds(text, "[pretrain] resuming", STEP_BAR.format("pretrain")),
+             "leq_s": segment_seconds(text, "[leq] resuming", STEP_BAR.format("LEQ"))}
     return {k: v or None for k, v in times.items()}
 
 
