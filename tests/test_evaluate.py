@@ -604,6 +604,33 @@ def test_model_rollout_check_one_step_error(upstream, capsys):
     assert float(printed) == pytest.approx(max(errors), abs=1e-4) and int(worst) == 1 + int(np.argmax(errors))
 
 
+def test_model_rollout_check_largest_imagined_coordinate(upstream, tiny_maze_file_module):
+    """model_rollout_check.imagined_rollouts' largest |coordinate| per step against a plain loop:
+    the same start states and per-step keys through world_model.model_step, one step at a time,
+    states after a done left out; and its wall share against the same loop's count."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import model_rollout_check
+    import world_model
+    task, nets, actor = networks.load_actor(str(upstream / "pt.npz"))
+    wm = world_model.load_world_model(str(upstream / "wm.npz"), task)
+    done_fn, in_wall = tasks.termination_fn(task), model_rollout_check.in_wall_fn(task)
+    obs = tasks.load_dataset(task, str(tiny_maze_file_module)).observations
+    a = model_rollout_check.Args(checkpoint="", world_model="", imagined=50, horizon=4, seed=3)
+    rate, largest, data_largest = model_rollout_check.imagined_rollouts(obs, wm, nets, actor, done_fn, in_wall, a)
+    s = obs[np.random.default_rng(3).choice(len(obs), 50)]
+    alive, expected, bad, counted = np.ones(50, bool), [], 0, 0
+    for k in jax.random.split(jax.random.PRNGKey(3), 4):
+        s2, _, done = world_model.model_step(wm, jnp.asarray(s), nets.pi(actor, jnp.asarray(s)), k, done_fn)
+        s2 = np.asarray(s2)
+        expected.append(max(abs(float(x)) for row, live in zip(s2, alive) if live for x in row))
+        bad += sum(bool(w) and live for w, live in zip(np.asarray(in_wall(jnp.asarray(s2[:, :2]))), alive))
+        counted += int(alive.sum())
+        alive = alive & ~np.asarray(done).astype(bool)
+        s = s2
+    assert largest.tolist() == pytest.approx(expected, rel=1e-5)
+    assert rate == pytest.approx(bad / counted) and data_largest == float(np.abs(obs).max())
+
+
 def test_wall_impact_check_against_a_loop(upstream, tiny_maze_file_module, capsys):
     """wall_impact_check.py's counts and mean errors against a plain loop over the transitions and
     axes, with each elite's prediction of the whole dataset made one elite at a time."""
