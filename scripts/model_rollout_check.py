@@ -78,8 +78,9 @@ def imagined_rollouts(observations: np.ndarray, wm, nets, actor, done_fn, in_wal
     """LEQ's imagination as the critic sees it: N start states from the dataset, H steps of the
     actor in the sampled model (each step from a uniformly drawn elite with its sampling noise).
     States after a done are not counted. Returns (the fraction of imagined states inside a wall
-    cell; the largest |coordinate| of the imagined states at each step; the dataset's largest). A model whose states run away off the data (growing step after step far past the
-    dataset's range) feeds the lambda-returns values and rewards of states it never saw."""
+    cell; the largest |coordinate| of the imagined states at each step; the dataset's largest).
+    A model whose states run away off the data (growing step after step far past the dataset's
+    range) feeds the lambda-returns values and rewards of states it never saw."""
     rng = np.random.default_rng(a.seed)
     s = jnp.asarray(observations[rng.choice(len(observations), a.imagined)])
 
