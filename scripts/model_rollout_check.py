@@ -27,6 +27,7 @@ right on the path and errs by compounding, off it.
 import dataclasses
 import os
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -58,6 +59,9 @@ class Args:
     the largest imagined coordinate in (0: none)"""
     horizon: int = 10
     """steps per imagined rollout (LEQ's H)"""
+    dataset_path: Optional[str] = None
+    """the dataset the world model was trained on, when it was not the task's own (the imagined
+    rollouts start from its states)"""
 
 
 def in_wall_fn(task):
@@ -131,8 +135,8 @@ def main(a: Args):
         print("first step inside a wall, per elite's mean path: "
               + ", ".join(f"elite {e}: {f if f is not None else 'never'}" for e, f in enumerate(first_in_wall)))
     if a.imagined:
-        rate, largest, data_largest = imagined_rollouts(tasks.load_dataset(task).observations, wm, nets, actor,
-                                                        done_fn, in_wall, a)
+        observations = tasks.load_dataset(task, a.dataset_path).observations
+        rate, largest, data_largest = imagined_rollouts(observations, wm, nets, actor, done_fn, in_wall, a)
         if walls:
             print(f"imagined states inside a wall ({a.imagined:,} dataset starts x {a.horizon} steps, sampled "
                   f"model): {100 * rate:.3f}%")

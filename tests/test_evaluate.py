@@ -604,10 +604,11 @@ def test_model_rollout_check_one_step_error(upstream, capsys):
     assert float(printed) == pytest.approx(max(errors), abs=1e-4) and int(worst) == 1 + int(np.argmax(errors))
 
 
-def test_model_rollout_check_largest_imagined_coordinate(upstream, tiny_maze_file_module):
+def test_model_rollout_check_largest_imagined_coordinate(upstream, tiny_maze_file_module, capsys):
     """model_rollout_check.imagined_rollouts' largest |coordinate| per step against a plain loop:
     the same start states and per-step keys through world_model.model_step, one step at a time,
-    states after a done left out; and its wall share against the same loop's count."""
+    states after a done left out; and its wall share against the same loop's count. The script
+    (main, with --dataset-path) prints those numbers."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import model_rollout_check
     import world_model
@@ -629,6 +630,12 @@ def test_model_rollout_check_largest_imagined_coordinate(upstream, tiny_maze_fil
         s = s2
     assert largest.tolist() == pytest.approx(expected, rel=1e-5)
     assert rate == pytest.approx(bad / counted) and data_largest == float(np.abs(obs).max())
+    model_rollout_check.main(model_rollout_check.Args(
+        checkpoint=str(upstream / "pt.npz"), world_model=str(upstream / "wm.npz"), steps=2, every=2, imagined=50,
+        horizon=4, seed=3, dataset_path=str(tiny_maze_file_module)))
+    out = capsys.readouterr().out
+    assert f"sampled model): {100 * bad / counted:.3f}%" in out
+    assert (f"steps 1..4 (the dataset's: {float(np.abs(obs).max()):.3g}): " + " ".join(f"{x:.3g}" for x in expected)) in out
 
 
 def test_wall_impact_check_against_a_loop(upstream, tiny_maze_file_module, capsys):
