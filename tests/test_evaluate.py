@@ -310,7 +310,7 @@ def test_compare_table_and_replot(tmp_path):
     and .png from a JSON alone and, without one, stops in one line."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare_bc_leq
-    summary = json.loads((ROOT / "docs" / "pointmaze-large_leq_vs_bc.json").read_text())
+    summary = json.loads((ROOT / "docs" / "pointmaze-large-40k_leq_vs_bc.json").read_text())
     summary["ablations"] = [{**summary["per_seed"][0], "label": "1step", "flags": "--critic-target 1step",
                              "leq_success": 0.3, "leq_score_std": 4.56, "world_model_s": None, "pretrain_s": None,
                              "curve": [[2500, 1.0], [5000, 0.5]]}]
@@ -341,7 +341,7 @@ def test_compare_keep_reuses_rows_of_runs_gone(tmp_path, monkeypatch):
     flags, steps and evaluation interval match; a mismatch (or no --keep) would run it instead."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare_bc_leq
-    old = json.loads((ROOT / "docs" / "pointmaze-large_leq_vs_bc.json").read_text())
+    old = json.loads((ROOT / "docs" / "pointmaze-large-40k_leq_vs_bc.json").read_text())
     (tmp_path / "x.json").write_text(json.dumps(old))
     ran = []
     monkeypatch.setattr(compare_bc_leq, "run_one", lambda a, task, seed, label="", flags="": ran.append(seed))
