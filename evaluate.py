@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,10 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import cli
-import artifacts
-import networks
-import tasks
+import pretrain
+from leq_utils import artifacts, cli, plots, tasks  # support package: data, artifacts, CLI, pictures (TRY NOT TO MODIFY)
 
 
 @dataclasses.dataclass
@@ -57,13 +53,13 @@ class Args:
 # ============================================================================================
 
 @functools.partial(jax.jit, static_argnames="actor")
-def deterministic_action(actor: networks.Actor, params, stats, obs):
+def deterministic_action(actor: pretrain.Actor, params, stats, obs):
     """tanh(mean(s)), clipped to [-1, 1]. Compiled once per network shape: parameters and
     statistics are arguments, so new parameters never trigger a re-trace."""
     return jnp.clip(jnp.tanh(actor.apply(params, obs, stats)), -1.0, 1.0)
 
 
-def actor_policy(nets: networks.Nets, params) -> Callable:
+def actor_policy(nets: pretrain.Nets, params) -> Callable:
     """A batched numpy policy obs (n, obs_dim) -> actions (n, act_dim) from an actor."""
     return lambda obs: np.asarray(
         deterministic_action(nets.actor, params, nets.stats, jnp.asarray(obs, jnp.float32)))
@@ -124,154 +120,19 @@ def summarize(task: tasks.Task, episodes: list) -> dict:
     return out
 
 
-def evaluate(task: tasks.Task, nets: networks.Nets, params, episodes: int = 10, seed: int = 0,
+def evaluate(task: tasks.Task, nets: pretrain.Nets, params, episodes: int = 10, seed: int = 0,
              parallel: int = 10) -> dict:
     """The function leq.py calls: summary of `episodes` deterministic episodes."""
     return summarize(task, run_episodes(task, actor_policy(nets, params), episodes, seed, parallel))
 
 
-def paper_protocol(task: tasks.Task, nets: networks.Nets, params, rounds: int = 10, episodes: int = 10,
+def paper_protocol(task: tasks.Task, nets: pretrain.Nets, params, rounds: int = 10, episodes: int = 10,
                    seed: int = 0) -> dict:
     """The paper's final evaluation: `rounds` x `episodes` episodes (seeds seed, seed + 1, ...);
     the summary of all of them plus each round's score and their standard deviation."""
     eps = run_episodes(task, actor_policy(nets, params), rounds * episodes, seed)
     round_scores = [summarize(task, eps[i * episodes:(i + 1) * episodes])["score"] for i in range(rounds)]
     return {**summarize(task, eps), "round_scores": round_scores, "score_std": float(np.std(round_scores))}
-
-
-# ============================================================================================
-# Pictures
-# ============================================================================================
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def run_name(path) -> str:
-    """A run's name for picture titles: runs/<run>/leq.npz -> '<run>/leq.npz'."""
-    path = Path(path)
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
-
-
-def trajectory_figure(task: tasks.Task, episodes: list, title: str = ""):
-    """The maze's walls, start and goal region, and every trajectory (green: success, red:
-    failure), titled with `title` (the run) and the task's success count."""
-    import textwrap
-    plt = pyplot()
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-    from matplotlib.transforms import offset_copy
-    walls, start, goal, cell, radius = tasks.maze_geometry(task)
-    width, height = (walls.max(0) - walls.min(0)) / cell + 1  # in cells
-    fig_width = max(4.8, 1 + 0.5 * width)  # wide enough for the title and the legend below the maze
-    fig, ax = plt.subplots(figsize=(fig_width, 2.2 + 0.5 * height))
-    for x, y in walls:
-        ax.add_patch(plt.Rectangle((x - cell / 2, y - cell / 2), cell, cell, color="0.35"))
-    for e in episodes:
-        xy = np.asarray(e["xy"])
-        ax.plot(xy[:, 0], xy[:, 1], color="tab:green" if e["success"] else "tab:red", lw=1, alpha=0.7)
-    ax.add_patch(plt.Circle(goal, radius, color="gold", zorder=3))
-    ax.plot(*start, "bo", ms=8, zorder=3)
-    ax.set_aspect("equal")
-    ax.autoscale_view()
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
-    wins = sum(e["success"] for e in episodes)
-    lines = textwrap.wrap(title, int(fig_width * 100 / 6)) + [f"{task.name}: {wins}/{len(episodes)} episodes reach the goal"]
-    ax.set_title("\n".join(lines), fontsize=9)
-    ax.legend(handles=[Line2D([], [], color="tab:green", label="success"),
-                       Line2D([], [], color="tab:red", label="failure"),
-                       Line2D([], [], color="b", marker="o", ls="", label="start"),
-                       Patch(color="gold", label="goal region")],
-              loc="upper center", bbox_to_anchor=(0.5, 0), ncol=4, fontsize=8, frameon=False,
-              bbox_transform=offset_copy(ax.transAxes, fig, y=-0.42, units="inches"))  # below the x label
-    fig.tight_layout()
-    return fig
-
-
-def plot_trajectories(task: tasks.Task, episodes: list, path, title: str = "") -> None:
-    fig = trajectory_figure(task, episodes, title)
-    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)  # no blank margins around the maze
-    pyplot().close(fig)
-
-
-# The learning curve's panels: metrics.jsonl key -> y-axis label
-CURVE_PANELS = {"score": "score (normalised; mazes: success %)", "critic_loss": "critic loss",
-                "actor_loss": "actor loss (surrogate)", "q_data": "mean Q(s, a), dataset batch",
-                "q_model": "mean Q(s0, pi(s0)), imagination starts"}
-
-
-def curve_figure(rows: list, title: str):
-    """One panel per metric of CURVE_PANELS present in `rows` against the gradient step; the
-    score panel also shows the final evaluation (mean +- std over its rounds)."""
-    plt = pyplot()
-    final = [r for r in rows if "final_score" in r]
-    keys = [k for k in CURVE_PANELS if any(k in r for r in rows) or (k == "score" and final)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if k == "score" else None, ms=3, label="periodic evaluation")
-        if k == "score" and final:
-            ax.errorbar([r["step"] for r in final], [r["final_score"] for r in final],
-                        [r.get("final_score_std", 0.0) for r in final], fmt="s", color="C3", ms=5,
-                        capsize=3, label="final evaluation")
-            ax.legend(fontsize=7, loc="best")
-        if k == "score" and all(0 <= v <= 100 for _, v in pts) and all(0 <= r["final_score"] <= 100 for r in final):
-            ax.set_ylim(-3, 103)  # success rates (and most normalised scores): the whole range
-        ax.set_xlabel("gradient step")
-        ax.set_ylabel(CURVE_PANELS[k])
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_curve(metrics_path, png_path) -> None:
-    """The learning curve of a run's metrics.jsonl, titled with the run folder and its env."""
-    metrics_path = Path(metrics_path)
-    rows = artifacts.read_metrics(metrics_path)
-    if not rows:
-        raise tasks.InputError(f"{metrics_path} has no metrics")
-    run = metrics_path.resolve().parent
-    config = run / "config.json"
-    env = json.loads(config.read_text()).get("env", "") if config.exists() else ""
-    title = f"LEQ run {run.name}" + (f" ({env})" if env and env not in run.name else "")
-    fig = curve_figure(rows, title)
-    fig.savefig(png_path, dpi=100)
-    pyplot().close(fig)
-
-
-def save_video(task: tasks.Task, policy: Callable, path, seed: int = 0) -> None:
-    """MP4 of one episode rendered by MuJoCo; one-line errors that name what is missing: the MP4
-    writer, or what the env's renderer needs (tasks.render_help)."""
-    try:
-        import imageio
-        import imageio_ffmpeg  # noqa: F401  (the MP4 writer: fail before rendering, not after)
-    except ImportError as e:
-        raise tasks.InputError(f"--video needs the MP4 writer ({e}): pip install imageio==2.38.1 "
-                               f"imageio-ffmpeg==0.8.1 (both in requirements.txt)") from None
-    try:
-        env = tasks.make_env(task, render_mode="rgb_array")
-        obs, _ = env.reset(seed=seed)
-        frames = [env.render()]
-        for _ in range(task.max_episode_steps):
-            obs, r, terminated, truncated, _ = env.step(policy(obs[None])[0])
-            frames.append(env.render())
-            if terminated or truncated:
-                break
-    except tasks.InputError:
-        raise
-    except Exception as e:
-        raise tasks.InputError(f"cannot render a video here ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}); {tasks.render_help(task)}") from None
-    with warnings.catch_warnings():  # JAX's warning about fork: imageio's ffmpeg child execs at once
-        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
-        # macro_block_size=1 keeps the frame size (mujoco-py's 500 x 500) instead of resizing with a warning
-        imageio.mimsave(path, frames, fps=50, macro_block_size=1)
 
 
 # ============================================================================================
@@ -292,7 +153,7 @@ def check_outputs(args: Args) -> None:
 def main(args: Args) -> Optional[dict]:
     if args.curve:
         png = Path(args.curve).with_suffix(".png")
-        plot_curve(args.curve, png)
+        plots.plot_curve(args.curve, png)
         print(f"wrote {png}")
         if not args.checkpoint:
             return None
@@ -300,7 +161,7 @@ def main(args: Args) -> Optional[dict]:
         raise tasks.InputError("pass --checkpoint PATH (an artifact with an actor) or --curve FILE")
     check_outputs(args)
     artifact = artifacts.load_artifact(args.checkpoint, tasks.get_task(args.env) if args.env else None, need="actor")
-    task, nets, params = networks.actor_from_artifact(artifact, path=args.checkpoint)
+    task, nets, params = pretrain.actor_from_artifact(artifact, path=args.checkpoint)
     maze = task.is_maze
     episodes = run_episodes(task, actor_policy(nets, params), args.episodes, args.seed, args.parallel,
                             record=maze and args.plot)
@@ -325,10 +186,10 @@ def main(args: Args) -> Optional[dict]:
               f"{np.round(task.goal, 2).tolist()}")
     print(f"wrote {out}")
     if maze and args.plot:
-        plot_trajectories(task, episodes, stem + ".trajectories.png", title=run_name(args.checkpoint))
+        plots.plot_trajectories(task, episodes, stem + ".trajectories.png", title=plots.run_name(args.checkpoint))
         print(f"wrote {stem}.trajectories.png")
     if args.video:
-        save_video(task, actor_policy(nets, params), stem + ".mp4", args.seed)
+        plots.save_video(task, actor_policy(nets, params), stem + ".mp4", args.seed)
         print(f"wrote {stem}.mp4")
     return summary
 

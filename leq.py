@@ -11,12 +11,21 @@ actor with the lower-expectile lambda-return surrogate (old critic), update the 
 the lower-expectile loss on lambda-returns plus the Bellman loss on data plus the EMA
 regulariser (old actor), then the EMA critic. Every 5000 steps the dataset is expanded with
 noisy 5-step model rollouts. Writes runs/<run>/leq.npz, metrics.jsonl and checkpoints.
+
+Reading order (one LEQ gradient step, top to bottom): Args -> the model step it imagines with
+(world_model.py) -> imagination -> lambda-returns -> the per-step action gradients D_t = dG_t/da_t
+-> the critic loss -> the actor surrogate -> the update and its lax.scan -> dataset expansion ->
+main. The actor and the critic are pretrain.py's. The ablations of docs/ALGORITHM.md, section 7
+are small branches at named points; the ones that need more (MOBILE's penalty, N critics, the
+stochastic actor) are the functions of the "Ablations" section. Checkpoints and everything
+imported from `leq_utils` are plumbing (TRY NOT TO MODIFY).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple, Optional
@@ -27,15 +36,12 @@ import numpy as np
 import optax
 import tyro
 
-import cli
-import artifacts
 import evaluate
-import imagination
-import networks
 import pretrain
-import tasks
 import world_model
-from networks import Nets
+from pretrain import Nets
+from leq_utils import artifacts, cli, many_seeds, tasks, upstream  # support package: data, artifacts, CLI (TRY NOT TO MODIFY)
+
 
 # Per-task defaults for the built-in tasks (D4RL tasks keep the paper's settings):
 # (total steps, evaluation interval, expectile tau); tau 0.1 is the paper's first choice. Measured
@@ -46,6 +52,7 @@ from networks import Nets
 # 100%, 100%, 79% in the final 10 x 10).
 BUILTIN = {"pointmaze-umaze": (30_000, 5_000, 0.1), "pointmaze-medium": (15_000, 5_000, 0.1),
            "pointmaze-large": (25_000, 5_000, 0.1), "pointmaze-ultra": (50_000, 5_000, 0.1)}
+
 
 # The upstream stages' hyperparameters, nested in Args (whose fields `world_model` and `pretrain`
 # hide the module names inside the class body).
@@ -183,7 +190,6 @@ def resolve(args: Args) -> Args:
                                "expand_size expand_length expand_retain eval_every checkpoint_every"),
                       (">= 0", "mobile_beta entropy_coef total_steps actor_lr critic_lr ema_weight expand_noise"))
     if args.num_seeds > 1:
-        import many_seeds  # (its own module; it imports this one)
         many_seeds.check_flags(args)
     if args.learned_termination and args.goal:
         raise tasks.InputError("--goal sets the true termination's centre: it has no effect with "
@@ -192,7 +198,246 @@ def resolve(args: Args) -> Args:
 
 
 # ============================================================================================
-# Losses
+# The model step LEQ imagines with (world_model.py)
+# ============================================================================================
+
+# LEQ imagines with world_model.py's step: (s, a) -> (s', r, done), one uniformly drawn elite per
+# sample, reparameterised (s' and r are differentiable in s and a), done from the task's TRUE
+# termination function (leq_utils/tasks.py) with no gradient. `model_noise` draws the randomness of
+# a step (the elite and the Gaussian noise), `model_step_given` is the step for given randomness.
+from world_model import ModelNoise, WorldModel, model_noise, model_step, model_step_given  # noqa: E402,F401
+
+
+# ============================================================================================
+# Imagination: H model steps with the actor from start states (docs/ALGORITHM.md, section 5.2)
+# ============================================================================================
+
+class Variant(NamedTuple):
+    """What the ablations of Tables 5/6 and 21 change in an imagined step (the defaults: LEQ)."""
+    stochastic: bool = False         # a_t = tanh(mu(s_t) + sigma(s_t) eps_t), eps_t ~ N(0, I), not tanh(mu(s_t))
+    penalty: Optional[float] = None  # MOBILE's beta: the reward of a step is r_t - beta u(s_t, a_t)
+
+
+class Rollout(NamedTuple):
+    states: jnp.ndarray   # (H + 1, B, obs)   s_0 .. s_H
+    actions: jnp.ndarray  # (H + 1, B, act)   a_t = pi(s_t) (the stochastic actor: its sample)
+    rewards: jnp.ndarray  # (H, B)            r_t (transformed; with MOBILE's penalty r_t - beta u_t)
+    dones: jnp.ndarray    # (H, B)            done_t = T(s_t, a_t, s_{t+1})
+    noise: ModelNoise  # the model's randomness per step: member (H, B), eps (H, B, obs + 1)
+    policy_eps: Optional[jnp.ndarray] = None   # (H + 1, B, act) the stochastic actor's eps_t
+    penalty_eps: Optional[jnp.ndarray] = None  # (H, E, B, obs) MOBILE's next-state noise of each elite
+    penalties: Optional[jnp.ndarray] = None    # (H, B) MOBILE's u_t
+
+
+def at(x, t):
+    return None if x is None else x[t]
+
+
+def policy_noise(key, shape):
+    """The stochastic actor's eps ~ N(0, I) (one function, so that a test can set it to 0)."""
+    return jax.random.normal(key, shape)
+
+
+def variant_noise(wm: WorldModel, key, s0, horizon, act_dim, variant: Variant):
+    """The randomness an ablation adds to a rollout: the stochastic actor's eps_t (H + 1, B, act)
+    and MOBILE's per-elite next-state noise (H, E, B, obs). Both come from keys folded out of the
+    rollout's key, so LEQ's own draws are unchanged and a resumed run draws the same numbers."""
+    batch, obs_dim = s0.shape
+    n_elites = len(world_model.members(wm.params))
+    policy = policy_noise(jax.random.fold_in(key, 1), (horizon + 1, batch, act_dim)) if variant.stochastic else None
+    penalty = (None if variant.penalty is None else
+               jax.random.normal(jax.random.fold_in(key, 2), (horizon, n_elites, batch, obs_dim)))
+    return policy, penalty
+
+
+def imagined_step(nets: Nets, actor, critic, wm, done_fn, s, a, member, eps, penalty_eps, variant: Variant):
+    """(s', r, done, u) of one model step; with MOBILE's penalty r is r_t - beta u(s, a) (u is
+    None without it)."""
+    s2, r, done = model_step_given(wm, s, a, member, eps, done_fn)
+    if variant.penalty is None:
+        return s2, r, done, None
+    u = mobile_uncertainty(nets, actor, critic, wm, s, a, penalty_eps)
+    return s2, r - variant.penalty * u, done, u
+
+
+def imagine(nets: Nets, actor, wm: WorldModel, done_fn, s0, key, horizon, critic=None,
+            variant: Variant = Variant()) -> Rollout:
+    """H steps from s0 with the actor (deterministic; or sampled, with the stochastic ablation)
+    and one random elite per sample per step. MOBILE's penalty needs the critic."""
+    noise = model_noise(wm, key, (horizon, s0.shape[0]))
+    policy_eps, penalty_eps = variant_noise(wm, key, s0, horizon, nets.actor.act_dim, variant)
+
+    def step(s, xs):
+        (member, eps), eps_t, penalty_t = xs
+        a = nets.act(actor, s, eps_t)
+        s2, r, done, u = imagined_step(nets, actor, critic, wm, done_fn, s, a, member, eps, penalty_t, variant)
+        return s2, (s, a, r, done, u)
+
+    xs = (noise, None if policy_eps is None else policy_eps[:-1], penalty_eps)
+    s_H, (states, actions, rewards, dones, u) = jax.lax.scan(step, s0, xs, unroll=True)
+    states = jnp.concatenate([states, s_H[None]])
+    actions = jnp.concatenate([actions, nets.act(actor, s_H, at(policy_eps, -1))[None]])
+    return Rollout(states, actions, rewards, dones.astype(s0.dtype), noise, policy_eps, penalty_eps, u)
+
+
+def alive_masks(dones):
+    """m_0 = 1, m_{t+1} = m_t (1 - done_t): (H + 1, B)."""
+    masks = [jnp.ones_like(dones[0])]
+    for done in dones:
+        masks.append(masks[-1] * (1.0 - done))
+    return jnp.stack(masks)
+
+
+# ============================================================================================
+# Lambda-returns (docs/ALGORITHM.md, section 5.3) and the ablations' other returns
+# ============================================================================================
+
+def return_coefficients(kind: str, horizon: int, lam: float):
+    """Coefficients of the recursion G_t = al_t q_t + bp_t (m_t r_t + gamma m_{t+1} G_{t+1}),
+    G_H = q_H, for t = 0..H-1:
+      lambda (the paper's variant, with the 0-step term q_t): c_{H-1} = 1, c_{t-1} = 1 + lam c_t,
+        al_t = 1 / (1 + lam c_t), bp_t = lam c_t / (1 + lam c_t)
+        <=> G_t = sum_{n=0}^{H-t} lam^n Q^(n)_t / sum_{n=0}^{H-t} lam^n
+      hstep: al_t = 0, bp_t = 1  (G_t = Q^(H-t)_t, bootstrapped with q_H)
+      q:     al_t = 1, bp_t = 0  (G_t = q_t)"""
+    if kind == "lambda":
+        c = np.array([sum(lam ** k for k in range(horizon - t)) for t in range(horizon)])
+        return 1.0 / (1.0 + lam * c), lam * c / (1.0 + lam * c)
+    if kind == "hstep":
+        return np.zeros(horizon), np.ones(horizon)
+    if kind == "q":
+        return np.ones(horizon), np.zeros(horizon)
+    raise ValueError(kind)
+
+
+def returns(q, rewards, masks, coefficients, gamma):
+    """The recursion of `return_coefficients` for q (H + 1, B), rewards (H, B), masks (H + 1, B)."""
+    al, bp = coefficients
+    horizon = rewards.shape[0]
+    G = [q[horizon]]
+    for t in reversed(range(horizon)):
+        G.append(al[t] * q[t] + bp[t] * (masks[t] * rewards[t] + gamma * masks[t + 1] * G[-1]))
+    return jnp.stack(G[::-1])
+
+
+def lambda_returns(q, rewards, masks, gamma, lam):
+    """docs/ALGORITHM.md, section 5: G_t = (q_t + lam c_t (m_t r_t + gamma m_{t+1} G_{t+1})) / (1 + lam c_t)."""
+    return returns(q, rewards, masks, return_coefficients("lambda", rewards.shape[0], lam), gamma)
+
+
+def one_step_targets(q, rewards, masks, gamma):
+    """The 1-step ablation: G_t = m_t r_t + gamma m_{t+1} q_{t+1} for t < H (G_H = q_H)."""
+    return jnp.concatenate([masks[:-1] * rewards + gamma * masks[1:] * q[1:], q[-1:]])
+
+
+def critic_targets(kind, q, rewards, masks, args):
+    """The critic's targets for --critic-target `kind` (args: leq.Args' gamma, horizon, lam)."""
+    if kind == "1step":
+        return one_step_targets(q, rewards, masks, args.gamma)
+    return returns(q, rewards, masks, return_coefficients(kind, args.horizon, args.lam), args.gamma)
+
+
+# ============================================================================================
+# Per-step action gradients D_t = dG_t / da_t (docs/ALGORITHM.md, sections 5.5-5.6)
+# ============================================================================================
+
+def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma,
+                         variant: Variant = Variant()):
+    """Imagine H steps from s0 and get every D_t = dG_t/da_t in ONE backward sweep (exact; the
+    "O(H) action gradients" of docs/ALGORITHM.md). Write one step of the returns as
+        G_t = al_t q(s_t, a_t) + bp_t m_t r(s_t, a_t) + be_t G_{t+1},   be_t = bp_t gamma m_{t+1},
+    with G_H = q_H (al_H = 1), and carry S_t = dG_t/ds_t, the total derivative when a_t = pi(s_t).
+    The recursion, from t = H down to 0:
+        D_H = dq/da(s_H, a_H),                      S_H = dq/ds(s_H, a_H) + (dpi/ds)^T D_H
+        (g_s, g_a) = VJP of (s, a) -> (q, r, s') at (s_t, a_t), cotangents (al_t, bp_t m_t, be_t S_{t+1})
+        D_t = g_a,                                  S_t = g_s + (dpi/ds)^T D_t
+    The q part of every VJP has the constant cotangent al_t, so it is done for all t at once (one
+    batched critic VJP over the (H + 1) B states); the sweep keeps only the model and policy VJPs.
+    The VJPs are with respect to the inputs only (parameters are closed-over constants) and keep
+    the forward pass's residuals. The ablations keep this form: with the stochastic actor, pi is
+    s -> tanh(mu(s) + sigma(s) eps_t) at the step's fixed eps_t (the reparameterised sample); with
+    MOBILE's penalty, r(s, a) is r - beta u(s, a), so the model VJP carries du/ds and du/da
+    (through every elite, the actor at each s'_i and the critic) exactly once.
+    Returns D (H + 1, B, act), the rollout, q (H + 1, B), the masks."""
+    al, bp = (jnp.asarray(c, s0.dtype) for c in coefficients)
+    noise = model_noise(wm, key, (horizon, s0.shape[0]))
+    policy_eps, penalty_eps = variant_noise(wm, key, s0, horizon, nets.actor.act_dim, variant)
+
+    # forward pass: a_t = pi(s_t), (r_t, s_{t+1}) = model(s_t, a_t), keeping both VJPs (a Python
+    # loop over the H steps: XLA sees straight-line code and keeps the residuals where they are)
+    states, actions, r, dones, u, model_vjps, pi_vjps = [s0], [], [], [], [], [], []
+    for t in range(horizon + 1):
+        a, pi_vjp = jax.vjp(lambda s_, t=t: nets.act(actor, s_, at(policy_eps, t)), states[t])
+        actions.append(a)
+        pi_vjps.append(pi_vjp)
+        if t == horizon:
+            break
+
+        def model(s_, a_, t=t):
+            s2, r_t, done, u_t = imagined_step(nets, actor, critic, wm, done_fn, s_, a_, noise.member[t],
+                                               noise.eps[t], at(penalty_eps, t), variant)
+            return (r_t, s2), (done, u_t)
+        (r_t, s2), model_vjp, (done, u_t) = jax.vjp(model, states[t], a, has_aux=True)
+        states.append(s2)
+        r.append(r_t)
+        dones.append(done.astype(s0.dtype))
+        u.append(u_t)
+        model_vjps.append(model_vjp)
+    states, actions, r, dones = jnp.stack(states), jnp.stack(actions), jnp.stack(r), jnp.stack(dones)
+    masks = alive_masks(dones)
+
+    # the q part of every step at once: al_t (dq/ds, dq/da) at (s_t, a_t), al_H = 1
+    q, q_vjp = jax.vjp(lambda s_, a_: nets.q(critic, s_, a_), states, actions)
+    gq_s, gq_a = q_vjp(jnp.concatenate([al, jnp.ones(1, al.dtype)])[:, None] * jnp.ones_like(q))
+
+    # the backward sweep
+    D = [gq_a[horizon]]                                         # D_H
+    S = gq_s[horizon] + pi_vjps[horizon](D[0])[0]               # S_H
+    for t in reversed(range(horizon)):
+        be_t = bp[t] * gamma * masks[t + 1]
+        g_s, g_a = model_vjps[t]((bp[t] * masks[t], be_t[:, None] * S))  # the r and s' parts
+        D.append(g_a + gq_a[t])                                 # D_t = g_a
+        S = g_s + gq_s[t] + pi_vjps[t](D[-1])[0]                # S_t = g_s + (dpi/ds)^T D_t
+    D = jnp.stack(D[::-1])
+    penalties = None if variant.penalty is None else jnp.stack(u)
+    return D, Rollout(states, actions, r, dones, noise, policy_eps, penalty_eps, penalties), q, masks
+
+
+def returns_of_perturbation(nets, actor, critic, wm, done_fn, ro: Rollout, masks, coefficients,
+                            gamma, deltas, variant: Variant = Variant()):
+    """(G_0..G_H) (H + 1, B) as a function of per-step action perturbations deltas (H + 1, B, act):
+    a_t = pi(s_t) + delta_t (the stochastic actor: its sample at the rollout's eps_t, plus
+    delta_t), with the rollout's model samples and masks held fixed. With MOBILE's penalty the
+    reward of step t is r_t - beta u(s_t, a_t) at this perturbed a_t, once (the release evaluates
+    it at a_t + delta_t with a_t already perturbed, which doubles du/da)."""
+    s, q, r = ro.states[0], [], []
+    for t in range(ro.rewards.shape[0]):
+        a = nets.act(actor, s, at(ro.policy_eps, t)) + deltas[t]
+        q.append(nets.q(critic, s, a))
+        s, r_t, _, _ = imagined_step(nets, actor, critic, wm, done_fn, s, a, ro.noise.member[t], ro.noise.eps[t],
+                                     at(ro.penalty_eps, t), variant)
+        r.append(r_t)
+    q.append(nets.q(critic, s, nets.act(actor, s, at(ro.policy_eps, -1)) + deltas[-1]))
+    return returns(jnp.stack(q), jnp.stack(r), masks, coefficients, gamma)
+
+
+def action_grads_jacobian(nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma,
+                          variant: Variant = Variant()):
+    """The release's way: D_t as the diagonal of the full Jacobian dG/d(delta), one reverse pass
+    per output G_t (H + 1 of them, vmapped; samples are independent, so each pass serves the whole
+    batch). Kept as the oracle for the adjoint sweep and as a flag for comparisons."""
+    ro = imagine(nets, actor, wm, done_fn, s0, key, horizon, critic, variant)
+    masks = alive_masks(ro.dones)
+    G, vjp = jax.vjp(lambda d: returns_of_perturbation(nets, actor, critic, wm, done_fn, ro, masks,
+                                                       coefficients, gamma, d, variant), jnp.zeros_like(ro.actions))
+    rows = jnp.eye(horizon + 1)[:, :, None] * jnp.ones_like(G)  # cotangent selecting G_t, for each t
+    jac = jax.vmap(lambda c: vjp(c)[0])(rows)                    # (H + 1 outputs, H + 1 steps, B, act)
+    D = jac[jnp.arange(horizon + 1), jnp.arange(horizon + 1)]
+    return D, ro, nets.q(critic, ro.states, ro.actions), masks
+
+
+# ============================================================================================
+# The critic loss: lower expectile of lambda-returns + Bellman on data + EMA (section 5.4)
 # ============================================================================================
 
 def expectile_weights(G, q, tau):
@@ -201,39 +446,13 @@ def expectile_weights(G, q, tau):
     return jnp.where(G < q, 1.0 - tau, tau)
 
 
-def actor_weights(G, q, tau, objective: str):
-    """W_t of Eq. 11's surrogate: expectile_weights(G_t, q_t) for t < H and W_H = 1/2. (Deviation,
-    docs: LEQ's rule is tau if G_t > q_t else 1 - tau, the same but at an exact tie G_t == q_t.)
-    For the `q` ablation (plain DDPG on imagined states, no expectile): W_t = 1/2 for every one of
-    the H + 1 terms (deviation, docs: the paper gives no weight for it)."""
-    if objective == "q":
-        return jnp.full_like(G, 0.5)
-    return jnp.concatenate([expectile_weights(G[:-1], q[:-1], tau), jnp.full_like(G[-1:], 0.5)])
-
-
-def actor_surrogate_loss(actor, nets: Nets, states, weights, D, eps=None):
-    """Eq. 11's surrogate: -(1/N) sum_batch sum_{t=0..H} W_t D_t . pi_theta(s_t), with W_t, D_t
-    and s_t constants (the deterministic policy gradient through the chain rule). The stochastic
-    actor has the reparameterised sample tanh(mu_theta(s_t) + sigma_theta(s_t) eps_t) in place of
-    pi_theta(s_t), with eps_t the rollout's (constant) noise."""
-    return -jnp.sum(weights[..., None] * D * nets.act(actor, states, eps)) / states.shape[1]
-
-
-def entropy_bonus_loss(actor, nets: Nets, states, eps, alpha):
-    """The stochastic actor's entropy bonus: alpha (1/N) sum_batch sum_{t=0..H} log pi_theta(a_t | s_t)
-    at the reparameterised samples a_t (s_t and eps_t constants), added to the surrogate; lowering
-    it raises the entropy. A per-state bonus in the actor's loss only, not in rewards or critic
-    targets (the paper gives no form: a choice, README)."""
-    return alpha * jnp.sum(nets.log_prob(actor, states, eps)) / states.shape[1]
-
-
 def model_expectile(args: Args) -> float:
     """tau of the model term and of the actor's weights: MOBILE's penalty comes with plain squared
     error, the expectile 1/2 (as the release's port)."""
     return 0.5 if args.conservatism == "mobile" else args.expectile
 
 
-def critic_loss(critic, ema, nets: Nets, data, data_targets, ro: imagination.Rollout, masks, args: Args):
+def critic_loss(critic, ema, nets: Nets, data, data_targets, ro: Rollout, masks, args: Args):
     """(1 - beta) L_data + beta L_model + ema_weight L_ema (docs/ALGORITHM.md, section 5), with
       L_data  = mean(1/2 (y - Q(s, a))^2),  y = r + gamma mask Q(s', pi(s'))  (constant)
       L_model = mean_{t<H, batch} w_t |tau - 1(G_t < Q(s_t, a_t))| (G_t - Q(s_t, a_t))^2,
@@ -251,7 +470,7 @@ def critic_loss(critic, ema, nets: Nets, data, data_targets, ro: imagination.Rol
     q_all = q_each[0] if nets.num_critics == 1 else jnp.min(q_each, 0)
     q_data, q_model = q_all[:n_data], q_all[n_data:].reshape(steps, batch)  # q_model: the old q_t
 
-    G = jax.lax.stop_gradient(imagination.critic_targets(args.critic_target, q_model, ro.rewards, masks, args))
+    G = jax.lax.stop_gradient(critic_targets(args.critic_target, q_model, ro.rewards, masks, args))
     horizon = ro.rewards.shape[0]
     w = (args.gamma ** jnp.arange(horizon))[:, None] * masks[:-1]  # w_t = gamma^t m_t
     G_t = G[:-1]
@@ -284,7 +503,37 @@ def ema_update(ema, params, decay):
 
 
 # ============================================================================================
-# The update step, and K steps per jitted call
+# The actor surrogate (docs/ALGORITHM.md, section 5.5, Eq. 11)
+# ============================================================================================
+
+def actor_weights(G, q, tau, objective: str):
+    """W_t of Eq. 11's surrogate: expectile_weights(G_t, q_t) for t < H and W_H = 1/2. (Deviation,
+    docs: LEQ's rule is tau if G_t > q_t else 1 - tau, the same but at an exact tie G_t == q_t.)
+    For the `q` ablation (plain DDPG on imagined states, no expectile): W_t = 1/2 for every one of
+    the H + 1 terms (deviation, docs: the paper gives no weight for it)."""
+    if objective == "q":
+        return jnp.full_like(G, 0.5)
+    return jnp.concatenate([expectile_weights(G[:-1], q[:-1], tau), jnp.full_like(G[-1:], 0.5)])
+
+
+def actor_surrogate_loss(actor, nets: Nets, states, weights, D, eps=None):
+    """Eq. 11's surrogate: -(1/N) sum_batch sum_{t=0..H} W_t D_t . pi_theta(s_t), with W_t, D_t
+    and s_t constants (the deterministic policy gradient through the chain rule). The stochastic
+    actor has the reparameterised sample tanh(mu_theta(s_t) + sigma_theta(s_t) eps_t) in place of
+    pi_theta(s_t), with eps_t the rollout's (constant) noise."""
+    return -jnp.sum(weights[..., None] * D * nets.act(actor, states, eps)) / states.shape[1]
+
+
+def entropy_bonus_loss(actor, nets: Nets, states, eps, alpha):
+    """The stochastic actor's entropy bonus: alpha (1/N) sum_batch sum_{t=0..H} log pi_theta(a_t | s_t)
+    at the reparameterised samples a_t (s_t and eps_t constants), added to the surrogate; lowering
+    it raises the entropy. A per-state bonus in the actor's loss only, not in rewards or critic
+    targets (the paper gives no form: a choice, README)."""
+    return alpha * jnp.sum(nets.log_prob(actor, states, eps)) / states.shape[1]
+
+
+# ============================================================================================
+# The update step, and K steps per jitted call (lax.scan)
 # ============================================================================================
 
 class LEQState(NamedTuple):
@@ -298,16 +547,16 @@ class LEQState(NamedTuple):
 def make_actor_grads(nets: Nets, wm, done_fn, args: Args):
     """(state, s0, key) -> (actor gradient, metrics): the lower-expectile surrogate of the
     returns of an imagined rollout, with the OLD critic."""
-    coefficients = imagination.return_coefficients(args.actor_objective, args.horizon, args.lam)
-    action_grads = (imagination.action_grads_adjoint if args.action_grad == "adjoint" else
-                    imagination.action_grads_jacobian)
+    coefficients = return_coefficients(args.actor_objective, args.horizon, args.lam)
+    action_grads = (action_grads_adjoint if args.action_grad == "adjoint" else
+                    action_grads_jacobian)
     # the q objective has no reward terms (bp_t = 0), so MOBILE's penalty cannot reach it: not computed
     variant = variant_of(args, penalised=args.actor_objective != "q")
 
     def actor_grads(st: LEQState, s0, key):
         D, ro, q, masks = action_grads(nets, st.actor, st.critic, wm, done_fn, s0, key, args.horizon,
                                        coefficients, args.gamma, variant)
-        G = imagination.returns(q, ro.rewards, masks, coefficients, args.gamma)
+        G = returns(q, ro.rewards, masks, coefficients, args.gamma)
         W = actor_weights(G, q, model_expectile(args), args.actor_objective)
         states, W, D = jax.lax.stop_gradient((ro.states, W, D))
         metrics = dict(return_model=G[0].mean(), action_grad_norm=jnp.abs(D).mean())
@@ -329,13 +578,13 @@ def make_critic_grads(nets: Nets, wm, done_fn, args: Args):
     variant = variant_of(args)
 
     def critic_grads(st: LEQState, batch, s0, key):
-        ro = imagination.imagine(nets, st.actor, wm, done_fn, s0, key, args.horizon, st.critic, variant)
+        ro = imagine(nets, st.actor, wm, done_fn, s0, key, args.horizon, st.critic, variant)
         s2 = batch.next_observations
-        eps = (imagination.policy_noise(jax.random.fold_in(key, 3), (s2.shape[0], nets.actor.act_dim))
+        eps = (policy_noise(jax.random.fold_in(key, 3), (s2.shape[0], nets.actor.act_dim))
                if variant.stochastic else None)  # the stochastic actor: a' ~ pi(s'), reparameterised
         y = batch.rewards + args.gamma * batch.masks * nets.q(st.critic, s2, nets.act(st.actor, s2, eps))
         (_, metrics), grads = jax.value_and_grad(critic_loss, has_aux=True)(
-            st.critic, st.critic_ema, nets, batch, jax.lax.stop_gradient(y), ro, imagination.alive_masks(ro.dones), args)
+            st.critic, st.critic_ema, nets, batch, jax.lax.stop_gradient(y), ro, alive_masks(ro.dones), args)
         metrics["done_rate"] = ro.dones.max(0).mean()
         if ro.penalties is not None:
             metrics["penalty"] = ro.penalties.mean()  # MOBILE's u_t over the critic's rollout
@@ -343,10 +592,10 @@ def make_critic_grads(nets: Nets, wm, done_fn, args: Args):
     return critic_grads
 
 
-def variant_of(args: Args, penalised: bool = True) -> imagination.Variant:
+def variant_of(args: Args, penalised: bool = True) -> Variant:
     """The imagination of these flags: --policy stochastic, --conservatism mobile (unless not penalised)."""
     mobile = args.conservatism == "mobile" and penalised
-    return imagination.Variant(args.policy == "stochastic", args.mobile_beta if mobile else None)
+    return Variant(args.policy == "stochastic", args.mobile_beta if mobile else None)
 
 
 def make_update(nets: Nets, wm, done_fn, actor_opt, critic_opt, args: Args):
@@ -392,7 +641,7 @@ def make_train_chunk(update, args: Args):
 
 
 # ============================================================================================
-# Dataset expansion: noisy model rollouts into a FIFO ring buffer
+# Dataset expansion: noisy model rollouts into a FIFO ring buffer (section 5.7)
 # ============================================================================================
 
 class Buffer(NamedTuple):
@@ -434,9 +683,9 @@ def expansion(nets: Nets, wm, done_fn, args: Args):
             if args.policy == "stochastic":  # the actor's own state-dependent sigma(s), times expand_noise
                 mean, log_std = nets.actor.apply(actor, s, nets.stats, True)
             else:
-                mean, log_std = nets.actor.apply(actor, s, nets.stats), networks.ACTOR_LOG_STD
+                mean, log_std = nets.actor.apply(actor, s, nets.stats), pretrain.ACTOR_LOG_STD
             a = jnp.tanh(mean + args.expand_noise * jnp.exp(log_std) * jax.random.normal(k_noise, mean.shape))
-            s2, r, done = world_model.model_step(wm, s, a, k_model, done_fn)
+            s2, r, done = model_step(wm, s, a, k_model, done_fn)
             return s2, (s, a, r, s2, 1.0 - done.astype(s.dtype))
 
         _, rows = jax.lax.scan(step, s, jax.random.split(k_roll, args.expand_length))
@@ -450,7 +699,43 @@ def make_expand(nets: Nets, wm, done_fn, args: Args):
 
 
 # ============================================================================================
-# Checkpoints
+# Ablations that need more than a branch (docs/ALGORITHM.md, section 7)
+# ============================================================================================
+
+def mobile_uncertainty(nets: Nets, actor, critic, wm: WorldModel, s, a, eps):
+    """MOBILE's model-Bellman inconsistency u(s, a) = std_i Q(s'_i, pi(s'_i)) over the elites i
+    (population std), one next state per elite: s'_i = s + mu_i(s, a) + sigma_i(s, a) eps_i, the
+    obs part of elite i's Gaussian, eps (E, B, obs). pi is the deterministic tanh(mean) (also with
+    the stochastic actor: a choice, README) and Q the rollout's critic (an ensemble's minimum).
+    As in MOBILE's code and the release, the reward and gamma are not inside the std. (Deviation,
+    README: the 5 elites, as MOBILE; the release's port takes all 7 members.)"""
+    x = (jnp.concatenate([s, a], -1) - wm.input_mean) / wm.input_std
+    mu, logvar = world_model.ensemble_forward(wm.params, x)           # (E, B, obs + 1)
+    s2 = s + mu[..., :-1] + jnp.exp(0.5 * logvar[..., :-1]) * eps      # (E, B, obs)
+    return jnp.std(nets.q(critic, s2, nets.pi(actor, s2)), axis=0)
+
+
+def critic_ensemble(nets: Nets, first, key, num_critics: int, obs_dim: int, act_dim: int):
+    """N stacked critics: `first` (a single critic's parameters, e.g. the FQE critic) and N - 1
+    freshly initialised ones (as MOBILE's critics, which differ by their initialisation only)."""
+    s, a = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+    others = [nets.critic.init(k, s, a, nets.stats) for k in jax.random.split(key, num_critics - 1)]
+    return jax.tree.map(lambda *x: jnp.stack(x), first, *others)
+
+
+def with_log_std_head(nets: Nets, actor, key, obs_dim: int, init_log_std: float):
+    """A deterministic actor's parameters plus the stochastic actor's `log_std` head: kernel
+    orthogonal with scale 1e-3 (the release's init; tiny, so log_std starts near init_log_std in
+    every state) and bias init_log_std. The trunk and the mean head are kept as they are (the BC
+    actor's), so tanh(mean) is unchanged."""
+    fresh = nets.actor.init(key, jnp.zeros((1, obs_dim)), nets.stats, True)
+    head = {"kernel": fresh["params"]["log_std"]["kernel"],
+            "bias": jnp.full(nets.actor.act_dim, init_log_std, jnp.float32)}
+    return {**actor, "params": {**actor["params"], "log_std": head}}
+
+
+# ============================================================================================
+# Checkpoints (TRY NOT TO MODIFY)
 # ============================================================================================
 
 def checkpoint_arrays(st: LEQState, buf: Buffer, stats, prefix: str = "") -> dict:
@@ -493,19 +778,19 @@ def load_checkpoint(f: dict, template: LEQState, empty: Buffer, prefix: str = ""
 def initial_networks(args: Args, task, wm, pt_path, key):
     """The BC actor and FQE critic (docs/ALGORITHM.md, section 4), or fresh networks with
     --no-pretrain. The ablations add to them: N critics are the first one and N - 1 fresh ones
-    (`networks.critic_ensemble`: pretrain.npz holds one FQE critic); the stochastic actor is
-    the actor plus a log-std head that starts near --init-log-std (`networks.with_log_std_head`)."""
+    (`critic_ensemble`: pretrain.npz holds one FQE critic); the stochastic actor is
+    the actor plus a log-std head that starts near --init-log-std (`with_log_std_head`)."""
     if args.no_pretrain:
-        nets = networks.make_nets(task, args.pretrain_settings.hidden_dims, (wm.input_mean, wm.input_std))
-        actor, critic = networks.init_params(nets, key, task.obs_dim, task.act_dim)
+        nets = pretrain.make_nets(task, args.pretrain_settings.hidden_dims, (wm.input_mean, wm.input_std))
+        actor, critic = pretrain.init_params(nets, key, task.obs_dim, task.act_dim)
     else:
         nets, actor, critic, _ = pretrain.load_pretrained(pt_path, task)
     if args.num_critics > 1:
-        critic = networks.critic_ensemble(nets, critic, jax.random.fold_in(key, 1), args.num_critics,
+        critic = critic_ensemble(nets, critic, jax.random.fold_in(key, 1), args.num_critics,
                                           task.obs_dim, task.act_dim)
         nets = nets._replace(num_critics=args.num_critics)
     if args.policy == "stochastic":
-        actor = networks.with_log_std_head(nets, actor, jax.random.fold_in(key, 2), task.obs_dim, args.init_log_std)
+        actor = with_log_std_head(nets, actor, jax.random.fold_in(key, 2), task.obs_dim, args.init_log_std)
     return nets, actor, critic
 
 
@@ -522,9 +807,9 @@ def optimizers(args: Args):
 
 def setup_seed(task, args: Args, resume, actor_opt, critic_opt):
     """(dataset, world model, termination, nets, initial state, train key, expansion key, inputs'
-    fingerprints) of seed args.seed; pretrain.upstream checks the inputs against the checkpoint
+    fingerprints) of seed args.seed; leq_utils/upstream.py checks the inputs against the checkpoint
     being resumed, and makes the missing ones first."""
-    ds, wm, pt_path, inputs = pretrain.upstream(task, args, resume)  # checked before any training
+    ds, wm, pt_path, inputs = upstream.prepare(task, args, resume, world_model, pretrain)  # checked before any training
     wm_path = world_model.path_or_default(args.world_model, args.env, args.seed)
     done_fn = (world_model.load_learned_termination(wm_path, task, (wm.input_mean, wm.input_std))
                if args.learned_termination else tasks.termination_fn(task, args.goal))
@@ -551,7 +836,7 @@ def finish(out_dir: Path, task, args: Args, nets: Nets, st: LEQState, inputs, me
     final = evaluate.paper_protocol(task, nets, st.actor, args.final_eval_rounds, args.eval_episodes, args.seed)
     artifacts.write_json(out_dir / "final_eval.json", final)
     metrics_log.log({"step": step, "final_score": final["score"], "final_score_std": final.get("score_std", 0.0)})
-    arrays = {**networks.networks_arrays(nets, st.actor, st.critic, st.critic_ema),
+    arrays = {**pretrain.networks_arrays(nets, st.actor, st.critic, st.critic_ema),
               "summary/final_score": np.array(final["score"])}
     artifacts.save_npz(out_dir / "leq.npz", arrays, "leq", task, args, inputs)  # last: it marks the run finished
     print(f"[leq] {f'seed {args.seed}: ' if out_dir.name.startswith('seed_') else ''}final score {final['score']:.1f} "
@@ -564,8 +849,7 @@ def train(args: Args) -> Path:
     from tqdm import tqdm
     args = resolve(args)
     if args.num_seeds > 1:
-        import many_seeds  # the same steps vmapped over a seed axis
-        return many_seeds.train(args)
+        return many_seeds.train(args, sys.modules[__name__])  # this file's steps, vmapped over a seed axis
     task = tasks.get_task(args.env)
     run_dir = Path(args.run_dir or f"runs/{tasks.run_name(args.env)}__leq__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     chunk = chunk_size(args)

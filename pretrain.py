@@ -1,33 +1,34 @@
 """Stage 2: behaviour cloning of the actor and fitted Q evaluation of its critic
-(docs/ALGORITHM.md, section 4).
+(docs/ALGORITHM.md, section 4). The actor and the critic LEQ trains are defined here.
 
     python pretrain.py --env pointmaze-umaze
 
 Reads the input statistics from `world_model.npz` (run world_model.py first), clones the
 dataset's actions with a deterministic actor, evaluates that actor with FQE, and writes
 `pretrain.npz` (actor, critic, EMA critic). leq.py starts from it and imports the networks
-defined here.
+defined here; evaluate.py runs the actor.
+
+Reading order: Args -> networks (actor, critic) -> losses (BC, FQE) -> the update steps and their
+lax.scan -> main. The artifact section and the `leq_utils` calls are plumbing (TRY NOT TO MODIFY).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
-from typing import Annotated, NamedTuple, Optional
+from typing import Annotated, NamedTuple, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
 
-import cli
-import artifacts
-import networks
-import tasks
 import world_model
+from leq_utils import artifacts, cli, tasks  # support package: data, artifacts, CLI (TRY NOT TO MODIFY)
+
 
 # Per-task defaults for the built-in tasks (D4RL tasks use the paper's 200k + 200k steps).
 BUILTIN_STEPS = {"pointmaze-umaze": (20_000, 20_000), "pointmaze-medium": (30_000, 30_000),
@@ -92,15 +93,173 @@ def resolve(args: Args) -> Args:
 
 
 # ============================================================================================
+# Networks: the actor and the critic
+# ============================================================================================
+
+# The actor and the critic of LEQ (docs/ALGORITHM.md, section 4); pretraining, LEQ and evaluation
+# all use these:
+#   * Actor: MLP 3 x 256, ReLU, input symlog((s - mu_s) / std_s); action tanh(mean); for the
+#     stochastic-policy ablation also a log-std head, action tanh(mean + sigma eps)
+#   * Critic: [Dense, LayerNorm, ReLU] x 3 -> Dense(1), input symlog(((s, a) - mu) / std); for the
+#     MOBILE ablation an ensemble of them (min over the critics)
+#   * Nets: both as pure functions of (params, inputs) with the input statistics fixed
+
+ACTOR_LOG_STD = 0.0  # the release's state-independent log-std never gets a gradient: exactly 0
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the stochastic actor's log-std is clipped to this range (as the release)
+
+
+def symlog(x):
+    return jnp.sign(x) * jnp.log1p(jnp.abs(x))
+
+
+def dense(features):
+    return nn.Dense(features, kernel_init=nn.initializers.orthogonal(np.sqrt(2)),
+                    bias_init=nn.initializers.zeros)
+
+
+LN_EPS = 1e-6  # as flax.linen.LayerNorm
+
+
+@jax.custom_vjp
+def layer_norm(x, scale, bias):
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis: flax's LayerNorm, with a
+    hand-written VJP (one fused pass each way instead of autodiff's many small operations, which
+    is what costs time on a CPU; tests/ check it against flax.linen.LayerNorm)."""
+    return _layer_norm_fwd(x, scale, bias)[0]
+
+
+def _layer_norm_fwd(x, scale, bias):
+    centred = x - x.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt((centred * centred).mean(-1, keepdims=True) + LN_EPS)
+    normed = centred * rstd
+    return normed * scale + bias, (normed, rstd, scale)
+
+
+def _layer_norm_bwd(residuals, g):
+    normed, rstd, scale = residuals
+    g_normed = g * scale
+    g_x = rstd * (g_normed - g_normed.mean(-1, keepdims=True)
+                  - normed * (g_normed * normed).mean(-1, keepdims=True))
+    batch_axes = tuple(range(g.ndim - 1))
+    return g_x, (g * normed).sum(batch_axes), g.sum(batch_axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """Same parameters (scale, bias) and function as flax.linen.LayerNorm; see `layer_norm`."""
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return layer_norm(x, scale, bias)
+
+
+class Actor(nn.Module):
+    """MLP, ReLU on every hidden layer, no LayerNorm; input symlog((s - mu_s) / std_s).
+    Returns the pre-tanh mean; the deterministic action is tanh(mean). With `with_log_std` (the
+    stochastic-policy ablation) it also returns a state-dependent log-std from a Dense head named
+    `log_std` on the last hidden layer (orthogonal init with scale 1e-3, as the release's
+    policy), clipped to [LOG_STD_MIN, LOG_STD_MAX]; the mean and the head share the trunk. A
+    deterministic call ignores that head, so every actor runs in evaluation as tanh(mean)."""
+    act_dim: int
+    hidden_dims: Sequence[int] = (256, 256, 256)
+
+    @nn.compact
+    def __call__(self, s, stats, with_log_std: bool = False):
+        mean, std = stats  # statistics of [s, a] from the world model; the actor uses the s part
+        x = symlog((s - mean[: s.shape[-1]]) / std[: s.shape[-1]])
+        for h in self.hidden_dims:
+            x = nn.relu(dense(h)(x))
+        mu = dense(self.act_dim)(x)  # the pre-tanh mean
+        if not with_log_std:
+            return mu
+        log_std = nn.Dense(self.act_dim, kernel_init=nn.initializers.orthogonal(1e-3),
+                           bias_init=nn.initializers.zeros, name="log_std")(x)
+        return mu, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
+
+
+def tanh_gaussian_log_prob(log_std, z, eps):
+    """log pi(a | s) of a = tanh(z), z = mean + exp(log_std) eps, eps ~ N(0, I), summed over the
+    action dimensions: sum_i [-eps_i^2 / 2 - log_std_i - log(2 pi) / 2 - log(1 - tanh(z_i)^2)],
+    with log(1 - tanh(z)^2) = 2 (log 2 - z - softplus(-2 z)) (stable for large |z|)."""
+    log_det = 2.0 * (jnp.log(2.0) - z - jax.nn.softplus(-2.0 * z))
+    return jnp.sum(-0.5 * eps ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi) - log_det, -1)
+
+
+class Critic(nn.Module):
+    """[Dense, LayerNorm, ReLU] x 3 -> Dense(1); input symlog(((s, a) - mu) / std)."""
+    hidden_dims: Sequence[int] = (256, 256, 256)
+
+    @nn.compact
+    def __call__(self, s, a, stats):
+        mean, std = stats
+        x = symlog((jnp.concatenate([s, a], -1) - mean) / std)
+        for h in self.hidden_dims:
+            x = nn.relu(LayerNorm()(dense(h)(x)))
+        return dense(1)(x)[..., 0]
+
+
+class Nets(NamedTuple):
+    """The two networks as pure functions of (params, inputs); stats are constants of a run.
+    With num_critics > 1 the critic parameters are N stacked critics (leading axis N)."""
+    actor: Actor
+    critic: Critic
+    stats: tuple
+    num_critics: int = 1
+
+    def pi(self, params, s):  # deterministic action tanh(mean)
+        return jnp.tanh(self.actor.apply(params, s, self.stats))
+
+    def act(self, params, s, eps=None):
+        """The action of the actor: tanh(mean) when eps is None (LEQ's deterministic actor), else
+        the reparameterised sample tanh(mean + exp(log_std) eps) of the stochastic actor."""
+        if eps is None:
+            return self.pi(params, s)
+        mean, log_std = self.actor.apply(params, s, self.stats, True)
+        return jnp.tanh(mean + jnp.exp(log_std) * eps)
+
+    def log_prob(self, params, s, eps):
+        """log pi(a | s) of the stochastic actor's sample a = act(params, s, eps)."""
+        mean, log_std = self.actor.apply(params, s, self.stats, True)
+        return tanh_gaussian_log_prob(log_std, mean + jnp.exp(log_std) * eps, eps)
+
+    def q(self, params, s, a):
+        """Q(s, a); of an ensemble, the minimum over its critics."""
+        if self.num_critics == 1:
+            return self.critic.apply(params, s, a, self.stats)
+        return jnp.min(self.q_each(params, s, a), 0)
+
+    def q_each(self, params, s, a):
+        """Every critic's Q(s, a): a sequence of N arrays (one for a single critic)."""
+        if self.num_critics == 1:
+            return [self.critic.apply(params, s, a, self.stats)]
+        return jax.vmap(lambda p: self.critic.apply(p, s, a, self.stats))(params)
+
+
+def make_nets(task: tasks.Task, hidden_dims, stats, num_critics: int = 1) -> Nets:
+    return Nets(Actor(task.act_dim, tuple(hidden_dims)), Critic(tuple(hidden_dims)),
+                (jnp.asarray(stats[0]), jnp.asarray(stats[1])), num_critics)
+
+
+def init_params(nets: Nets, key, obs_dim: int, act_dim: int):
+    k_actor, k_critic = jax.random.split(key)
+    s, a = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+    return nets.actor.init(k_actor, s, nets.stats), nets.critic.init(k_critic, s, a, nets.stats)
+
+
+# ============================================================================================
 # Losses
 # ============================================================================================
 
-def bc_loss(actor_params, nets: networks.Nets, s, a):
+def bc_loss(actor_params, nets: Nets, s, a):
     """mean((tanh(mean(s)) - a)^2)."""
     return jnp.mean((nets.pi(actor_params, s) - a) ** 2)
 
 
-def fqe_loss(critic_params, ema_params, actor_params, nets: networks.Nets, batch, gamma, ema_weight):
+def fqe_loss(critic_params, ema_params, actor_params, nets: Nets, batch, gamma, ema_weight):
     """y = r + gamma * mask * Q(s', pi(s')) with the CURRENT critic, no gradient through y;
     loss = mean((Q(s, a) - y)^2) + ema_weight * mean((Q(s, a) - Q_ema(s, a))^2)."""
     s, a, r, s2, mask = batch
@@ -127,7 +286,7 @@ class PretrainState(NamedTuple):
     critic_opt: optax.OptState
 
 
-def make_chunks(nets: networks.Nets, bc_opt, fqe_opt, data, args: Args):
+def make_chunks(nets: Nets, bc_opt, fqe_opt, data, args: Args):
     """Two jitted functions (state, keys) -> (state, mean loss), one scan step per key."""
     def bc_step(st: PretrainState, key):
         batch = tasks.sample(data, key, args.bc_batch_size)
@@ -154,7 +313,7 @@ def make_chunks(nets: networks.Nets, bc_opt, fqe_opt, data, args: Args):
 
 
 # ============================================================================================
-# Artifact
+# Artifact: pretrain.npz, and reading an actor back from any artifact (TRY NOT TO MODIFY)
 # ============================================================================================
 
 def default_path(env: str, seed: int) -> Path:
@@ -166,90 +325,65 @@ def path_or_default(path, env: str, seed: int) -> Path:
     return Path(path) if path else default_path(env, seed)
 
 
+def networks_arrays(nets: Nets, actor, critic, critic_ema) -> dict:
+    """The arrays pretrain.npz and leq.npz hold: the three parameter trees and the statistics."""
+    return {**artifacts.flatten(jax.device_get(actor), "actor"),
+            **artifacts.flatten(jax.device_get(critic), "critic"),
+            **artifacts.flatten(jax.device_get(critic_ema), "critic_ema"),
+            "stats/mean": np.asarray(nets.stats[0]), "stats/std": np.asarray(nets.stats[1])}
+
+
+def hidden_dims_of(actor_params) -> tuple:
+    """The hidden sizes of a saved actor, read off its Dense kernels."""
+    layers = actor_params["params"]
+    names = sorted((k for k in layers if k.startswith("Dense_")), key=lambda k: int(k.split("_")[1]))
+    return tuple(int(layers[k]["kernel"].shape[1]) for k in names[:-1])
+
+
+def num_critics_of(critic_params) -> int:
+    """1 for a single critic, N for N stacked critics (their kernels have a leading axis)."""
+    kernel = critic_params["params"]["Dense_0"]["kernel"]
+    return 1 if kernel.ndim == 2 else int(kernel.shape[0])
+
+
+def load_actor(path, task: Optional[tasks.Task] = None):
+    """(task, nets, actor params) from ANY artifact holding an actor (pretrain.npz, leq.npz, a
+    leq checkpoint); the task comes from the artifact when not given."""
+    return actor_from_artifact(artifacts.load_artifact(path, task, need="actor"), task, path)
+
+
+def actor_from_artifact(f: dict, task: Optional[tasks.Task] = None, path="artifact"):
+    """load_actor for an artifact already read with artifacts.load_artifact; the actor's arrays
+    and statistics must have the shapes of an actor of its hidden sizes (with the stochastic
+    actor's log_std head when it has one; one line if not). The Nets get as many critics as
+    the artifact holds."""
+    task = task or tasks.get_task(str(f["meta/env"]))
+    actor = jax.tree.map(jnp.asarray, artifacts.unflatten(f, "actor"))
+    try:
+        hidden = hidden_dims_of(actor)
+    except (KeyError, IndexError):
+        raise artifacts.CorruptArtifact(f"artifact {path}: its actor has no Dense layers") from None
+    critics = num_critics_of(artifacts.unflatten(f, "critic")) if "critic/params/Dense_0/kernel" in f else 1
+    nets = make_nets(task, hidden, (f["stats/mean"], f["stats/std"]), critics)
+    if f["stats/mean"].shape != (task.obs_dim + task.act_dim,) or f["stats/std"].shape != f["stats/mean"].shape:
+        raise artifacts.CorruptArtifact(f"artifact {path}: input statistics of shape {f['stats/mean'].shape}, "
+                                        f"but {task.name} needs ({task.obs_dim + task.act_dim},)")
+    stochastic = isinstance(actor.get("params"), dict) and "log_std" in actor["params"]
+    template = jax.eval_shape(lambda: nets.actor.init(jax.random.PRNGKey(0), jnp.zeros((1, task.obs_dim)),
+                                                      nets.stats, stochastic))
+    artifacts.check_shapes(actor, template, path, "actor")
+    return task, nets, actor
+
+
 def load_pretrained(path, task: tasks.Task):
     """(nets, actor params, critic params, EMA critic params) from a pretrain.npz."""
     f = artifacts.load_artifact(path, task, kinds=("pretrain",))
-    task, nets, actor = networks.actor_from_artifact(f, task, path)
+    task, nets, actor = actor_from_artifact(f, task, path)
     critic, ema = (jax.tree.map(jnp.asarray, artifacts.unflatten(f, k)) for k in ("critic", "critic_ema"))
-    template = jax.eval_shape(lambda: networks.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim))[1]
+    template = jax.eval_shape(lambda: init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim))[1]
     artifacts.check_shapes(critic, template, path, "critic")
     artifacts.check_shapes(ema, template, path, "critic_ema")
     return nets, actor, critic, ema
-
-
-def given_settings(settings) -> dict:
-    """The nested settings given on the command line: those that differ from their defaults."""
-    default = dataclasses.asdict(type(settings)())
-    return {k: v for k, v in dataclasses.asdict(settings).items() if v != default[k]}
-
-
-def note_other_settings(path: Path, flag: str, wanted: dict) -> None:
-    """One line when an existing upstream artifact was made with other values of the `wanted`
-    settings (the --<flag>.* apply only to an artifact leq.py makes)."""
-    recorded = artifacts.recorded_config(path)
-    diff = [f"{k} {recorded.get(k)} (not {v})" for k, v in json.loads(json.dumps(wanted)).items() if recorded.get(k) != v]
-    if diff:
-        print(f"[leq] note: using the existing {path} as it is, made with {', '.join(diff)}; --{flag}.* "
-              f"apply only to an artifact leq.py makes (delete this one to make it so)")
-
-
-def upstream(task: tasks.Task, args, resume) -> tuple:
-    """What a later stage (leq.py, its Args `args`) starts from: the dataset, world_model.npz and
-    pretrain.npz, checked against each other and against the checkpoint being resumed BEFORE
-    any training. A missing stage runs first, with leq.py's task, data and seed, its nested
-    --world-model-settings.* / --pretrain-settings.* and its flags checked up front, unless the
-    checkpoint was made from the file that is missing. An existing one is used as it is, with a
-    note where it differs from the nested settings given, or, at the default path (leq.py's own),
-    from all of them (e.g. the shrunk stages of a smoke run). resume: None or (checkpoint path,
-    its arrays). Returns (dataset, world model, pretrain path or None, fingerprints)."""
-    ckpt, saved = resume or (None, {"meta/inputs": {}})
-    recorded = saved["meta/inputs"] or {}
-    common = dict(env=args.env, dataset_path=args.dataset_path, data_dir=args.data_dir, seed=args.seed)
-    wm_path = world_model.path_or_default(args.world_model, args.env, args.seed)
-    pt_path = None if args.no_pretrain else path_or_default(args.pretrain, args.env, args.seed)
-    wm_settings, pt_settings = args.world_model_settings, args.pretrain_settings
-    wm_args = world_model.resolve(world_model.Args(**common, **dataclasses.asdict(wm_settings), out=str(wm_path),
-                                                   learn_termination=getattr(args, "learned_termination", False)))
-    pt_args = resolve(Args(**common, **dataclasses.asdict(pt_settings), world_model=str(wm_path), out=str(pt_path)))
-    stages = (("world_model", wm_path, args.world_model, wm_settings, wm_args),
-              ("pretrain", pt_path, args.pretrain, pt_settings, pt_args))
-    loaded = {}
-    for name, path, flag, settings, stage_args in stages:
-        if path and not path.exists() and (flag or recorded.get(name)):
-            raise tasks.InputError(f"--{name.replace('_', '-')} {path} does not exist" if flag else
-                                   f"checkpoint {ckpt} was made from the {name.replace('_', ' ')} "
-                                   f"{recorded[name]['path']}, but {path} does not exist: restore it, or start "
-                                   f"over in another --run-dir")
-        if path and path.exists():  # env, dims, shapes; and what it was made with
-            loaded[name] = (world_model.load_world_model if name == "world_model" else load_pretrained)(path, task)
-            note_other_settings(path, f"{name.replace('_', '-')}-settings", given_settings(settings) if flag else
-                                {k: getattr(stage_args, k) for k in dataclasses.asdict(settings)})
-    ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
-    inputs = {"dataset": artifacts.file_fingerprint(ds.path, [recorded.get("dataset")])}
-    remedy = "restore the files it was made from, or start over in another --run-dir"
-
-    def announce(path: Path, name: str, settings) -> None:
-        flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
-                         for k, v in given_settings(settings).items())
-        print(f"[leq] no {path.name} at {path}: running {name}.py {flags or 'with its defaults'}")
-
-    if not wm_path.exists():
-        announce(wm_path, "world_model", wm_settings)
-        world_model.train(wm_args)
-    wm = loaded.get("world_model") or world_model.load_world_model(wm_path, task)
-    inputs["world_model"] = world_model.check_dataset(wm, wm_path, ds, inputs["dataset"])
-    if ckpt:
-        artifacts.check_inputs(f"checkpoint {ckpt}", saved["meta/inputs"], inputs, remedy)
-    if pt_path and not pt_path.exists():
-        announce(pt_path, "pretrain", pt_settings)
-        train(pt_args)
-    if pt_path:
-        inputs["pretrain"], made_from = artifacts.provenance(pt_path)
-        artifacts.check_inputs(f"pretrain {pt_path}", made_from, {k: inputs[k] for k in ("dataset", "world_model")},
-                               f"pass the pretrain.npz made from them, or rerun pretrain.py --world-model {wm_path}")
-        if ckpt:
-            artifacts.check_inputs(f"checkpoint {ckpt}", recorded, {"pretrain": inputs["pretrain"]}, remedy)
-    return ds, wm, pt_path, inputs
 
 
 # ============================================================================================
@@ -280,9 +414,9 @@ def train(args: Args) -> Path:
             artifacts.check_inputs(f"checkpoint {ckpt}", recorded, inputs,
                                    "use the inputs it was made from, or delete the checkpoint to start over")
         data = tasks.device_dataset(ds)
-        nets = networks.make_nets(task, args.hidden_dims, (wm.input_mean, wm.input_std))
+        nets = make_nets(task, args.hidden_dims, (wm.input_mean, wm.input_std))
         k_init, k_train = jax.random.split(jax.random.PRNGKey(args.seed))
-        actor, critic = networks.init_params(nets, k_init, task.obs_dim, task.act_dim)
+        actor, critic = init_params(nets, k_init, task.obs_dim, task.act_dim)
         bc_opt, fqe_opt = optax.adam(args.bc_lr), optax.adam(args.fqe_lr)
         state = PretrainState(actor, bc_opt.init(actor), critic, critic, fqe_opt.init(critic))
         step = 0
@@ -314,7 +448,7 @@ def train(args: Args) -> Path:
         s = data.observations[:4096]
         bc_mse = float(bc_loss(state.actor, nets, s, data.actions[:4096]))
         q_data = float(jnp.mean(nets.q(state.critic, s, nets.pi(state.actor, s))))
-        arrays = {**networks.networks_arrays(nets, state.actor, state.critic, state.critic_ema),
+        arrays = {**networks_arrays(nets, state.actor, state.critic, state.critic_ema),
                   "summary/bc_mse": np.array(bc_mse), "summary/q_data": np.array(q_data)}
         artifacts.save_npz(out, arrays, "pretrain", task, args, inputs)
         ckpt.unlink(missing_ok=True)

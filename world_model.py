@@ -17,17 +17,15 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import cli
-import artifacts
-import networks
-import tasks
+from leq_utils import artifacts, cli, tasks  # support package: data, artifacts, CLI (TRY NOT TO MODIFY)
 
 
 @dataclasses.dataclass
@@ -374,7 +372,24 @@ def model_step(wm: WorldModel, s, a, key, done_fn):
 # Termination classifier (the learned-termination ablation): T_psi(s') -> logit of done
 # ============================================================================================
 
-def termination_loss(params, clf: networks.TerminationClassifier, s2, labels, stats):
+class TerminationClassifier(nn.Module):
+    """The learned termination function: MLP (3 x 256, ReLU, as the actor) on symlog((s' - mu_s)
+    / std_s) -> the logit of done(s'); done when the logit >= 0 (probability >= 1/2). Layers and
+    initialisation as pretrain.py's actor (orthogonal sqrt(2), zero biases)."""
+    hidden_dims: Sequence[int] = (256, 256, 256)
+
+    @nn.compact
+    def __call__(self, s2, stats):
+        mean, std = stats  # the world model's statistics of [s, a]; s' uses the s part
+        x = (s2 - mean[: s2.shape[-1]]) / std[: s2.shape[-1]]
+        x = jnp.sign(x) * jnp.log1p(jnp.abs(x))  # symlog
+        dense = lambda n: nn.Dense(n, kernel_init=nn.initializers.orthogonal(np.sqrt(2)))  # noqa: E731
+        for h in self.hidden_dims:
+            x = nn.relu(dense(h)(x))
+        return dense(1)(x)[..., 0]
+
+
+def termination_loss(params, clf: TerminationClassifier, s2, labels, stats):
     """Binary cross-entropy with logits, mean over the batch: mean(log(1 + e^z) - y z), z = T_psi(s').
     No class weights (the paper names none)."""
     z = clf.apply(params, s2, stats)
@@ -394,7 +409,7 @@ def train_termination(args: Args, ds: tasks.Dataset, stats):
     x_train, y_train = jnp.asarray(ds.next_observations[train]), jnp.asarray(ds.terminals[train], jnp.float32)
     x_hold, y_hold = jnp.asarray(ds.next_observations[hold]), jnp.asarray(ds.terminals[hold], jnp.float32)
     stats = (jnp.asarray(stats[0]), jnp.asarray(stats[1]))
-    clf = networks.TerminationClassifier()
+    clf = TerminationClassifier()
     params = clf.init(jax.random.fold_in(jax.random.PRNGKey(args.seed), 1), x_train[:1], stats)
     optimizer = optax.adam(args.termination_lr)
 
@@ -444,7 +459,8 @@ def load_learned_termination(path, task: tasks.Task, stats):
             f"with python world_model.py --env {task.name} --dataset-path {f['model/dataset_path']} --out {path} "
             f"--termination-only")
     params = {"params": jax.tree.map(jnp.asarray, artifacts.unflatten(f, "termination/params"))}
-    clf = networks.TerminationClassifier(networks.hidden_dims_of(params))
+    layers = params["params"]
+    clf = TerminationClassifier(tuple(layers[f"Dense_{i}"]["kernel"].shape[1] for i in range(len(layers) - 1)))
     stats = (jnp.asarray(stats[0]), jnp.asarray(stats[1]))
     return lambda s, a, s2: clf.apply(params, s2, stats) >= 0.0
 

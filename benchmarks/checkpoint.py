@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import cli  # noqa: E402
+from leq_utils import cli  # noqa: E402
 import leq  # noqa: E402
 from leq_step import build  # noqa: E402  (benchmarks/leq_step.py: random LEQ state at paper sizes)
 

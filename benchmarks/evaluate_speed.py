@@ -18,10 +18,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import cli  # noqa: E402
+from leq_utils import cli  # noqa: E402
 import evaluate  # noqa: E402
-import networks  # noqa: E402
-import tasks  # noqa: E402
+import pretrain  # noqa: E402
+from leq_utils import tasks  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -37,8 +37,8 @@ def main(a: Args):
     for maze in a.mazes:
         task = tasks.get_task(f"pointmaze-{maze}")
         stats = (np.zeros(task.obs_dim + task.act_dim), np.ones(task.obs_dim + task.act_dim))
-        nets = networks.make_nets(task, (256, 256, 256), stats)
-        actor, _ = networks.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim)
+        nets = pretrain.make_nets(task, (256, 256, 256), stats)
+        actor, _ = pretrain.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim)
         policy = evaluate.actor_policy(nets, actor)
         evaluate.run_episodes(task, policy, 10, seed=1000)  # make the envs, compile the policy
         t = time.perf_counter()

@@ -23,10 +23,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import cli  # noqa: E402
+from leq_utils import cli  # noqa: E402
 import leq  # noqa: E402
-import networks  # noqa: E402
-import tasks  # noqa: E402
+import pretrain  # noqa: E402
+from leq_utils import tasks  # noqa: E402
 import world_model  # noqa: E402
 
 
@@ -59,8 +59,8 @@ def build(action_grad: str, dataset_size: int):
         del params[f"member_{e}"]
     stats = (jnp.zeros(task.obs_dim + task.act_dim), jnp.ones(task.obs_dim + task.act_dim))
     wm = world_model.WorldModel(params, *stats, 1.0, -1.0)
-    nets = networks.make_nets(task, (256, 256, 256), stats)
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(2), task.obs_dim, task.act_dim)
+    nets = pretrain.make_nets(task, (256, 256, 256), stats)
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(2), task.obs_dim, task.act_dim)
     actor_opt = optax.adam(optax.cosine_decay_schedule(args.actor_lr, args.total_steps))
     critic_opt = optax.adam(args.critic_lr)
     st = leq.LEQState(actor, critic, jax.tree.map(jnp.copy, critic), actor_opt.init(actor),

@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import cli  # noqa: E402
+from leq_utils import cli  # noqa: E402
 import leq  # noqa: E402
-import many_seeds  # noqa: E402
+from leq_utils import many_seeds  # noqa: E402
 from leq_step import build, timed  # noqa: E402
 
 

@@ -40,13 +40,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
-import cli  # noqa: E402
-import artifacts  # noqa: E402
+from leq_utils import cli  # noqa: E402
+from leq_utils import artifacts  # noqa: E402
 import evaluate  # noqa: E402
 import leq  # noqa: E402
-import networks  # noqa: E402
 import pretrain  # noqa: E402
-import tasks  # noqa: E402
+from leq_utils import plots, tasks  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -188,7 +187,7 @@ def run_one(a: Args, task, seed: int, label: str = "", flags: str = ""):
         wall = time.time() - start
     config = json.loads((run_dir / "config.json").read_text())
     f = artifacts.load_artifact(run_dir / "leq.npz", task, kinds=("leq",))
-    _, nets, actor = networks.actor_from_artifact(f, task)
+    _, nets, actor = pretrain.actor_from_artifact(f, task)
     critic = jax.tree.map(jnp.asarray, artifacts.unflatten(f, "critic"))
     leq_eval, leq_eps = protocol(task, nets, actor, critic, config, record=True)
     bc_nets, bc_actor, bc_critic, _ = pretrain.load_pretrained(config["pretrain"] or pt_path, task)
@@ -238,8 +237,8 @@ def main(a: Args):
         result, leq_eps, bc_eps = run_or_keep(seed)
         results.append(result)
         if i == 0 and leq_eps is not None and task.family in ("pointmaze", "antmaze"):  # kept: pictures stay
-            evaluate.plot_trajectories(task, leq_eps, f"{out}_leq_trajectories.png", title=f"LEQ, seed {seed}")
-            evaluate.plot_trajectories(task, bc_eps, f"{out}_bc_trajectories.png", title=f"BC actor, seed {seed}")
+            plots.plot_trajectories(task, leq_eps, f"{out}_leq_trajectories.png", title=f"LEQ, seed {seed}")
+            plots.plot_trajectories(task, bc_eps, f"{out}_bc_trajectories.png", title=f"BC actor, seed {seed}")
     for spec in a.ablations:
         label, _, flags = spec.partition("=")
         if not label or not flags:
@@ -295,7 +294,7 @@ def table(summary) -> str:
 def figure(summary):
     """Each run's LEQ success at its periodic evaluations (step 0: the BC actor it starts from;
     ablations dotted) and, dashed, each seed's BC actor in the 10 x 10 evaluation."""
-    plt = evaluate.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6.8, 3.8))
     runs = summary["per_seed"] + summary.get("ablations", [])
     for i, r in enumerate(runs):
@@ -322,7 +321,7 @@ def figure(summary):
 def plot(summary, path):
     fig = figure(summary)
     fig.savefig(path, dpi=110)
-    evaluate.pyplot().close(fig)
+    plots.pyplot().close(fig)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import cli  # noqa: E402
-import mazes  # noqa: E402
-import networks  # noqa: E402
-import tasks  # noqa: E402
+from leq_utils import cli  # noqa: E402
+from leq_utils import mazes  # noqa: E402
+import pretrain  # noqa: E402
+from leq_utils import tasks  # noqa: E402
 import world_model  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def imagined_rollouts(observations: np.ndarray, wm, nets, actor, done_fn, in_wal
 
 
 def main(a: Args):
-    task, nets, actor = networks.load_actor(a.checkpoint)
+    task, nets, actor = pretrain.load_actor(a.checkpoint)
     wm = world_model.load_world_model(a.world_model, task)
     done_fn = tasks.termination_fn(task)
     walls = task.source == "builtin" and task.family == "pointmaze"

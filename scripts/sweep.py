@@ -38,9 +38,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-import cli  # noqa: E402
-import artifacts  # noqa: E402
-import tasks  # noqa: E402
+from leq_utils import cli  # noqa: E402
+from leq_utils import artifacts  # noqa: E402
+from leq_utils import tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,8 +213,11 @@ def leq_args(env: str, seed: int, flags):
 
 def prepare(p: Prepare) -> None:
     import pretrain
+    import world_model
+    from leq_utils import upstream
     for seed in p.seeds:
-        pretrain.upstream(tasks.get_task(p.env), leq_args(p.env, seed, shlex.split(p.leq_flags)), None)
+        upstream.prepare(tasks.get_task(p.env), leq_args(p.env, seed, shlex.split(p.leq_flags)), None,
+                         world_model, pretrain)
 
 
 # ============================================================================================

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import cli  # noqa: E402
-import tasks  # noqa: E402
+from leq_utils import cli  # noqa: E402
+from leq_utils import tasks  # noqa: E402
 import world_model  # noqa: E402
 
 

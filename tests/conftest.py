@@ -12,11 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "scripts"))  # generate_dataset.py, the other scripts
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import cli  # noqa: E402
-import mazes  # noqa: E402
-import tasks  # noqa: E402
+from leq_utils import cli  # noqa: E402
+from leq_utils import mazes  # noqa: E402
+from leq_utils import tasks  # noqa: E402
 
 cli.use_fast_cpu_kernels()  # the compiler options the scripts use, before JAX starts
 
@@ -38,8 +39,8 @@ def write_d4rl_file(path, observations, actions, rewards, terminals, timeouts=No
 @pytest.fixture
 def tiny_maze_file(tmp_path):
     """A small generated built-in dataset (pointmaze-umaze, 6000 steps), shared shape for tests."""
-    import mazes
-    import tasks
+    from leq_utils import mazes
+    from leq_utils import tasks
     task = tasks.get_task("pointmaze-umaze")
     path = tmp_path / "umaze_tiny.hdf5"
     mazes.generate_pointmaze(task, path, size=6000, seed=3, episode_len=1000)

@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import artifacts
-import imagination
+from leq_utils import artifacts
 import leq
-import networks
-import tasks
+import pretrain
+from leq_utils import tasks
 import world_model
 from conftest import ROOT
 from test_leq import GAMMA, LAM, reference_lambda_returns
@@ -32,9 +31,9 @@ def system():
     """Random world model (3 elites), actor with a state-dependent log-std head, critic."""
     stats = (jnp.zeros(6), jnp.ones(6))
     wm = world_model.WorldModel(world_model.init_ensemble(jax.random.PRNGKey(0), 6, 5, (32, 32), 3), *stats, 1.0, -1.0)
-    nets = networks.make_nets(TASK, (32, 32), stats)
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(1), 4, 2)
-    actor = networks.with_log_std_head(nets, actor, jax.random.PRNGKey(2), 4, -0.5)
+    nets = pretrain.make_nets(TASK, (32, 32), stats)
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(1), 4, 2)
+    actor = leq.with_log_std_head(nets, actor, jax.random.PRNGKey(2), 4, -0.5)
     head = actor["params"]["log_std"]  # a head that varies with the state (within the clip range)
     actor["params"]["log_std"] = {"kernel": head["kernel"] * 300.0, "bias": head["bias"]}
     s0 = jax.random.normal(jax.random.PRNGKey(3), (B, 4))
@@ -42,13 +41,13 @@ def system():
 
 
 def two_critics(nets, critic):
-    return nets._replace(num_critics=2), networks.critic_ensemble(nets, critic, jax.random.PRNGKey(9), 2, 4, 2)
+    return nets._replace(num_critics=2), leq.critic_ensemble(nets, critic, jax.random.PRNGKey(9), 2, 4, 2)
 
 
 def loop_uncertainty(nets, actor, critics, wm, s, a, eps):
     """u(s, a) by plain loops: for every sample and every elite, that elite's next state and
     min over the critics of Q(s'_e, tanh(mean(s'_e))); then the population std over the elites."""
-    single = networks.make_nets(TASK, (32, 32), nets.stats)
+    single = pretrain.make_nets(TASK, (32, 32), nets.stats)
     out = []
     for b in range(s.shape[0]):
         x = (jnp.concatenate([s[b], a[b]]) - wm.input_mean) / wm.input_std
@@ -76,7 +75,7 @@ def test_mobile_uncertainty_is_the_std_over_elites_by_a_loop(system, n_critics):
         critics = [critic]
     a = jnp.tanh(jax.random.normal(jax.random.PRNGKey(4), (B, 2)))
     eps = jax.random.normal(jax.random.PRNGKey(5), (3, B, 4))
-    got = np.asarray(jax.jit(lambda s, a, e: imagination.mobile_uncertainty(nets, actor, critic, wm, s, a, e))(s0, a, eps))
+    got = np.asarray(jax.jit(lambda s, a, e: leq.mobile_uncertainty(nets, actor, critic, wm, s, a, e))(s0, a, eps))
     want = loop_uncertainty(nets, actor, critics, wm, s0, a, eps)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     assert want.min() > 1e-3  # the elites really disagree
@@ -88,8 +87,8 @@ def test_mobile_penalty_is_in_every_imagined_reward_and_the_critic_target(system
     term is plain squared error against the lambda-returns of the penalised rewards."""
     nets, actor, critic, wm, s0 = system
     beta, key = 0.7, jax.random.PRNGKey(6)
-    plain = imagination.imagine(nets, actor, wm, done_fn, s0, key, H)
-    ro = imagination.imagine(nets, actor, wm, done_fn, s0, key, H, critic, imagination.Variant(penalty=beta))
+    plain = leq.imagine(nets, actor, wm, done_fn, s0, key, H)
+    ro = leq.imagine(nets, actor, wm, done_fn, s0, key, H, critic, leq.Variant(penalty=beta))
     np.testing.assert_array_equal(ro.states, plain.states)
     np.testing.assert_array_equal(ro.dones, plain.dones)
     assert ro.penalty_eps.shape == (H, 3, B, 4)
@@ -101,7 +100,7 @@ def test_mobile_penalty_is_in_every_imagined_reward_and_the_critic_target(system
     args = dataclasses.replace(leq.resolve(leq.Args(horizon=H, expectile=0.1)), conservatism="mobile",
                                mobile_beta=beta, num_critics=1)
     data = tasks.Transitions(s0[:2], ro.actions[0, :2], None, None, None)
-    masks = np.asarray(imagination.alive_masks(ro.dones))
+    masks = np.asarray(leq.alive_masks(ro.dones))
     _, m = leq.critic_loss(critic, critic, nets, data, jnp.zeros(2), ro, jnp.asarray(masks), args)
     q = np.asarray(nets.q(critic, ro.states, ro.actions))
     rewards = np.asarray(plain.rewards) - beta * u
@@ -124,13 +123,13 @@ def test_adjoint_action_gradients_equal_the_full_jacobian(system, variant, objec
     nets, actor, critic, wm, s0 = system
     if n_critics == 2:
         nets, critic = two_critics(nets, critic)
-    coefficients = imagination.return_coefficients(objective, H, LAM)
-    v = imagination.Variant(**VARIANTS[variant])
+    coefficients = leq.return_coefficients(objective, H, LAM)
+    v = leq.Variant(**VARIANTS[variant])
     def run(fn):
         return jax.jit(lambda k: fn(nets, actor, critic, wm, done_fn, s0, k, H, coefficients, GAMMA, v))(
             jax.random.PRNGKey(7))
-    D_adj, ro, q, masks = run(imagination.action_grads_adjoint)
-    D_jac, ro2, q2, masks2 = run(imagination.action_grads_jacobian)
+    D_adj, ro, q, masks = run(leq.action_grads_adjoint)
+    D_jac, ro2, q2, masks2 = run(leq.action_grads_jacobian)
     np.testing.assert_allclose(ro.states, ro2.states, atol=1e-5)
     np.testing.assert_allclose(ro.rewards, ro2.rewards, atol=1e-5)
     np.testing.assert_array_equal(masks, masks2)
@@ -147,13 +146,13 @@ def test_mobile_action_gradient_counts_the_penalty_once(system):
     penalty and the critic directly (the release's perturbed pass doubles the du/da part)."""
     nets, actor, critic, wm, s0 = system
     beta, key = 20.0, jax.random.PRNGKey(8)
-    v = imagination.Variant(penalty=beta)
-    D, ro, _, _ = imagination.action_grads_adjoint(nets, actor, critic, wm, done_fn, s0, key, 1,
-                                           imagination.return_coefficients("hstep", 1, LAM), GAMMA, v)
+    v = leq.Variant(penalty=beta)
+    D, ro, _, _ = leq.action_grads_adjoint(nets, actor, critic, wm, done_fn, s0, key, 1,
+                                           leq.return_coefficients("hstep", 1, LAM), GAMMA, v)
 
     def G0(a0):
         s1, r, done = world_model.model_step_given(wm, s0, a0, ro.noise.member[0], ro.noise.eps[0], done_fn)
-        u = imagination.mobile_uncertainty(nets, actor, critic, wm, s0, a0, ro.penalty_eps[0])
+        u = leq.mobile_uncertainty(nets, actor, critic, wm, s0, a0, ro.penalty_eps[0])
         return (r - beta * u) + GAMMA * (1.0 - done) * nets.q(critic, s1, nets.pi(actor, s1))
     G0 = jax.jit(G0)
     a0, h = ro.actions[0], 1e-2
@@ -162,7 +161,7 @@ def test_mobile_action_gradient_counts_the_penalty_once(system):
         fd = (G0(a0 + e) - G0(a0 - e)) / (2 * h)
         np.testing.assert_allclose(D[0][:, i], fd, rtol=2e-2, atol=2e-2 * float(jnp.abs(fd).max()))
     # the penalty's share of D_0 is large here, so counting it twice could not pass the check above
-    u_grad = jax.grad(lambda a: imagination.mobile_uncertainty(nets, actor, critic, wm, s0, a, ro.penalty_eps[0]).sum())(a0)
+    u_grad = jax.grad(lambda a: leq.mobile_uncertainty(nets, actor, critic, wm, s0, a, ro.penalty_eps[0]).sum())(a0)
     assert float(jnp.abs(beta * u_grad).mean()) > 0.2 * float(jnp.abs(D[0]).mean())
 
 
@@ -176,7 +175,7 @@ def test_critic_ensemble_is_the_min_over_its_critics(system):
     assert not np.allclose(q1, q2)  # the second critic is a fresh one
     np.testing.assert_allclose(nets2.q(critics, s0, a), np.minimum(q1, q2), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(nets2.q_each(critics, s0, a)), np.stack([q1, q2]), rtol=1e-6)
-    assert networks.num_critics_of(critics) == 2 and networks.num_critics_of(critic) == 1
+    assert pretrain.num_critics_of(critics) == 2 and pretrain.num_critics_of(critic) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,8 +241,8 @@ def test_entropy_bonus_and_reparameterised_surrogate_gradients_by_the_chain_rule
 def test_stochastic_imagination_samples_reparameterised_actions(system):
     nets, actor, critic, wm, s0 = system
     key = jax.random.PRNGKey(14)
-    ro = imagination.imagine(nets, actor, wm, done_fn, s0, key, H, variant=imagination.Variant(stochastic=True))
-    plain = imagination.imagine(nets, actor, wm, done_fn, s0, key, H)
+    ro = leq.imagine(nets, actor, wm, done_fn, s0, key, H, variant=leq.Variant(stochastic=True))
+    plain = leq.imagine(nets, actor, wm, done_fn, s0, key, H)
     np.testing.assert_array_equal(ro.noise.member, plain.noise.member)  # LEQ's model draws are unchanged
     np.testing.assert_array_equal(ro.noise.eps, plain.noise.eps)
     s = s0
@@ -255,15 +254,15 @@ def test_stochastic_imagination_samples_reparameterised_actions(system):
             s = world_model.model_step_given(wm, s, a, ro.noise.member[t], ro.noise.eps[t], done_fn)[0]
             np.testing.assert_allclose(ro.states[t + 1], s, atol=1e-5)
     assert not np.allclose(ro.actions, plain.actions, atol=0.05)
-    again = imagination.imagine(nets, actor, wm, done_fn, s0, key, H, variant=imagination.Variant(stochastic=True))
+    again = leq.imagine(nets, actor, wm, done_fn, s0, key, H, variant=leq.Variant(stochastic=True))
     np.testing.assert_array_equal(again.actions, ro.actions)  # the noise comes from the key
 
 
 def test_log_std_head_keeps_the_bc_actor_and_evaluation_is_deterministic(system):
     import evaluate
     nets, actor, _, _, s0 = system
-    bc, _ = networks.init_params(nets, jax.random.PRNGKey(1), 4, 2)
-    stochastic = networks.with_log_std_head(nets, bc, jax.random.PRNGKey(15), 4, -1.0)
+    bc, _ = pretrain.init_params(nets, jax.random.PRNGKey(1), 4, 2)
+    stochastic = leq.with_log_std_head(nets, bc, jax.random.PRNGKey(15), 4, -1.0)
     np.testing.assert_array_equal(nets.pi(stochastic, s0), nets.pi(bc, s0))
     log_std = np.asarray(mean_log_std(nets, stochastic, s0 * 3)[1])
     assert np.abs(log_std + 1.0).max() < 0.05  # starts at init_log_std in every state
@@ -271,7 +270,7 @@ def test_log_std_head_keeps_the_bc_actor_and_evaluation_is_deterministic(system)
     np.testing.assert_allclose(policy(np.asarray(s0)), nets.pi(actor, s0), atol=1e-6)
     f = {**artifacts.flatten(jax.device_get(actor), "actor"), "stats/mean": np.asarray(nets.stats[0]),
          "stats/std": np.asarray(nets.stats[1])}  # an artifact's arrays: evaluate.py reads it the same way
-    _, loaded_nets, loaded = networks.actor_from_artifact(f, TASK)
+    _, loaded_nets, loaded = pretrain.actor_from_artifact(f, TASK)
     np.testing.assert_allclose(loaded_nets.pi(loaded, s0), nets.pi(actor, s0), atol=1e-6)
 
 
@@ -309,7 +308,7 @@ def numpy_logits(params, s2, stats):
 @pytest.fixture(scope="module")
 def classifier():
     stats = (np.array([0.5, -0.2, 0, 0, 0, 0], np.float32), np.array([2.0, 1.5, 1, 1, 1, 1], np.float32))
-    clf = networks.TerminationClassifier((32, 32, 32))
+    clf = world_model.TerminationClassifier((32, 32, 32))
     params = clf.init(jax.random.PRNGKey(20), jnp.zeros((1, 4)), stats)
     return clf, params, stats
 
@@ -355,8 +354,8 @@ def test_learned_termination_replaces_only_the_done_of_imagination(system, class
                               "termination/holdout_bce": np.array(0.1)}, "world_model", TASK, {})
     learned = world_model.load_learned_termination(path, TASK, stats)
     key = jax.random.PRNGKey(21)
-    ro = imagination.imagine(nets, actor, wm, learned, s0, key, H)
-    plain = imagination.imagine(nets, actor, wm, done_fn, s0, key, H)
+    ro = leq.imagine(nets, actor, wm, learned, s0, key, H)
+    plain = leq.imagine(nets, actor, wm, done_fn, s0, key, H)
     np.testing.assert_array_equal(ro.states, plain.states)
     np.testing.assert_array_equal(ro.rewards, plain.rewards)
     want = np.array([[numpy_logits(params, np.asarray(ro.states[t + 1, b], np.float64), stats) >= 0
@@ -389,10 +388,10 @@ TINY_WM = ["--hidden-dims", 16, 16, "--weight-decay", 2.5e-5, 5e-5, 1e-4, "--ens
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A tiny dataset, world model (wm_plain.npz; wm.npz: the same plus a termination classifier
-    added by --termination-only) and BC/FQE networks."""
+    added by --termination-only) and BC/FQE pretrain."""
     import shutil
 
-    import mazes
+    from leq_utils import mazes
     from test_robustness import run
     d = tmp_path_factory.mktemp("ablations")
     data = d / "umaze_tiny.hdf5"

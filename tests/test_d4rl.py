@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-import d4rl_tasks
-import networks
-import tasks
+from leq_utils import d4rl_tasks
+import pretrain
+from leq_utils import tasks
 from conftest import ROOT
 
 
@@ -144,8 +144,8 @@ def test_scores_are_normalised(tmp_path):
     for name in ("hopper-medium-v2", "antmaze-umaze-v2"):
         task = tasks.get_task(name)
         dim = task.obs_dim + task.act_dim
-        nets = networks.make_nets(task, (32, 32), (np.zeros(dim, np.float32), np.ones(dim, np.float32)))
-        actor, critic = networks.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim)
+        nets = pretrain.make_nets(task, (32, 32), (np.zeros(dim, np.float32), np.ones(dim, np.float32)))
+        actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim)
         episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), 2, seed=0, parallel=2)
         summary = evaluate.summarize(task, episodes)
         if task.family == "hopper":
@@ -168,11 +168,11 @@ def noise_lines(p) -> list:
 
 def save_random_actor(task, path):
     """An actor/critic artifact with fresh networks (what evaluate.py reads)."""
-    import artifacts
+    from leq_utils import artifacts
     dim = task.obs_dim + task.act_dim
     stats = (np.zeros(dim, np.float32), np.ones(dim, np.float32))
-    nets = networks.make_nets(task, (32, 32), stats)
-    actor, critic = jax.device_get(networks.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim))
+    nets = pretrain.make_nets(task, (32, 32), stats)
+    actor, critic = jax.device_get(pretrain.init_params(nets, jax.random.PRNGKey(0), task.obs_dim, task.act_dim))
     artifacts.save_npz(path, {**artifacts.flatten(actor, "actor"), **artifacts.flatten(critic, "critic"),
                               **artifacts.flatten(critic, "critic_ema"), "stats/mean": stats[0],
                               "stats/std": stats[1]}, "pretrain", task, {})
@@ -209,14 +209,14 @@ def test_evaluation_is_quiet_and_hopper_video_has_every_frame(tmp_path):
 def test_video_error_names_what_mujoco_py_needs(tmp_path, monkeypatch):
     """When mujoco-py cannot render, the one-line error says what D4RL rendering needs (OSMesa
     or EGL through mujoco-py) and that MUJOCO_GL does not apply, instead of blaming MUJOCO_GL."""
-    import evaluate
+    from leq_utils import plots
 
     def no_gl(self):
         raise RuntimeError("Failed to initialize OpenGL\nmore detail")
     monkeypatch.setattr(d4rl_tasks.OldGymAPI, "render", no_gl)
     task = tasks.get_task("hopper-medium-v2")
     with pytest.raises(tasks.InputError) as e:
-        evaluate.save_video(task, lambda obs: np.zeros((len(obs), task.act_dim)), tmp_path / "v.mp4")
+        plots.save_video(task, lambda obs: np.zeros((len(obs), task.act_dim)), tmp_path / "v.mp4")
     message = str(e.value)
     assert "\n" not in message and "RuntimeError: Failed to initialize OpenGL" in message
     assert "mujoco-py" in message and "OSMesa" in message and "MUJOCO_GL does not apply" in message

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import tyro
 
-import artifacts
+from leq_utils import artifacts
 import evaluate
-import mazes
-import networks
+from leq_utils import mazes
 import pretrain
-import tasks
+from leq_utils import plots, tasks
 from conftest import ROOT
 
 UMAZE = tasks.get_task("pointmaze-umaze")
@@ -160,8 +159,8 @@ def save_actor_artifact(path, task, hidden=HIDDEN, seed=0):
     rng = np.random.default_rng(seed)
     mean = np.concatenate([rng.normal(size=2) * 0.5, np.zeros(4)]).astype(np.float32)
     std = rng.uniform(0.5, 2.0, size=6).astype(np.float32)
-    nets = networks.make_nets(task, hidden, (mean, std))
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(seed), task.obs_dim, task.act_dim)
+    nets = pretrain.make_nets(task, hidden, (mean, std))
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(seed), task.obs_dim, task.act_dim)
     actor, critic = jax.device_get((actor, critic))
     arrays = {**artifacts.flatten(actor, "actor"), **artifacts.flatten(critic, "critic"),
               **artifacts.flatten(critic, "critic_ema"), "stats/mean": mean, "stats/std": std}
@@ -186,7 +185,7 @@ def test_main_writes_json_and_trajectory_picture(tmp_path):
         assert written[k] == pytest.approx(want[k]), k
         assert written[k + "_stderr"] == pytest.approx(want[k + "_stderr"]), k
     # q_start: the saved critic at the 3 episodes' reset observations and the actor's actions
-    nets = networks.make_nets(UMAZE, HIDDEN, (mean, std))
+    nets = pretrain.make_nets(UMAZE, HIDDEN, (mean, std))
     f = np.load(path, allow_pickle=False)
     critic = jax.tree.map(jnp.asarray, artifacts.unflatten(f, "critic"))
     s0 = np.stack([tasks.make_env(UMAZE).reset(seed=i)[0] for i in range(3)]).astype(np.float32)
@@ -214,7 +213,7 @@ def test_plot_curve_makes_a_png(tmp_path):
     rows += [{"step": s, "score": 10.0 * i} for i, s in enumerate(range(0, 5000, 1000))]
     metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     png = tmp_path / "curve.png"
-    evaluate.plot_curve(metrics, png)
+    plots.plot_curve(metrics, png)
     import matplotlib.image
     image = matplotlib.image.imread(png)
     assert png.stat().st_size > 0 and image.shape[:2] == (350, 3 * 400)  # score, critic_loss, actor_loss
@@ -223,7 +222,7 @@ def test_plot_curve_makes_a_png(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(tasks.InputError) as e:
-        evaluate.plot_curve(empty, tmp_path / "empty.png")
+        plots.plot_curve(empty, tmp_path / "empty.png")
     assert "has no metrics" in one_line(e)
 
 
@@ -255,12 +254,12 @@ def test_trajectory_picture_is_labelled_titled_and_fits(name):
     episodes = [{"xy": [start.tolist(), goal.tolist()], "success": True},
                 {"xy": [start.tolist(), (start + 1).tolist()], "success": False}]
     run = f"{name}__leq__s0__20250101-000000/leq.npz"
-    fig = evaluate.trajectory_figure(task, episodes, run)
+    fig = plots.trajectory_figure(task, episodes, run)
     title = fig.axes[0].get_title()
     assert run in title.replace("\n", "") and f"{name}: 1/2 episodes reach the goal" in title
     assert labelled(fig) and fig.axes[0].get_legend() is not None
     assert outside_the_figure(fig) == []
-    evaluate.pyplot().close(fig)
+    plots.pyplot().close(fig)
 
 
 def test_learning_curve_is_labelled_titled_and_fits(tmp_path, monkeypatch):
@@ -275,12 +274,12 @@ def test_learning_curve_is_labelled_titled_and_fits(tmp_path, monkeypatch):
     rows += [{"step": 5000, "score": 80.0}, {"step": 5000, "final_score": 90.0, "final_score_std": 3.0}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     figures = []
-    make = evaluate.curve_figure
-    monkeypatch.setattr(evaluate, "curve_figure", lambda *a: figures.append(make(*a)) or figures[-1])
+    make = plots.curve_figure
+    monkeypatch.setattr(plots, "curve_figure", lambda *a: figures.append(make(*a)) or figures[-1])
     evaluate.main(evaluate.Args(curve=str(run_dir / "metrics.jsonl")))
     fig, = figures
     assert fig.get_suptitle() == "LEQ run my-run (pointmaze-medium)"
-    assert [ax.get_ylabel() for ax in fig.axes] == list(evaluate.CURVE_PANELS.values()) and labelled(fig)
+    assert [ax.get_ylabel() for ax in fig.axes] == list(plots.CURVE_PANELS.values()) and labelled(fig)
     score_axes = fig.axes[0]
     assert [t.get_text() for t in score_axes.get_legend().get_texts()] == ["periodic evaluation", "final evaluation"]
     assert outside_the_figure(fig) == []
@@ -301,7 +300,7 @@ def test_comparison_plot_is_labelled_titled_and_fits():
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert len(legend) == 2 * len(summary["per_seed"]) + 1 and legend[-1] == "1step (seed 0)"
     assert outside_the_figure(fig) == []
-    evaluate.pyplot().close(fig)
+    plots.pyplot().close(fig)
 
 
 def test_compare_table_and_replot(tmp_path):
@@ -466,14 +465,15 @@ VIDEO_SCRIPT = """
 import sys
 import numpy as np
 sys.path.insert(0, {root!r})
-import evaluate, mazes, tasks
+import evaluate
+from leq_utils import mazes, tasks
 task = tasks.get_task("pointmaze-umaze")
 layout = mazes.MAZES["umaze"]
 target = mazes.maze_cells(layout, "G")[0]
 dist = mazes.bfs_distances(layout, target)
 policy = lambda obs: np.stack([mazes.waypoint_action(layout, dist, target, o) for o in obs])
 try:
-    evaluate.save_video(task, policy, sys.argv[1], seed=0)
+    plots.save_video(task, policy, sys.argv[1], seed=0)
     print("WROTE")
 except tasks.InputError as e:
     print("INPUTERROR " + str(e))
@@ -481,7 +481,7 @@ except tasks.InputError as e:
 
 
 def run_save_video(path, mujoco_gl):
-    """evaluate.save_video in a fresh process (the GL backend is fixed at MuJoCo's import)."""
+    """plots.save_video in a fresh process (the GL backend is fixed at MuJoCo's import)."""
     env = dict(os.environ, MUJOCO_GL=mujoco_gl)
     p = subprocess.run([sys.executable, "-c", VIDEO_SCRIPT.format(root=str(ROOT)), str(path)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
@@ -528,8 +528,8 @@ def test_policy_compiles_once_per_network_shape():
     def build(hidden, seed):
         rng = np.random.default_rng(seed)
         mean, std = rng.normal(size=6).astype(np.float32), rng.uniform(0.5, 2, 6).astype(np.float32)
-        nets = networks.make_nets(UMAZE, hidden, (mean, std))
-        actor, _ = networks.init_params(nets, jax.random.PRNGKey(seed), 4, 2)
+        nets = pretrain.make_nets(UMAZE, hidden, (mean, std))
+        actor, _ = pretrain.init_params(nets, jax.random.PRNGKey(seed), 4, 2)
         return nets, actor, np_policy(jax.device_get(actor), mean, std)
 
     nets, actor, reference = build(HIDDEN, 1)
@@ -589,7 +589,7 @@ def test_model_rollout_check_one_step_error(upstream, capsys):
                                                       world_model=str(upstream / "wm.npz"), imagined=0))
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("one-step error"))
     printed, worst = re.search(r": ([0-9.]+) \(step (\d+)\)$", line).groups()
-    task, nets, actor = networks.load_actor(str(upstream / "pt.npz"))
+    task, nets, actor = pretrain.load_actor(str(upstream / "pt.npz"))
     wm = world_model.load_world_model(str(upstream / "wm.npz"), task)
     done_fn, env = tasks.termination_fn(task), tasks.make_env(task)
     obs, _ = env.reset(seed=0)
@@ -612,7 +612,7 @@ def test_model_rollout_check_largest_imagined_coordinate(upstream, tiny_maze_fil
     sys.path.insert(0, str(ROOT / "scripts"))
     import model_rollout_check
     import world_model
-    task, nets, actor = networks.load_actor(str(upstream / "pt.npz"))
+    task, nets, actor = pretrain.load_actor(str(upstream / "pt.npz"))
     wm = world_model.load_world_model(str(upstream / "wm.npz"), task)
     done_fn, in_wall = tasks.termination_fn(task), model_rollout_check.in_wall_fn(task)
     obs = tasks.load_dataset(task, str(tiny_maze_file_module)).observations

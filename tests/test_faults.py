@@ -27,14 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import artifacts
-import cli
+from leq_utils import artifacts
+from leq_utils import cli
 import evaluate
 import leq
-import mazes
+from leq_utils import mazes
 import pretrain
-import tasks
+from leq_utils import tasks
 import world_model
+import generate_dataset  # noqa: E402  (scripts/)
 from conftest import ENV, ROOT, killed_before_a_rename, leq_cmd, metric_rows, npz_arrays, run, write_d4rl_file
 
 TASK = tasks.get_task(ENV)
@@ -269,7 +270,7 @@ def test_3_metrics_log_is_crash_safe(case, tmp_path, entry, capsys):
         assert [json.loads(r) for r in path.read_text().splitlines()] == [*ROWS[:3], {"step": 200, "critic_loss": 0.5}]
         assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~artifacts.umask())
     elif case == "a kill during the rewrite":
-        assert killed_before_a_rename(f"import artifacts\nartifacts.MetricsLog({str(tmp_path)!r}, 100)") == -signal.SIGKILL
+        assert killed_before_a_rename(f"from leq_utils import artifacts\nartifacts.MetricsLog({str(tmp_path)!r}, 100)") == -signal.SIGKILL
         assert path.read_text() == text  # the old file, whole; the temp file is removed by the next write
         artifacts.MetricsLog(tmp_path, 1000)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
@@ -320,7 +321,8 @@ def test_4_every_flag_is_checked_before_any_work(script, flags, message, tmp_pat
             "pretrain": [*common, "--world-model", tmp_path / "in" / "wm.npz", "--out", tmp_path / "out" / "pt.npz"],
             "leq": [*common, "--run-dir", tmp_path / "out"], "evaluate": ["--checkpoint", actor],
             "tasks": ["--data-dir", tmp_path / "data"]}[script]
-    module = {"world_model": world_model, "pretrain": pretrain, "leq": leq, "evaluate": evaluate, "tasks": tasks}[script]
+    module = {"world_model": world_model, "pretrain": pretrain, "leq": leq, "evaluate": evaluate,
+              "tasks": generate_dataset}[script]
     before = snapshot(tmp_path)
     assert last_line(entry(module, *argv, *flags), only=True) == f"error: {message}"
     assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in"]

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import imagination
 import leq
-import networks
-import tasks
+import pretrain
+from leq_utils import tasks
 import world_model
 
 GAMMA, LAM = 0.997, 0.95
@@ -52,12 +51,12 @@ def test_lambda_returns_match_closed_form():
     rng = np.random.default_rng(0)
     H, B = 10, 6
     q, r, dones = random_trajectories(rng, H, B)
-    masks = np.asarray(imagination.alive_masks(jnp.asarray(dones)))
+    masks = np.asarray(leq.alive_masks(jnp.asarray(dones)))
     for b in range(B):  # masks: 1 up to and including the terminal step's state, 0 after
         t_done = np.flatnonzero(dones[:, b])
         want = np.ones(H + 1) if not len(t_done) else (np.arange(H + 1) <= t_done[0]).astype(float)
         np.testing.assert_array_equal(masks[:, b], want)
-    got = np.asarray(imagination.lambda_returns(jnp.asarray(q), jnp.asarray(r), jnp.asarray(masks), GAMMA, LAM))
+    got = np.asarray(leq.lambda_returns(jnp.asarray(q), jnp.asarray(r), jnp.asarray(masks), GAMMA, LAM))
     for b in range(B):
         want = reference_lambda_returns(q[:, b], r[:, b], masks[:, b], GAMMA, LAM)
         np.testing.assert_allclose(got[:, b], want, rtol=1e-5, atol=1e-5)
@@ -67,10 +66,10 @@ def test_hstep_and_one_step_targets():
     rng = np.random.default_rng(1)
     H, B = 5, 4
     q, r, dones = random_trajectories(rng, H, B)
-    masks = np.asarray(imagination.alive_masks(jnp.asarray(dones)))
+    masks = np.asarray(leq.alive_masks(jnp.asarray(dones)))
     args = leq.resolve(leq.Args(horizon=H))
-    hstep = np.asarray(imagination.critic_targets("hstep", jnp.asarray(q), jnp.asarray(r), jnp.asarray(masks), args))
-    one = np.asarray(imagination.critic_targets("1step", jnp.asarray(q), jnp.asarray(r), jnp.asarray(masks), args))
+    hstep = np.asarray(leq.critic_targets("hstep", jnp.asarray(q), jnp.asarray(r), jnp.asarray(masks), args))
+    one = np.asarray(leq.critic_targets("1step", jnp.asarray(q), jnp.asarray(r), jnp.asarray(masks), args))
     for b in range(B):
         for t in range(H):
             assert hstep[t, b] == pytest.approx(n_step_return(q[:, b], r[:, b], masks[:, b], t, H - t, GAMMA), rel=1e-5)
@@ -88,8 +87,8 @@ def system():
     wm_params = world_model.init_ensemble(key, 6, 5, (32, 32), 3)
     stats = (jnp.zeros(6), jnp.ones(6))
     wm = world_model.WorldModel(wm_params, *stats, 1.0, -1.0)
-    nets = networks.make_nets(task, (32, 32), stats)
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(1), 4, 2)
+    nets = pretrain.make_nets(task, (32, 32), stats)
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(1), 4, 2)
 
     def done_fn(s, a, s2):  # terminations at various steps for some samples, never for others
         return s2[..., 0] - s[..., 0] > 0.45
@@ -101,11 +100,11 @@ def system():
 def test_adjoint_action_gradients_equal_the_full_jacobian_diagonal(system, objective):
     nets, actor, critic, wm, done_fn, s0 = system
     H = 4
-    coefficients = imagination.return_coefficients(objective, H, LAM)
+    coefficients = leq.return_coefficients(objective, H, LAM)
     key = jax.random.PRNGKey(3)
     run = lambda fn: jax.jit(lambda k: fn(nets, actor, critic, wm, done_fn, s0, k, H, coefficients, GAMMA))(key)  # noqa: E731
-    D_adj, ro, q, masks = run(imagination.action_grads_adjoint)
-    D_jac, ro2, q2, masks2 = run(imagination.action_grads_jacobian)
+    D_adj, ro, q, masks = run(leq.action_grads_adjoint)
+    D_jac, ro2, q2, masks2 = run(leq.action_grads_jacobian)
     np.testing.assert_allclose(ro.states, ro2.states, atol=1e-6)
     np.testing.assert_array_equal(masks, masks2)
     # terminations really happen inside the horizon, at several steps
@@ -121,11 +120,11 @@ def test_one_grad_of_the_summed_returns_is_not_the_action_gradient(system):
     """The tempting shortcut jax.grad(sum_t G_t) mixes in how a_t moves later G_s."""
     nets, actor, critic, wm, done_fn, s0 = system
     H = 4
-    coefficients = imagination.return_coefficients("lambda", H, LAM)
-    D, ro, q, masks = imagination.action_grads_adjoint(nets, actor, critic, wm, done_fn, s0, jax.random.PRNGKey(3), H,
+    coefficients = leq.return_coefficients("lambda", H, LAM)
+    D, ro, q, masks = leq.action_grads_adjoint(nets, actor, critic, wm, done_fn, s0, jax.random.PRNGKey(3), H,
                                                coefficients, GAMMA)
     def summed(deltas):
-        return imagination.returns_of_perturbation(nets, actor, critic, wm, done_fn, ro, masks, coefficients,
+        return leq.returns_of_perturbation(nets, actor, critic, wm, done_fn, ro, masks, coefficients,
                                            GAMMA, deltas).sum()
     shortcut = jax.grad(summed)(jnp.zeros_like(ro.actions))
     assert not np.allclose(shortcut, D, atol=1e-3)
@@ -168,8 +167,8 @@ def test_critic_loss_terms_by_hand(data_expectile):
     # imagination: one sample, H = 2, terminating at t = 1
     states = jnp.array([[[1.0]], [[2.0]], [[4.0]]])
     actions = jnp.zeros((3, 1, 1))
-    ro = imagination.Rollout(states, actions, jnp.array([[1.0], [3.0]]), jnp.array([[0.0], [1.0]]), None)
-    masks = imagination.alive_masks(ro.dones)
+    ro = leq.Rollout(states, actions, jnp.array([[1.0], [3.0]]), jnp.array([[0.0], [1.0]]), None)
+    masks = leq.alive_masks(ro.dones)
     loss, m = leq.critic_loss(critic, ema, nets, data, y, ro, masks, args)
 
     # by hand
@@ -204,8 +203,8 @@ def test_critic_loss_terms_by_hand(data_expectile):
 
 
 def test_actor_surrogate_is_the_weighted_policy_gradient():
-    nets = networks.make_nets(tasks.get_task("pointmaze-umaze"), (8,), (jnp.zeros(6), jnp.ones(6)))
-    actor, _ = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = pretrain.make_nets(tasks.get_task("pointmaze-umaze"), (8,), (jnp.zeros(6), jnp.ones(6)))
+    actor, _ = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     states = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 4))
     W = jnp.array([[0.1] * 5, [0.9] * 5, [0.5] * 5])
     D = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 2))

@@ -8,11 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-import artifacts
-import imagination
+from leq_utils import artifacts
 import leq
-import networks
-import tasks
+import pretrain
+from leq_utils import tasks
 import world_model
 
 H, B = 4, 16
@@ -23,8 +22,8 @@ def setup():
     task = tasks.get_task("pointmaze-umaze")
     stats = (jnp.zeros(6), jnp.ones(6))
     wm = world_model.WorldModel(world_model.init_ensemble(jax.random.PRNGKey(0), 6, 5, (16,), 3), *stats, 1.0, -1.0)
-    nets = networks.make_nets(task, (16, 16), stats)
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(1), 4, 2)
+    nets = pretrain.make_nets(task, (16, 16), stats)
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(1), 4, 2)
     ema = jax.tree.map(lambda x: x * 0.9, critic)  # an EMA copy that differs from the critic
     st = leq.LEQState(actor, critic, ema, None, None)
     s0 = jax.random.normal(jax.random.PRNGKey(2), (B, 4))
@@ -110,9 +109,9 @@ def test_jacobian_action_gradients_give_the_same_update(setup, base):
 def test_horizon_changes_the_imagination(setup, base):
     task, wm, nets, st, s0, batch, done_fn = setup
     args = dataclasses.replace(leq.resolve(leq.Args(horizon=H)), horizon=H + 2)
-    D, ro, q, masks = jax.jit(lambda k: imagination.action_grads_adjoint(
+    D, ro, q, masks = jax.jit(lambda k: leq.action_grads_adjoint(
         nets, st.actor, st.critic, wm, done_fn, s0, k, args.horizon,
-        imagination.return_coefficients("lambda", args.horizon, args.lam), args.gamma))(jax.random.PRNGKey(7))
+        leq.return_coefficients("lambda", args.horizon, args.lam), args.gamma))(jax.random.PRNGKey(7))
     assert ro.states.shape[0] == H + 3 and D.shape[0] == H + 3
 
 
@@ -146,8 +145,8 @@ def test_no_expansion_draws_starts_from_the_dataset():
 def test_no_pretrain_starts_from_fresh_networks(tmp_path):
     task = tasks.get_task("pointmaze-umaze")
     stats = (np.zeros(6, np.float32), np.ones(6, np.float32))
-    nets = networks.make_nets(task, (256, 256, 256), stats)
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(11), 4, 2)
+    nets = pretrain.make_nets(task, (256, 256, 256), stats)
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(11), 4, 2)
     actor = jax.tree.map(lambda x: x + 1.0, actor)  # a "trained" actor
     arrays = {**artifacts.flatten(actor, "actor"), **artifacts.flatten(critic, "critic"),
               **artifacts.flatten(critic, "critic_ema"), "stats/mean": stats[0], "stats/std": stats[1]}
@@ -225,14 +224,14 @@ def test_two_identical_critics_train_like_one(setup, base):
 @pytest.fixture(scope="module")
 def stochastic_state(setup):
     task, wm, nets, st, s0, batch, done_fn = setup
-    return st._replace(actor=networks.with_log_std_head(nets, st.actor, jax.random.PRNGKey(12), 4, 0.0))
+    return st._replace(actor=leq.with_log_std_head(nets, st.actor, jax.random.PRNGKey(12), 4, 0.0))
 
 
 def test_stochastic_policy_with_zero_noise_is_the_deterministic_actor(setup, base, stochastic_state, monkeypatch):
     """With eps = 0 every sample is tanh(mean): without the entropy bonus the stochastic switch
     gives the trunk and mean head the deterministic actor's gradient, the log-std head none, and
     the critic the deterministic critic's gradient (so it changes only the actions' noise and the bonus)."""
-    monkeypatch.setattr(imagination, "policy_noise", lambda key, shape: jnp.zeros(shape))
+    monkeypatch.setattr(leq, "policy_noise", lambda key, shape: jnp.zeros(shape))
     g_actor, g_critic, m = parts(setup, st=stochastic_state, policy="stochastic", entropy_coef=0.0)
     head = g_actor["params"].pop("log_std")
     assert same(g_actor, base[0]) and same(g_critic, base[1])

@@ -9,7 +9,7 @@ from conftest import (ENV, ROOT, TINY_PRETRAIN, TINY_WORLD_MODEL, metric_rows, n
                       run_and_kill_when)
 
 import leq
-import tasks
+from leq_utils import tasks
 
 S, N = 1, 3  # seeds 1, 2, 3: not starting at 0, so a seed offset error shows
 

@@ -13,9 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-import mazes
-import minari_tasks
-import tasks
+from leq_utils import mazes
+from leq_utils import minari_tasks
+from leq_utils import tasks
 from conftest import ROOT
 
 # a U-maze: data from every cell, evaluation from the start 'r' to the goal 'g'

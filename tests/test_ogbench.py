@@ -10,8 +10,9 @@ import numpy as np
 import ogbench  # noqa: F401  (registers the envs)
 import pytest
 
-import ogbench_tasks
-import tasks
+from leq_utils import ogbench_tasks
+from leq_utils import tasks
+import generate_dataset  # noqa: E402  (scripts/, on the path through conftest)
 from conftest import ROOT
 
 POINT = "pointmaze-medium-navigate-singletask-v0"
@@ -160,7 +161,7 @@ def test_dataset_lookup_order(tmp_path, monkeypatch):
     monkeypatch.setattr(ogbench_tasks, "GENERATED_DIR", generated)
     with pytest.raises(tasks.InputError) as e:
         tasks.load_dataset(task)
-    assert "download_datasets(['pointmaze-medium-navigate-v0']" in one_line(e) and "python tasks.py --env" in one_line(e)
+    assert "download_datasets(['pointmaze-medium-navigate-v0']" in one_line(e) and "python scripts/generate_dataset.py --env" in one_line(e)
     mine = ogbench_tasks.generated_file(task)
     assert mine == generated / "pointmaze-medium-navigate-v0_1000k_seed0_v1.npz"
     generated.mkdir()
@@ -191,7 +192,7 @@ def test_bad_names_and_files_give_one_line(tmp_path):
         tasks.load_dataset(tasks.get_task(POINT), str(tmp_path / "missing.npz"))
     assert "does not exist" in one_line(e)
     with pytest.raises(tasks.InputError) as e:
-        tasks.main(tasks.Args(env="antmaze-large-navigate-singletask-v0"))
+        generate_dataset.main(generate_dataset.Args(env="antmaze-large-navigate-singletask-v0"))
     assert "only built-in pointmaze tasks and OGBench pointmaze" in one_line(e)
 
 
@@ -202,7 +203,7 @@ def test_end_to_end_on_a_generated_dataset(tmp_path):
         p = subprocess.run([sys.executable, *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         return p
-    p = run(ROOT / "tasks.py", "--env", POINT, "--size", 3000, "--episode-len", 500, "--data-dir", "d",
+    p = run(ROOT / "scripts" / "generate_dataset.py", "--env", POINT, "--size", 3000, "--episode-len", 500, "--data-dir", "d",
             "--expert-episodes", 1)
     assert "controller (noise 0.0) on the evaluation task: success 100%" in p.stdout
     common = ["--env", POINT, "--dataset-path", "d/pointmaze-medium-navigate-v0_3k_seed0_v1.npz"]

@@ -13,10 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-import artifacts
-import networks
+from leq_utils import artifacts
 import pretrain
-import tasks
+from leq_utils import tasks
 import world_model
 from conftest import ROOT, write_d4rl_file
 
@@ -97,8 +96,8 @@ def test_actor_and_critic_match_numpy_forward_passes():
     ReLU] x 3 -> Dense(1) on symlog(((s, a) - mu) / std): both equal a numpy forward pass."""
     rng = np.random.default_rng(0)
     mean, std = random_stats(rng)
-    nets = networks.make_nets(TASK, DEEP, (mean, std))
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = pretrain.make_nets(TASK, DEEP, (mean, std))
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     actor, critic = perturbed(actor, 1), perturbed(critic, 2)
     # states far outside the statistics' range too, where symlog differs most from the identity
     s = (rng.normal(size=(64, 4)) * np.array([1.0, 1.0, 30.0, 300.0])).astype(np.float32)
@@ -118,8 +117,8 @@ def test_actor_and_critic_match_numpy_forward_passes():
 def test_layernorm_only_in_the_critic():
     """Parameter names: the actor has Dense layers only; the critic has one LayerNorm (scale,
     bias) after each hidden Dense and none after the output layer."""
-    nets = networks.make_nets(TASK, DEEP, (np.zeros(6), np.ones(6)))
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = pretrain.make_nets(TASK, DEEP, (np.zeros(6), np.ones(6)))
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     assert sorted(actor["params"]) == ["Dense_0", "Dense_1", "Dense_2", "Dense_3"]
     assert sorted(critic["params"]) == ["Dense_0", "Dense_1", "Dense_2", "Dense_3",
                                         "LayerNorm_0", "LayerNorm_1", "LayerNorm_2"]
@@ -130,7 +129,7 @@ def test_layernorm_only_in_the_critic():
     assert actor["params"]["Dense_3"]["kernel"].shape == (32, 2)
     assert critic["params"]["Dense_0"]["kernel"].shape == (6, 32)
     assert critic["params"]["Dense_3"]["kernel"].shape == (32, 1)
-    assert networks.hidden_dims_of(actor) == DEEP
+    assert pretrain.hidden_dims_of(actor) == DEEP
     # the default networks are the paper's 3 x 256
     assert pretrain.Args().hidden_dims == (256, 256, 256)
 
@@ -138,8 +137,8 @@ def test_layernorm_only_in_the_critic():
 def test_deterministic_action_is_inside_the_box():
     """tanh(mean) lies in (-1, 1) on ordinary states and stays finite in [-1, 1] on huge ones."""
     rng = np.random.default_rng(1)
-    nets = networks.make_nets(TASK, HIDDEN, random_stats(rng))
-    actor, _ = networks.init_params(nets, jax.random.PRNGKey(3), 4, 2)
+    nets = pretrain.make_nets(TASK, HIDDEN, random_stats(rng))
+    actor, _ = pretrain.init_params(nets, jax.random.PRNGKey(3), 4, 2)
     a = np.asarray(nets.pi(actor, jnp.asarray(rng.normal(size=(1000, 4)), jnp.float32)))
     assert a.shape == (1000, 2) and np.all(np.abs(a) < 1.0) and np.abs(a).max() > 0.1
     huge = np.asarray(nets.pi(actor, jnp.asarray(rng.normal(size=(100, 4)) * 1e30, jnp.float32)))
@@ -149,8 +148,8 @@ def test_deterministic_action_is_inside_the_box():
 def test_orthogonal_init_with_scale_sqrt2_and_zero_biases():
     """Every Dense kernel K (in, out) of actor and critic has K^T K = 2 I (in >= out) or
     K K^T = 2 I (in < out); every bias starts at 0."""
-    nets = networks.make_nets(TASK, DEEP, (np.zeros(6), np.ones(6)))
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(5), 4, 2)
+    nets = pretrain.make_nets(TASK, DEEP, (np.zeros(6), np.ones(6)))
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(5), 4, 2)
     shapes = []
     for params in (actor, critic):
         for k, b in dense_layers(params):
@@ -164,7 +163,7 @@ def test_orthogonal_init_with_scale_sqrt2_and_zero_biases():
 
 @pytest.mark.parametrize("shape", [(16,), (7, 16), (3, 5, 16)])
 def test_hand_written_layernorm_equals_flax(shape):
-    """networks.LayerNorm (hand-written VJP) equals flax.linen.LayerNorm in value and in the
+    """pretrain.LayerNorm (hand-written VJP) equals flax.linen.LayerNorm in value and in the
     gradients w.r.t. input, scale and bias, for 0, 1 and 2 batch axes."""
     rng = np.random.default_rng(len(shape))
     x = rng.normal(size=shape) * 3.0 + 1.5
@@ -175,7 +174,7 @@ def test_hand_written_layernorm_equals_flax(shape):
     params = {"params": {"scale": jnp.asarray(rng.normal(size=shape[-1]) + 1.0, jnp.float32),
                          "bias": jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)}}
     cot = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    ours, theirs = networks.LayerNorm(), nn.LayerNorm()
+    ours, theirs = pretrain.LayerNorm(), nn.LayerNorm()
 
     def objective(module):
         return lambda p, x: jnp.sum(module.apply(p, x) * cot)
@@ -191,7 +190,7 @@ def test_hand_written_layernorm_equals_flax(shape):
                                atol=1e-3 * float(jnp.abs(g_theirs[1]).max()), err_msg="input")
     # and the same numbers in float64 numpy
     np.testing.assert_allclose(
-        networks.layer_norm(x, params["params"]["scale"], params["params"]["bias"]),
+        pretrain.layer_norm(x, params["params"]["scale"], params["params"]["bias"]),
         np_layer_norm(np.asarray(x, np.float64), np.asarray(params["params"]["scale"], np.float64),
                       np.asarray(params["params"]["bias"], np.float64)), rtol=1e-4, atol=1e-4)
 
@@ -223,8 +222,8 @@ def test_bc_clones_a_known_deterministic_policy():
     sa = np.concatenate([s, a], 1)
     stats = (sa.mean(0), sa.std(0))  # as the world model's input statistics
     ds = tasks.Dataset(s, a, np.zeros(n, np.float32), s, np.zeros(n, np.float32), 1.0, 0.0, "bc")
-    nets = networks.make_nets(TASK, HIDDEN, stats)
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = pretrain.make_nets(TASK, HIDDEN, stats)
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     args = pretrain.Args(hidden_dims=HIDDEN, bc_batch_size=256, bc_lr=3e-3)
     state, bc_chunk, _ = chunks_for(nets, actor, critic, tasks.device_dataset(ds), args,
                                     optax.adam(args.bc_lr), optax.adam(args.fqe_lr))
@@ -302,8 +301,8 @@ def test_fqe_matches_the_exact_q_of_a_chain():
 
     sa = np.concatenate([S[:K], A], 1)
     stats = (np.concatenate([s_mean, sa[:, 4:].mean(0)]), np.concatenate([s_std, sa[:, 4:].std(0)]))
-    nets = networks.make_nets(TASK, hidden, stats)
-    _, critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = pretrain.make_nets(TASK, hidden, stats)
+    _, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     actor = linear_actor(W, b, hidden)
     np.testing.assert_allclose(np.asarray(nets.pi(actor, jnp.asarray(S))), policy(S), atol=1e-5)
 
@@ -333,8 +332,8 @@ def test_fqe_loss_is_a_semi_gradient_with_ema_term():
     ema <- d ema + (1 - d) critic."""
     rng = np.random.default_rng(2)
     mean, std = random_stats(rng)
-    nets = networks.make_nets(TASK, HIDDEN, (mean, std))
-    actor, critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    nets = pretrain.make_nets(TASK, HIDDEN, (mean, std))
+    actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     actor, critic = perturbed(actor, 1), perturbed(critic, 2)
     ema = perturbed(critic, 3, 0.1)
     n, w = 32, 0.7
@@ -429,10 +428,10 @@ def test_train_writes_a_loadable_artifact_that_round_trips(trained):
         for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(again)):
             np.testing.assert_array_equal(x, y)
     # structure as the networks define it
-    fresh_actor, fresh_critic = networks.init_params(nets, jax.random.PRNGKey(0), 4, 2)
+    fresh_actor, fresh_critic = pretrain.init_params(nets, jax.random.PRNGKey(0), 4, 2)
     assert jax.tree.structure(actor) == jax.tree.structure(fresh_actor)
     assert jax.tree.structure(critic) == jax.tree.structure(ema) == jax.tree.structure(fresh_critic)
-    assert networks.hidden_dims_of(actor) == HIDDEN
+    assert pretrain.hidden_dims_of(actor) == HIDDEN
     wm = world_model.load_world_model(trained["wm"], TASK)
     np.testing.assert_array_equal(nets.stats[0], wm.input_mean)
     np.testing.assert_array_equal(nets.stats[1], wm.input_std)
@@ -444,7 +443,7 @@ def test_train_writes_a_loadable_artifact_that_round_trips(trained):
                                np.tanh(np_actor_mean(actor, ds.observations[:4096], *nets.stats)),
                                rtol=1e-4, atol=1e-5)
     # load_actor reads the task from the artifact and gives the same actor and statistics
-    task, nets3, actor3 = networks.load_actor(out)
+    task, nets3, actor3 = pretrain.load_actor(out)
     assert task == TASK
     for x, y in zip(jax.tree.leaves(actor3), jax.tree.leaves(actor)):
         np.testing.assert_array_equal(x, y)
@@ -478,7 +477,7 @@ def test_hand_saved_parameters_round_trip_exactly(tmp_path):
                           **artifacts.flatten(ema, "critic_ema"), "stats/mean": mean, "stats/std": std},
                    "pretrain", TASK, pretrain.Args(hidden_dims=tuple(hidden)))
     got_nets, got_actor, got_critic, got_ema = pretrain.load_pretrained(path, TASK)
-    _, actor_nets, only_actor = networks.load_actor(path, TASK)
+    _, actor_nets, only_actor = pretrain.load_actor(path, TASK)
     for want, got in ((actor, got_actor), (critic, got_critic), (ema, got_ema), (actor, only_actor)):
         assert jax.tree.structure(want) == jax.tree.structure(got)
         for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
@@ -493,7 +492,7 @@ def test_hand_saved_parameters_round_trip_exactly(tmp_path):
 def test_loading_for_another_env_fails_with_one_line(trained):
     """A pretrain.npz made for pointmaze-umaze is refused for pointmaze-medium, naming both."""
     other = tasks.get_task("pointmaze-medium")
-    for load in (pretrain.load_pretrained, networks.load_actor):
+    for load in (pretrain.load_pretrained, pretrain.load_actor):
         with pytest.raises(tasks.InputError) as e:
             load(trained["out"], other)
         assert "made for env 'pointmaze-umaze', not 'pointmaze-medium'" in one_line(e)

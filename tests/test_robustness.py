@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-import artifacts
+from leq_utils import artifacts
 import leq
-import mazes
-import tasks
+from leq_utils import mazes
+from leq_utils import tasks
 from conftest import ENV, ROOT, TINY_PRETRAIN, TINY_WORLD_MODEL, killed_before_a_rename, leq_cmd, metric_rows, npz_arrays, run, run_and_kill_when
 
 
@@ -102,7 +102,7 @@ def test_world_model_killed_and_resumed(upstream, tiny_maze_file_module, tmp_pat
 
 @pytest.mark.slow
 def test_pretrain_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
-    """pretrain.py continues from its checkpoint and ends with the same networks."""
+    """pretrain.py continues from its checkpoint and ends with the same pretrain."""
     def cmd(out):
         return [ROOT / "pretrain.py", "--env", ENV, "--dataset-path", tiny_maze_file_module, "--world-model",
                 upstream / "wm.npz", "--out", out, "--hidden-dims", 32, 32, "--bc-steps", 3000, "--fqe-steps",
@@ -126,7 +126,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     task = tasks.get_task(ENV)
     path = tmp_path / "checkpoint.npz"
     artifacts.save_npz(path, {"x": np.zeros(3)}, "leq_checkpoint", task, {})
-    killed_before_a_rename(f"import numpy as np, artifacts, tasks\nartifacts.save_npz({str(path)!r}, "
+    killed_before_a_rename(f"import numpy as np\nfrom leq_utils import artifacts, tasks\nartifacts.save_npz({str(path)!r}, "
                            f"{{'x': np.ones(5_000_000)}}, 'leq_checkpoint', tasks.get_task({ENV!r}), {{}})")
     f = artifacts.load_artifact(path, task)
     np.testing.assert_array_equal(f["x"], np.zeros(3))
@@ -148,7 +148,8 @@ POISON = """
 import sys
 sys.path.insert(0, {root!r})
 import jax.numpy as jnp
-import cli, leq
+import leq
+from leq_utils import cli
 def poison(step, st, data):  # one NaN reward in the data, from step {at} on
     return st, (data._replace(rewards=data.rewards.at[{row}].set(jnp.nan)) if step == {at} else data)
 leq.before_chunk = poison

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY_PRETRAIN, TINY_WORLD_MODEL, run
 
-import mazes
-import tasks
+from leq_utils import mazes
+from leq_utils import tasks
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import sweep  # noqa: E402

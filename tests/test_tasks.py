@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import artifacts
-import mazes
-import tasks
+from leq_utils import artifacts
+from leq_utils import mazes
+from leq_utils import tasks
 from conftest import ROOT, write_d4rl_file
 
 
@@ -330,7 +330,7 @@ def test_wrong_shapes_and_dims(tmp_path):
 
 
 def test_cli_prints_one_line_errors():
-    p = subprocess.run([sys.executable, "tasks.py", "--env", "hopper-gigantic-v2"], cwd=ROOT,
+    p = subprocess.run([sys.executable, "scripts/generate_dataset.py", "--env", "hopper-gigantic-v2"], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode != 0
     assert p.stderr.strip().startswith("error: unknown env") and len(p.stderr.strip().splitlines()) == 1

@@ -13,9 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-import artifacts
-import mazes
-import tasks
+from leq_utils import artifacts
+from leq_utils import mazes
+from leq_utils import tasks
 import world_model
 from conftest import write_d4rl_file
 

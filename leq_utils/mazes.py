@@ -23,7 +23,7 @@ from typing import Optional
 import h5py
 import numpy as np
 
-DATA_DIR = Path(os.environ.get("LEQ_DATA_DIR", Path(__file__).resolve().parent / "data"))
+DATA_DIR = Path(os.environ.get("LEQ_DATA_DIR", Path(__file__).resolve().parents[1] / "data"))
 
 # ============================================================================================
 # Layouts

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasks import InputError, Task, warn
+from leq_utils.common import InputError, Task, warn
 
 FORMAT_VERSION = 1  # of every .npz artifact this project writes (fingerprints are optional metadata)
 

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Callable
 
-from tasks import InputError
+from leq_utils.common import InputError
 
 
 def use_fast_cpu_kernels() -> None:

@@ -20,8 +20,8 @@ the optional d4rl package), `antmaze-ultra-{play,diverse}-v0`, OGBench's
 hopper/walker2d/halfcheetah datasets). Any D4RL-format HDF5 file (OGBench: an OGBench .npz) can
 stand in for the dataset with `dataset_path`.
 
-Run `python tasks.py --env pointmaze-umaze` to (re)generate a built-in dataset and measure the
-waypoint controller ("expert") on the evaluation task; `python tasks.py --env
+Run `python scripts/generate_dataset.py --env pointmaze-umaze` to (re)generate a built-in dataset and measure the
+waypoint controller ("expert") on the evaluation task; `python scripts/generate_dataset.py --env
 pointmaze-giant-navigate-singletask-v0` does the same for an OGBench PointMaze.
 """
 
@@ -29,42 +29,20 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import mazes
+from leq_utils import mazes
 
 
-class InputError(ValueError):
-    """Bad input from the user (env name, file, flag). Scripts print it as one line and exit."""
-
-
-def warn(message: str) -> None:
-    """A one-line warning on stderr (something was accepted, but the user should know)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-RULES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "in (0, 1)": lambda v: 0 < v < 1,
-         "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1}
-
-
-def check_flags(args, *rules) -> None:
-    """Refuse, in one line, the first flag out of its range. rules: (rule, "field field ..."), a
-    rule being a key of RULES; a tuple-valued flag needs at least one value and checks each;
-    None (a per-task default not yet filled) passes."""
-    for rule, names in rules:
-        for name in names.split():
-            value = getattr(args, name)
-            values = value if isinstance(value, tuple) else (value,)
-            if value is not None and not (values and all(RULES[rule](v) for v in values)):
-                raise InputError(f"--{name.replace('_', '-')} must be {rule}{' (each)' if isinstance(value, tuple) else ''}, "
-                                 f"got {' '.join(map(str, values)) if isinstance(value, tuple) else value}")
+from leq_utils.common import (  # noqa: F401  (re-exported: tasks.InputError, tasks.Task, ...)
+    ANTMAZE_CENTRES, ANTMAZE_LIMITS, ANTMAZE_RADIUS, LOCOMOTION_DIMS, MAZE_FAMILIES, NAME_PATTERNS, RULES,
+    SUPPORTED, InputError, Task, check_flags, family_termination, termination_fn, warn)
 
 
 @dataclasses.dataclass
@@ -100,65 +78,16 @@ def per_task_help(what: str, table: dict, column: int, otherwise: str) -> str:
     return f"{what} (default: {otherwise}; built-in pointmaze {values})"
 
 
-# ============================================================================================
-# Task descriptions
-# ============================================================================================
-
-# AntMaze termination centres and radius used in imagination (docs/ALGORITHM.md, section 2).
-ANTMAZE_CENTRES = {"umaze": (0.75, 8.75), "medium": (20.75, 20.75), "large": (32.75, 24.75),
-                   "ultra": (52.75, 36.75)}
-ANTMAZE_RADIUS = 0.25
-ANTMAZE_LIMITS = {"umaze": 700, "medium": 1000, "large": 1000, "ultra": 2000}
-
-LOCOMOTION_DIMS = {"hopper": (11, 3), "walker2d": (17, 6), "halfcheetah": (17, 6)}
-NAME_PATTERNS = [  # (name, source)
-    (r"pointmaze-(umaze|medium|large|ultra)", "builtin"),
-    (r"antmaze-umaze(-diverse)?-v[0-2]", "d4rl"),
-    (r"antmaze-(medium|large)-(play|diverse)-v[0-2]", "d4rl"),
-    (r"antmaze-ultra-(play|diverse)-v0", "d4rl"),
-    (r"(hopper|walker2d|halfcheetah)-(random|medium|expert|medium-replay|medium-expert|full-replay)-v[0-2]", "d4rl"),
-    (r"(pointmaze|antmaze|humanoidmaze)-(medium|large|giant)-(navigate|stitch)-singletask(-task[1-5])?-v0", "ogbench"),
-    (r"antmaze-(medium|large|giant)-explore-singletask(-task[1-5])?-v0", "ogbench"),
-    (r"minari:.+", "minari"),
-]
-SUPPORTED = ("pointmaze-{umaze,medium,large,ultra}, antmaze-umaze[-diverse]-v2, "
-             "antmaze-{medium,large}-{play,diverse}-v2, antmaze-ultra-{play,diverse}-v0, "
-             "{hopper,walker2d,halfcheetah}-{random,medium,medium-replay,medium-expert,expert}-v2, "
-             "OGBench {pointmaze,antmaze,humanoidmaze}-{medium,large,giant}-navigate-singletask[-task1..5]-v0 "
-             "(also -stitch-, antmaze -explore-), minari:<dataset id>")
-MAZE_FAMILIES = ("pointmaze", "antmaze", "humanoidmaze")
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """Static facts of a task (hashable, so jitted functions can close over it)."""
-    name: str
-    family: str              # pointmaze | antmaze | humanoidmaze | hopper | walker2d | halfcheetah
-    obs_dim: int
-    act_dim: int
-    max_episode_steps: int
-    maze: str = ""           # umaze | medium | large | ultra | giant (maze families only)
-    goal: tuple = ()         # termination centre (maze families only)
-    goal_radius: float = 0.0
-    source: str = "builtin"  # builtin | d4rl | ogbench | minari: the module data and envs come from
-    goal_inclusive: bool = False  # the goal region is ||xy - goal|| <= radius (else < radius)
-
-    @property
-    def is_maze(self) -> bool:
-        return self.family in MAZE_FAMILIES
-
-
-
 def get_task(name: str) -> Task:
     """The static description of `name`; unknown names fail at once, listing the supported ones."""
     source = next((src for p, src in NAME_PATTERNS if re.fullmatch(p, name)), None)
     if source is None:
         raise InputError(f"unknown env '{name}'. Supported: {SUPPORTED}")
     if source == "ogbench":
-        import ogbench_tasks  # imported only for OGBench tasks (it imports this module)
+        from leq_utils import ogbench_tasks  # imported only for OGBench tasks (it imports this module)
         return ogbench_tasks.describe(name)
     if source == "minari":
-        import minari_tasks
+        from leq_utils import minari_tasks
         return minari_tasks.describe(name)
     family = name.split("-")[0]
     if family == "pointmaze":
@@ -176,44 +105,6 @@ def run_name(env: str) -> str:
     """The env name as a folder name (`minari:D4RL/antmaze/large-diverse-v1` ->
     `minari_D4RL_antmaze_large-diverse-v1`); other names are unchanged."""
     return re.sub(r"[^\w.-]+", "_", env)
-
-
-
-# ============================================================================================
-# True termination functions (JAX, batched over leading axes), evaluated on the next state
-# ============================================================================================
-
-def termination_fn(task: Task, goal: Optional[tuple] = None) -> Callable:
-    """done(s, a, s') for a batch, as docs/ALGORITHM.md, section 2. `goal` overrides the maze centre.
-    A non-finite s' (NaN or inf anywhere) is done in every family (deviation, README: the
-    written rules of the mazes and of halfcheetah would call a NaN state "not done"; hopper's
-    and walker2d's already end there, and the authors' release ends halfcheetah's too)."""
-    rule = family_termination(task, goal)
-    return lambda s, a, s2: rule(s, a, s2) | ~jnp.all(jnp.isfinite(s2), -1)
-
-
-def family_termination(task: Task, goal: Optional[tuple] = None) -> Callable:
-    """The task family's rule of docs/ALGORITHM.md, section 2, as written."""
-    if task.is_maze:
-        centre, radius = jnp.asarray(goal if goal is not None else task.goal), task.goal_radius
-        inside = jnp.less_equal if task.goal_inclusive else jnp.less
-
-        def done(s, a, s2):  # reached the goal region: ||xy' - centre|| < radius (OGBench, Minari: <=)
-            return inside(jnp.linalg.norm(s2[..., :2] - centre, axis=-1), radius)
-    elif task.family == "hopper":
-        def done(s, a, s2):  # alive iff finite, |s'[1:]| < 100, height > 0.7, |angle| < 0.2
-            alive = (jnp.all(jnp.isfinite(s2), -1) & jnp.all(jnp.abs(s2[..., 1:]) < 100, -1)
-                     & (s2[..., 0] > 0.7) & (jnp.abs(s2[..., 1]) < 0.2))
-            return ~alive
-    elif task.family == "walker2d":
-        def done(s, a, s2):  # alive iff |s'| < 100, 0.8 < height < 2, -1 < angle < 1
-            alive = (jnp.all(jnp.abs(s2) < 100, -1) & (s2[..., 0] > 0.8) & (s2[..., 0] < 2.0)
-                     & (s2[..., 1] > -1.0) & (s2[..., 1] < 1.0))
-            return ~alive
-    else:  # halfcheetah
-        def done(s, a, s2):  # done iff any |s'| >= 100
-            return jnp.any(jnp.abs(s2) >= 100, -1)
-    return done
 
 
 
@@ -316,11 +207,11 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
                  data_dir: Optional[str] = None) -> Dataset:
     """The task's offline dataset as qlearning_dataset transitions (raw rewards)."""
     if task.source == "ogbench":
-        import ogbench_tasks
+        from leq_utils import ogbench_tasks
         path = ogbench_tasks.dataset_file(task, dataset_path, data_dir)
         t = ogbench_tasks.transitions(task, path)
     elif task.source == "minari":
-        import minari_tasks
+        from leq_utils import minari_tasks
         path, t = minari_tasks.transitions(task, dataset_path, data_dir)
     else:
         path, origin = d4rl_format_file(task, dataset_path, data_dir)
@@ -349,7 +240,7 @@ def d4rl_format_file(task: Task, dataset_path: Optional[str], data_dir: Optional
             print(f"[tasks] generating the built-in dataset {path.name} (once) ...")
             mazes.generate_pointmaze(task, path)
     else:
-        import d4rl_tasks  # imported only for D4RL tasks (it imports this module)
+        from leq_utils import d4rl_tasks  # imported only for D4RL tasks (it imports this module)
         path, origin = d4rl_tasks.d4rl_dataset_path(task), "d4rl"
     return path, origin
 
@@ -386,12 +277,12 @@ def make_env(task: Task, render_mode: Optional[str] = None):
     if task.source == "builtin":
         return mazes.make_pointmaze(task, render_mode=render_mode)
     if task.source == "ogbench":
-        import ogbench_tasks
+        from leq_utils import ogbench_tasks
         return ogbench_tasks.make_env(task, render_mode=render_mode)
     if task.source == "minari":
-        import minari_tasks
+        from leq_utils import minari_tasks
         return minari_tasks.make_env(task, render_mode=render_mode)
-    import d4rl_tasks
+    from leq_utils import d4rl_tasks
     return d4rl_tasks.make_d4rl_env(task, render_mode)
 
 
@@ -399,7 +290,7 @@ def render_help(task: Task) -> str:
     """What rendering `task`'s env needs, for the error message of a video that cannot be made."""
     if task.family == "pointmaze":
         return mazes.render_help()
-    import d4rl_tasks
+    from leq_utils import d4rl_tasks
     return d4rl_tasks.RENDER_HELP
 
 
@@ -407,10 +298,10 @@ def maze_geometry(task: Task):
     """(wall cell centres (n, 2), start xy, goal xy, cell size, radius of the env's goal region)
     of a maze task, for trajectory pictures."""
     if task.source == "ogbench":
-        import ogbench_tasks
+        from leq_utils import ogbench_tasks
         return (*ogbench_tasks.maze_geometry(task), task.goal_radius)
     if task.source == "minari":
-        import minari_tasks
+        from leq_utils import minari_tasks
         return (*minari_tasks.maze_geometry(task), task.goal_radius)
     # built-in, or D4RL's AntMaze (its env succeeds within 0.5)
     return (*mazes.maze_geometry(task), task.goal_radius if task.source == "builtin" else 0.5)
@@ -431,91 +322,8 @@ def normalized_score(task: Task, mean_return: float, success_rate: float) -> flo
     if task.is_maze:
         return 100.0 * success_rate
     if task.source == "minari":
-        import minari_tasks
+        from leq_utils import minari_tasks
         return minari_tasks.normalized_score(task, mean_return)
-    import d4rl_tasks
+    from leq_utils import d4rl_tasks
     _, d4rl = d4rl_tasks.import_d4rl(task)
     return 100.0 * float(d4rl.get_normalized_score(task.name, mean_return))
-
-
-# ============================================================================================
-# CLI: generate a built-in (or OGBench PointMaze) dataset and measure the controller
-# ============================================================================================
-
-@dataclasses.dataclass
-class Args:
-    env: str = "pointmaze-umaze"
-    """built-in task, or OGBench pointmaze-*-navigate-singletask task, whose dataset to generate"""
-    size: Optional[int] = None
-    """number of transitions (default: the task's default size, see README; OGBench 1,000,000)"""
-    seed: int = 0
-    """generator seed (the dataset is a deterministic function of it)"""
-    noise: Optional[float] = None
-    """std of the Gaussian action noise added to the controller (default: built-in 1.0, OGBench 0.5)"""
-    jitter: float = mazes.DATA_JITTER
-    """built-in: the controller aims at a uniform random point within +-jitter of each cell's centre"""
-    excursion: float = mazes.DATA_EXCURSION
-    """built-in: per-step probability of a 10-40-step excursion to a random point within +-1.5 cells"""
-    dash: float = mazes.DATA_DASH
-    """built-in: probability that an excursion is a dash instead (full throttle in a random direction, into walls at top speed)"""
-    episode_len: Optional[int] = None
-    """OGBench: steps per trajectory (default 1000, giant 2000, as ogbench's navigate data)"""
-    data_dir: Optional[str] = None
-    """folder for generated datasets (default: $LEQ_DATA_DIR or ./data next to this file; for OGBench its ogbench/ subfolder)"""
-    out: Optional[str] = None
-    """output path (default: <data_dir>/<env>_<size/1000>k_seed<seed>_v<version>.hdf5; OGBench
-    <data_dir>/<dataset>_<size/1000>k_seed<seed>_v<version>.npz, and its -val.npz)"""
-    expert_episodes: int = 50
-    """episodes to measure the controller on the evaluation task (0 to skip)"""
-
-
-def main(args: Args):
-    task = get_task(args.env)
-    check_flags(args, (">= 0", "seed noise jitter expert_episodes"), ("in [0, 1]", "excursion dash"))
-    if args.size is not None and args.size < 2:
-        raise InputError(f"--size must be >= 2, got {args.size}")
-    if task.source == "ogbench" and task.family == "pointmaze":
-        return generate_ogbench(task, args)
-    if task.source != "builtin":
-        raise InputError(f"only built-in pointmaze tasks and OGBench pointmaze-*-singletask tasks can "
-                         f"be generated, not {task.name}")
-    noise = mazes.DATA_NOISE if args.noise is None else args.noise
-    changed = [f"--{k}" for k, v, default in (("noise", noise, mazes.DATA_NOISE), ("jitter", args.jitter, mazes.DATA_JITTER),
-               ("excursion", args.excursion, mazes.DATA_EXCURSION), ("dash", args.dash, mazes.DATA_DASH)) if v != default]
-    if changed and not args.out:  # the default file name does not say how the data were made
-        raise InputError(f"{' '.join(changed)} make other data than the task's own: pass --out FILE.hdf5 (and "
-                         f"--dataset-path FILE.hdf5 to the stages), so that the default dataset is not replaced")
-    path = Path(args.out) if args.out else mazes.builtin_dataset_path(task, args.data_dir, args.size, args.seed)
-    seconds = mazes.generate_pointmaze(task, path, args.size, args.seed, noise, args.jitter,
-                                       excursion=args.excursion, dash=args.dash)
-    data = qlearning_transitions(read_hdf5(path))
-    print(f"wrote {path}: {len(data['rewards'])} transitions, {int(data['rewards'].sum())} at the "
-          f"goal, in {seconds:.1f} s")
-    report_controller(mazes.controller_success, task, args.expert_episodes, noise)
-
-
-def report_controller(controller_success: Callable, task: Task, episodes: int, noise: float):
-    """The data's controller on the evaluation task, without and with the data's action noise."""
-    for n in (0.0, noise) if episodes else ():
-        rate, steps = controller_success(task, episodes, n)
-        print(f"controller (noise {n}) on the evaluation task: success {100 * rate:.0f}% "
-              f"over {episodes} episodes, {steps:.0f} steps to the goal")
-
-
-def generate_ogbench(task: Task, args: Args):
-    import ogbench_tasks
-    noise = ogbench_tasks.NAVIGATE_NOISE if args.noise is None else args.noise
-    path = Path(args.out) if args.out else ogbench_tasks.generated_file(task, args.data_dir, args.size, args.seed)
-    seconds = ogbench_tasks.generate(task, path, args.size, args.seed, noise, args.episode_len)
-    t = ogbench_tasks.transitions(task, path)
-    val = path.with_name(path.name.replace(".npz", "-val.npz"))
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; {val.name} {val.stat().st_size / 1e6:.1f} MB): "
-          f"{len(t['rewards'])} transitions, {int(t['terminals'].sum())} into the goal of {task.name}, "
-          f"in {seconds:.1f} s")
-    report_controller(ogbench_tasks.controller_success, task, args.expert_episodes, noise)
-
-
-if __name__ == "__main__":
-    import cli
-    import tasks  # this file as the module the others import (its InputError is the one cli catches)
-    cli.run_script(tasks.main, tasks.Args)  # with an XLA CPU compiler option (deviation, README)

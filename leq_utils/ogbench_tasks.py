@@ -30,8 +30,8 @@ from typing import Optional
 
 import numpy as np
 
-import mazes
-import tasks
+from leq_utils import mazes
+from leq_utils import common
 
 # agent -> (obs_dim, act_dim, goal tolerance of ogbench's MazeEnv)
 AGENTS = {"pointmaze": (2, 2, 1.0), "antmaze": (29, 8, 0.5), "humanoidmaze": (69, 21, 0.5)}
@@ -43,7 +43,7 @@ TASK_CELLS = {
     "giant": [((1, 1), (10, 14)), ((1, 14), (10, 1)), ((8, 14), (1, 1)), ((8, 3), (5, 12)), ((5, 9), (3, 8))],
 }
 OFFICIAL_DIR = Path("~/.ogbench/data").expanduser()  # where ogbench.download_datasets puts files
-GENERATED_DIR = mazes.DATA_DIR / "ogbench"            # where `python tasks.py --env ...` writes
+GENERATED_DIR = mazes.DATA_DIR / "ogbench"            # where `python scripts/generate_dataset.py --env ...` writes
 NAVIGATE_NOISE, GENERATOR_VERSION = 0.5, 1            # ogbench's action noise for its pointmaze data
 
 
@@ -51,37 +51,37 @@ def cell_xy(ij) -> tuple:
     return (4.0 * ij[1] - 4.0, 4.0 * ij[0] - 4.0)
 
 
-def describe(name: str) -> tasks.Task:
+def describe(name: str) -> common.Task:
     agent, maze = name.split("-")[:2]
     task_id = int(name.split("-task")[1].split("-")[0]) if "-task" in name else 1
     obs_dim, act_dim, tol = AGENTS[agent]
     limit = 1000 if agent != "humanoidmaze" else (4000 if maze == "giant" else 2000)
-    return tasks.Task(name, agent, obs_dim, act_dim, limit, maze, cell_xy(TASK_CELLS[maze][task_id - 1][1]),
+    return common.Task(name, agent, obs_dim, act_dim, limit, maze, cell_xy(TASK_CELLS[maze][task_id - 1][1]),
                       tol, source="ogbench", goal_inclusive=True)
 
 
-def env_id(task: tasks.Task) -> str:
+def env_id(task: common.Task) -> str:
     """The env of a dataset name: drop the dataset type (`pointmaze-giant-singletask-v0`)."""
     parts = task.name.split("-")
     return "-".join(parts[:2] + parts[3:])
 
 
-def dataset_name(task: tasks.Task) -> str:
+def dataset_name(task: common.Task) -> str:
     """The file ogbench stores the data in: no `singletask`, no task number (`pointmaze-giant-navigate-v0`)."""
     return "-".join(p for p in task.name.split("-") if p != "singletask" and not p.startswith("task"))
 
 
-def generated_file(task: tasks.Task, folder=None, size=None, seed=0) -> Path:
+def generated_file(task: common.Task, folder=None, size=None, seed=0) -> Path:
     size = size or 1_000_000
     return Path(folder or GENERATED_DIR) / f"{dataset_name(task)}_{size // 1000}k_seed{seed}_v{GENERATOR_VERSION}.npz"
 
 
-def dataset_file(task: tasks.Task, dataset_path=None, data_dir=None) -> Path:
+def dataset_file(task: common.Task, dataset_path=None, data_dir=None) -> Path:
     """--dataset-path, else ogbench's file in --data-dir (default ~/.ogbench/data), else (PointMaze)
     the default generated file in --data-dir (default data/ogbench)."""
     if dataset_path:
         if not Path(dataset_path).exists():
-            raise tasks.InputError(f"dataset file {dataset_path} does not exist")
+            raise common.InputError(f"dataset file {dataset_path} does not exist")
         return Path(dataset_path)
     official = Path(data_dir or OFFICIAL_DIR) / f"{dataset_name(task)}.npz"
     generated = generated_file(task, data_dir)
@@ -89,30 +89,30 @@ def dataset_file(task: tasks.Task, dataset_path=None, data_dir=None) -> Path:
         if path.exists():
             print(f"[tasks] {task.name}: dataset {path}")
             return path
-    how = (f"; or generate one here with `python tasks.py --env {task.name}"
+    how = (f"; or generate one here with `python scripts/generate_dataset.py --env {task.name}"
            f"{' --data-dir ' + str(data_dir) if data_dir else ''}`" if task.family == "pointmaze" else "")
-    raise tasks.InputError(
+    raise common.InputError(
         f"no dataset for {task.name}: put ogbench's {official.name} (and {official.stem}-val.npz) in "
         f"{official.parent} (on a machine with internet: python -c \"import ogbench; "
         f"ogbench.download_datasets(['{dataset_name(task)}'], '{official.parent}')\"), or pass "
         f"--dataset-path FILE.npz{how}")
 
 
-def transitions(task: tasks.Task, path: Path) -> dict:
+def transitions(task: common.Task, path: Path) -> dict:
     """The file through ogbench's own loader (its pairing of s_t with s_{t+1} inside each
     trajectory), then this project's flags: terminal = success(s_{t+1}), reward = terminal - 1."""
     from ogbench.utils import load_dataset
     try:
         d = load_dataset(str(path), ob_dtype=np.float32, action_dtype=np.float32)
     except Exception as e:  # a truncated file, a missing key, not an .npz
-        raise tasks.InputError(f"dataset file {path} is not a readable OGBench .npz ({type(e).__name__}: "
+        raise common.InputError(f"dataset file {path} is not a readable OGBench .npz ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
     for k in ("observations", "actions", "next_observations"):
         if d[k].ndim != 2 or not np.isfinite(d[k]).all() or len(d[k]) < 1:
-            raise tasks.InputError(f"dataset file {path}: '{k}' is empty, not 2-d or not finite")
+            raise common.InputError(f"dataset file {path}: '{k}' is empty, not 2-d or not finite")
     # ogbench's relabelling flags success(s_t); here success(s_{t+1}), as this project's other
     # mazes and its imagination (choice, README: OGBench and Minari)
-    done = np.asarray(tasks.termination_fn(task)(d["observations"], d["actions"], d["next_observations"]))
+    done = np.asarray(common.termination_fn(task)(d["observations"], d["actions"], d["next_observations"]))
     terminals = done.astype(np.float32)
     return dict(observations=d["observations"],
                 actions=np.clip(d["actions"], -1 + 1e-5, 1 - 1e-5).astype(np.float32),
@@ -135,7 +135,7 @@ def numpy_seed(seed: int):
         np.random.set_state(state)
 
 
-def make_env(task: tasks.Task, render_mode: Optional[str] = None):
+def make_env(task: common.Task, render_mode: Optional[str] = None):
     """ogbench's single-task env (its goal, tolerance, 'pre' success timing, episode end at the
     goal), whose reset(seed=s) is repeatable."""
     import gymnasium
@@ -153,7 +153,7 @@ def make_env(task: tasks.Task, render_mode: Optional[str] = None):
     return SeededReset(gymnasium.make(env_id(task), **kwargs))
 
 
-def maze_geometry(task: tasks.Task):
+def maze_geometry(task: common.Task):
     """(wall cell centres (n, 2), start xy, goal xy, cell size) in the env's coordinates."""
     env = make_env(task)
     walls = [cell_xy(ij) for ij in zip(*np.nonzero(env.unwrapped.maze_map == 1))]
@@ -194,7 +194,7 @@ def vertex_cells(maze_map) -> list:
     return out
 
 
-def generate(task: tasks.Task, path: Path, size=None, seed=0, noise=NAVIGATE_NOISE, episode_len=None) -> float:
+def generate(task: common.Task, path: Path, size=None, seed=0, noise=NAVIGATE_NOISE, episode_len=None) -> float:
     """A `navigate` dataset the way ogbench describes its own: each trajectory starts in a random
     free cell (+-1 uniform noise) and drives to random goal cells (corners, junctions and dead
     ends, goal +-1 noise) one after another, a new one on each success, with the oracle
@@ -207,7 +207,7 @@ def generate(task: tasks.Task, path: Path, size=None, seed=0, noise=NAVIGATE_NOI
     import ogbench  # noqa: F401
     from tqdm import tqdm
     if task.family != "pointmaze":
-        raise tasks.InputError(f"only OGBench pointmaze datasets can be generated here, not {task.name}")
+        raise common.InputError(f"only OGBench pointmaze datasets can be generated here, not {task.name}")
     size, episode_len = size or 1_000_000, episode_len or (2000 if task.maze == "giant" else 1000)
     episodes = max(1, size // episode_len)
     env = gymnasium.make(f"pointmaze-{task.maze}-v0", terminate_at_goal=False).unwrapped  # goal-conditioned, 'post'
@@ -249,7 +249,7 @@ def generate(task: tasks.Task, path: Path, size=None, seed=0, noise=NAVIGATE_NOI
     return time.time() - start_time
 
 
-def controller_success(task: tasks.Task, episodes=50, noise=0.0, seed=0):
+def controller_success(task: common.Task, episodes=50, noise=0.0, seed=0):
     """The oracle controller in the evaluation env (the task's 'expert' reference): (success
     rate, mean steps of the successful episodes)."""
     env, rng, cache = make_env(task), np.random.default_rng(seed), {}

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-import mazes
-import tasks
+from leq_utils import mazes
+from leq_utils import common
 
 ULTRA_URL = ("https://github.com/ZhengyaoJiang/d4rl/releases/download/public/"
              "Ant_maze_ultra_noisy_multistart_True_multigoal_{}_sparse.hdf5")
 
 
-def import_d4rl(task: tasks.Task):
+def import_d4rl(task: common.Task):
     """Import gym + d4rl and register the ultra mazes; a clear error when the extra is missing."""
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -35,7 +35,7 @@ def import_d4rl(task: tasks.Task):
             import d4rl.gym_mujoco  # noqa: F401  (`import d4rl` skips these without mjrl)
             import d4rl.locomotion  # noqa: F401
     except Exception as e:  # ImportError, or mujoco-py failing to find MuJoCo 2.1
-        raise tasks.InputError(f"{task.name} needs the optional d4rl package ({type(e).__name__}: "
+        raise common.InputError(f"{task.name} needs the optional d4rl package ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); install it with "
                          f"scripts/install_d4rl.sh, or pass --dataset-path FILE.hdf5 to train "
                          f"without it") from None
@@ -45,7 +45,7 @@ def import_d4rl(task: tasks.Task):
             layout = [[{"#": 1, ".": 0, "R": "r", "G": "g"}[c] for c in row] for row in mazes.MAZES["ultra"]]
             gym.envs.registration.register(
                 id=env_id, entry_point="d4rl.locomotion.ant:make_ant_maze_env",
-                max_episode_steps=tasks.ANTMAZE_LIMITS["ultra"],
+                max_episode_steps=common.ANTMAZE_LIMITS["ultra"],
                 kwargs=dict(maze_map=layout, reward_type="sparse", non_zero_reset=False,
                             eval=True, maze_size_scaling=4.0, ref_min_score=0.0, ref_max_score=1.0,
                             v2_resets=True,  # a new goal each episode, as D4RL's -v2 AntMazes
@@ -69,7 +69,7 @@ def quiet_gym() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def d4rl_dataset_path(task: tasks.Task) -> Path:
+def d4rl_dataset_path(task: common.Task) -> Path:
     """Where d4rl keeps the task's file (downloading it when the network allows)."""
     gym, d4rl = import_d4rl(task)
     from d4rl import offline_env
@@ -81,7 +81,7 @@ def d4rl_dataset_path(task: tasks.Task) -> Path:
             with contextlib.redirect_stdout(io.StringIO()):
                 offline_env.download_dataset_from_url(url)
         except Exception:
-            raise tasks.InputError(f"dataset for {task.name} not found: place the file "
+            raise common.InputError(f"dataset for {task.name} not found: place the file "
                              f"{path.name} at {path} (from {url}), or pass --dataset-path") from None
     return path
 
@@ -122,7 +122,7 @@ class OldGymAPI:
 
 
 
-def make_d4rl_env(task: tasks.Task, render_mode=None):
+def make_d4rl_env(task: common.Task, render_mode=None):
     """The d4rl env of `task` with the gymnasium API (render_mode None or "rgb_array")."""
     gym, _ = import_d4rl(task)
     with contextlib.redirect_stdout(io.StringIO()):  # AntMaze prints "Target Goal: ..." when made

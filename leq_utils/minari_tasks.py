@@ -29,8 +29,8 @@ from typing import Optional
 
 import numpy as np
 
-import mazes
-import tasks
+from leq_utils import mazes
+from leq_utils import common
 
 FAMILIES = [(r"AntMaze_.*", "antmaze"), (r"PointMaze_.*", "pointmaze"), (r"Hopper-v\d+", "hopper"),
             (r"Walker2d-v\d+", "walker2d"), (r"HalfCheetah-v\d+", "halfcheetah")]
@@ -46,13 +46,13 @@ def open_dataset(dataset_id: str):
     try:
         return minari.load_dataset(dataset_id)  # local only: never downloads
     except FileNotFoundError:
-        raise tasks.InputError(
+        raise common.InputError(
             f"Minari dataset {dataset_id} is not in {root()}: on a machine with internet run `pip install "
             f"'minari[hf]==0.5.4' && minari download {dataset_id}` (it writes to $MINARI_DATASETS_PATH, default "
             f"~/.minari/datasets) and copy its folder {dataset_id}/ to {root()}, or set MINARI_DATASETS_PATH "
             f"to the folder that holds it") from None
     except (ValueError, TypeError, OSError) as e:
-        raise tasks.InputError(f"cannot read Minari dataset {dataset_id} in {root()} ({type(e).__name__}: "
+        raise common.InputError(f"cannot read Minari dataset {dataset_id} in {root()} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
@@ -68,7 +68,7 @@ def flat_obs(family: str, obs):
 def recover_env(ds, family: str, **kwargs):
     """The dataset's evaluation env; mazes end the episode at the goal."""
     mazes.import_gymnasium_robotics()  # registers its envs, silencing an unrelated notice
-    if family in tasks.MAZE_FAMILIES:
+    if family in common.MAZE_FAMILIES:
         kwargs["continuing_task"] = False
     with warnings.catch_warnings():  # e.g. "installed mujoco does not meet the requirement"
         warnings.simplefilter("ignore")
@@ -76,35 +76,35 @@ def recover_env(ds, family: str, **kwargs):
 
 
 @functools.lru_cache(maxsize=None)
-def describe(name: str) -> tasks.Task:
+def describe(name: str) -> common.Task:
     dataset_id = name.removeprefix("minari:")
     ds = open_dataset(dataset_id)
     spec = ds.env_spec  # the collection env; its evaluation env is of the same family
     family = next((f for pattern, f in FAMILIES if spec is not None and re.fullmatch(pattern, spec.id)), None)
     if family is None:
-        raise tasks.InputError(f"{name}: its env {spec.id if spec else None} is not a supported family "
+        raise common.InputError(f"{name}: its env {spec.id if spec else None} is not a supported family "
                                f"(AntMaze_*, PointMaze_*, Hopper, Walker2d, HalfCheetah)")
     env = recover_env(ds, family)
     obs, _ = env.reset(seed=0)
     obs_dim, act_dim = flat_obs(family, obs).shape[-1], env.action_space.shape[0]
     limit = env.spec.max_episode_steps or 1000
-    if family not in tasks.MAZE_FAMILIES:
+    if family not in common.MAZE_FAMILIES:
         env.close()
-        return tasks.Task(name, family, obs_dim, act_dim, limit, source="minari")
+        return common.Task(name, family, obs_dim, act_dim, limit, source="minari")
     goals = env.unwrapped.maze.unique_goal_locations
     env.close()
     if len(goals) != 1:
-        raise tasks.InputError(f"{name}: its evaluation env has {len(goals)} goal cells, not one ('g' in "
+        raise common.InputError(f"{name}: its evaluation env has {len(goals)} goal cells, not one ('g' in "
                                f"maze_map): LEQ's termination needs a fixed goal")
-    return tasks.Task(name, family, obs_dim, act_dim, limit, spec.id, tuple(float(x) for x in goals[0]),
+    return common.Task(name, family, obs_dim, act_dim, limit, spec.id, tuple(float(x) for x in goals[0]),
                       GOAL_RADIUS, source="minari", goal_inclusive=True)
 
 
-def transitions(task: tasks.Task, dataset_path=None, data_dir=None):
+def transitions(task: common.Task, dataset_path=None, data_dir=None):
     """(the dataset's file, its episodes as qlearning_dataset transitions): s = o[:-1], s' = o[1:]
     per episode, terminal = termination; mazes relabelled for the evaluation goal (module doc)."""
     if dataset_path or data_dir:
-        raise tasks.InputError("--dataset-path/--data-dir do not apply to minari: tasks; set "
+        raise common.InputError("--dataset-path/--data-dir do not apply to minari: tasks; set "
                                "MINARI_DATASETS_PATH to the folder that holds the dataset")
     dataset_id = task.name.removeprefix("minari:")
     ds = open_dataset(dataset_id)
@@ -117,16 +117,16 @@ def transitions(task: tasks.Task, dataset_path=None, data_dir=None):
     t = {k: np.concatenate(v) for k, v in parts.items()}
     t["actions"] = np.clip(t["actions"], -1 + 1e-5, 1 - 1e-5).astype(np.float32)
     if task.is_maze:  # relabelled for the evaluation goal (choice, README: OGBench and Minari)
-        t["terminals"] = np.asarray(tasks.termination_fn(task)(t["observations"], t["actions"],
+        t["terminals"] = np.asarray(common.termination_fn(task)(t["observations"], t["actions"],
                                                                t["next_observations"]))
         t["rewards"] = t["terminals"]
     t["rewards"], t["terminals"] = t["rewards"].astype(np.float32), t["terminals"].astype(np.float32)
     if not all(np.isfinite(v).all() for v in t.values()):
-        raise tasks.InputError(f"Minari dataset {dataset_id} has NaN/inf values; clean it")
+        raise common.InputError(f"Minari dataset {dataset_id} has NaN/inf values; clean it")
     return Path(ds.storage.data_path) / "main_data.hdf5", t
 
 
-def make_env(task: tasks.Task, render_mode: Optional[str] = None):
+def make_env(task: common.Task, render_mode: Optional[str] = None):
     """The dataset's evaluation env, observations flattened as the dataset's."""
     import gymnasium
     env = recover_env(open_dataset(task.name.removeprefix("minari:")), task.family, render_mode=render_mode)
@@ -140,7 +140,7 @@ def reference_scores(dataset_id: str):
     return metadata.get("ref_min_score"), metadata.get("ref_max_score")
 
 
-def normalized_score(task: tasks.Task, episode_return: float) -> float:
+def normalized_score(task: common.Task, episode_return: float) -> float:
     """100 (R - ref_min) / (ref_max - ref_min) with the dataset's reference scores; the raw
     return R when the dataset has none (README)."""
     low, high = reference_scores(task.name.removeprefix("minari:"))
@@ -149,7 +149,7 @@ def normalized_score(task: tasks.Task, episode_return: float) -> float:
     return 100.0 * (episode_return - low) / (high - low)
 
 
-def maze_geometry(task: tasks.Task):
+def maze_geometry(task: common.Task):
     """(wall cell centres (n, 2), start xy, goal xy, cell size) of the evaluation maze."""
     env = make_env(task)
     maze = env.unwrapped.maze

@@ -24,11 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import cli
-import artifacts
-import evaluate
-import leq
-import tasks
+from leq_utils import cli
+from leq_utils import artifacts
+from leq_utils import tasks
 
 
 # ============================================================================================
@@ -78,7 +76,7 @@ def for_seed(nets, wm, models: SeedModels):
             wm._replace(params=models.wm_params, input_mean=models.wm_mean, input_std=models.wm_std))
 
 
-def make_many(nets, wm, done_fn, actor_opt, critic_opt, args):
+def make_many(leq, nets, wm, done_fn, actor_opt, critic_opt, args):
     """(train_chunk, expand) for N seeds at once: `leq.chunk_of(leq.make_update(...))` and
     `leq.expansion(...)`, built per seed from that seed's models and vmapped over the leading seed
     axis of the state, buffer, models, start states and keys (the dataset is shared, and so are
@@ -155,8 +153,9 @@ def check_alike(seeds, names) -> None:
 # Training
 # ============================================================================================
 
-def train(args) -> Path:
-    """leq.train for --num-seeds N > 1 (args resolved by leq.resolve)."""
+def train(args, leq) -> Path:
+    """leq.train for --num-seeds N > 1 (args resolved by leq.resolve). leq: the stage module (passed
+    in: the support package never imports a stage)."""
     from tqdm import tqdm
     task, n = tasks.get_task(args.env), args.num_seeds
     run_dir = Path(args.run_dir or f"runs/{tasks.run_name(args.env)}__leq__s{args.seed}-{args.seed + n - 1}__"
@@ -191,7 +190,7 @@ def train(args) -> Path:
         stream = artifacts.MetricsLog(run_dir, step, artifacts.wandb_run(run_dir, args))
 
         models, k_train, k_expand = seed_models(seeds), stack([s.k_train for s in seeds]), stack([s.k_expand for s in seeds])
-        train_chunk, expand = make_many(seeds[0].nets, seeds[0].wm, seeds[0].done_fn, actor_opt, critic_opt, args)
+        train_chunk, expand = make_many(leq, seeds[0].nets, seeds[0].wm, seeds[0].done_fn, actor_opt, critic_opt, args)
         inputs = {name: s.inputs for name, s in zip(names, seeds)}
 
         bar = tqdm(total=args.total_steps, initial=step, desc=f"LEQ {args.env} x{n}", unit="step", mininterval=2)
@@ -217,7 +216,7 @@ def train(args) -> Path:
             t_last = now
             if step % args.eval_every == 0 or step == args.total_steps:
                 for i, (s, a, row) in enumerate(zip(seeds, configs, rows)):
-                    result = evaluate.evaluate(task, s.nets, unstack(st.actor, i), args.eval_episodes, a.seed)
+                    result = leq.evaluate.evaluate(task, s.nets, unstack(st.actor, i), args.eval_episodes, a.seed)
                     scores[i] = result["score"]
                     row.update(score=scores[i], success=result["success"])
                 t_last = time.time()  # evaluation time is not training speed

@@ -1,0 +1,122 @@
+"""What every module of leq_utils shares: the user-error type, flag checks, the static facts of a
+task, and the tasks' TRUE termination functions (docs/ALGORITHM.md, section 2). It imports no
+other module of the project, so the data sources (mazes, d4rl_tasks, ogbench_tasks,
+minari_tasks) and tasks.py, which dispatches to them, can all import it without a circle."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Callable, Optional
+
+import jax.numpy as jnp
+
+class InputError(ValueError):
+    """Bad input from the user (env name, file, flag). Scripts print it as one line and exit."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (something was accepted, but the user should know)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+RULES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "in (0, 1)": lambda v: 0 < v < 1,
+         "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1}
+
+
+def check_flags(args, *rules) -> None:
+    """Refuse, in one line, the first flag out of its range. rules: (rule, "field field ..."), a
+    rule being a key of RULES; a tuple-valued flag needs at least one value and checks each;
+    None (a per-task default not yet filled) passes."""
+    for rule, names in rules:
+        for name in names.split():
+            value = getattr(args, name)
+            values = value if isinstance(value, tuple) else (value,)
+            if value is not None and not (values and all(RULES[rule](v) for v in values)):
+                raise InputError(f"--{name.replace('_', '-')} must be {rule}{' (each)' if isinstance(value, tuple) else ''}, "
+                                 f"got {' '.join(map(str, values)) if isinstance(value, tuple) else value}")
+
+
+# ============================================================================================
+# Task descriptions
+# ============================================================================================
+
+# AntMaze termination centres and radius used in imagination (docs/ALGORITHM.md, section 2).
+ANTMAZE_CENTRES = {"umaze": (0.75, 8.75), "medium": (20.75, 20.75), "large": (32.75, 24.75),
+                   "ultra": (52.75, 36.75)}
+ANTMAZE_RADIUS = 0.25
+ANTMAZE_LIMITS = {"umaze": 700, "medium": 1000, "large": 1000, "ultra": 2000}
+
+LOCOMOTION_DIMS = {"hopper": (11, 3), "walker2d": (17, 6), "halfcheetah": (17, 6)}
+NAME_PATTERNS = [  # (name, source)
+    (r"pointmaze-(umaze|medium|large|ultra)", "builtin"),
+    (r"antmaze-umaze(-diverse)?-v[0-2]", "d4rl"),
+    (r"antmaze-(medium|large)-(play|diverse)-v[0-2]", "d4rl"),
+    (r"antmaze-ultra-(play|diverse)-v0", "d4rl"),
+    (r"(hopper|walker2d|halfcheetah)-(random|medium|expert|medium-replay|medium-expert|full-replay)-v[0-2]", "d4rl"),
+    (r"(pointmaze|antmaze|humanoidmaze)-(medium|large|giant)-(navigate|stitch)-singletask(-task[1-5])?-v0", "ogbench"),
+    (r"antmaze-(medium|large|giant)-explore-singletask(-task[1-5])?-v0", "ogbench"),
+    (r"minari:.+", "minari"),
+]
+SUPPORTED = ("pointmaze-{umaze,medium,large,ultra}, antmaze-umaze[-diverse]-v2, "
+             "antmaze-{medium,large}-{play,diverse}-v2, antmaze-ultra-{play,diverse}-v0, "
+             "{hopper,walker2d,halfcheetah}-{random,medium,medium-replay,medium-expert,expert}-v2, "
+             "OGBench {pointmaze,antmaze,humanoidmaze}-{medium,large,giant}-navigate-singletask[-task1..5]-v0 "
+             "(also -stitch-, antmaze -explore-), minari:<dataset id>")
+MAZE_FAMILIES = ("pointmaze", "antmaze", "humanoidmaze")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Static facts of a task (hashable, so jitted functions can close over it)."""
+    name: str
+    family: str              # pointmaze | antmaze | humanoidmaze | hopper | walker2d | halfcheetah
+    obs_dim: int
+    act_dim: int
+    max_episode_steps: int
+    maze: str = ""           # umaze | medium | large | ultra | giant (maze families only)
+    goal: tuple = ()         # termination centre (maze families only)
+    goal_radius: float = 0.0
+    source: str = "builtin"  # builtin | d4rl | ogbench | minari: the module data and envs come from
+    goal_inclusive: bool = False  # the goal region is ||xy - goal|| <= radius (else < radius)
+
+    @property
+    def is_maze(self) -> bool:
+        return self.family in MAZE_FAMILIES
+
+
+# ============================================================================================
+# True termination functions (JAX, batched over leading axes), evaluated on the next state
+# ============================================================================================
+
+def termination_fn(task: Task, goal: Optional[tuple] = None) -> Callable:
+    """done(s, a, s') for a batch, as docs/ALGORITHM.md, section 2. `goal` overrides the maze centre.
+    A non-finite s' (NaN or inf anywhere) is done in every family (deviation, README: the
+    written rules of the mazes and of halfcheetah would call a NaN state "not done"; hopper's
+    and walker2d's already end there, and the authors' release ends halfcheetah's too)."""
+    rule = family_termination(task, goal)
+    return lambda s, a, s2: rule(s, a, s2) | ~jnp.all(jnp.isfinite(s2), -1)
+
+
+def family_termination(task: Task, goal: Optional[tuple] = None) -> Callable:
+    """The task family's rule of docs/ALGORITHM.md, section 2, as written."""
+    if task.is_maze:
+        centre, radius = jnp.asarray(goal if goal is not None else task.goal), task.goal_radius
+        inside = jnp.less_equal if task.goal_inclusive else jnp.less
+
+        def done(s, a, s2):  # reached the goal region: ||xy' - centre|| < radius (OGBench, Minari: <=)
+            return inside(jnp.linalg.norm(s2[..., :2] - centre, axis=-1), radius)
+    elif task.family == "hopper":
+        def done(s, a, s2):  # alive iff finite, |s'[1:]| < 100, height > 0.7, |angle| < 0.2
+            alive = (jnp.all(jnp.isfinite(s2), -1) & jnp.all(jnp.abs(s2[..., 1:]) < 100, -1)
+                     & (s2[..., 0] > 0.7) & (jnp.abs(s2[..., 1]) < 0.2))
+            return ~alive
+    elif task.family == "walker2d":
+        def done(s, a, s2):  # alive iff |s'| < 100, 0.8 < height < 2, -1 < angle < 1
+            alive = (jnp.all(jnp.abs(s2) < 100, -1) & (s2[..., 0] > 0.8) & (s2[..., 0] < 2.0)
+                     & (s2[..., 1] > -1.0) & (s2[..., 1] < 1.0))
+            return ~alive
+    else:  # halfcheetah
+        def done(s, a, s2):  # done iff any |s'| >= 100
+            return jnp.any(jnp.abs(s2) >= 100, -1)
+    return done

@@ -1,0 +1,103 @@
+"""Generate a built-in PointMaze dataset (or a local stand-in for an OGBench PointMaze `navigate`
+dataset) and measure the waypoint controller that made it on the evaluation task.
+
+    python scripts/generate_dataset.py --env pointmaze-medium
+    python scripts/generate_dataset.py --env pointmaze-giant-navigate-singletask-v0
+
+The stages generate the built-in dataset themselves on first use; this script makes one on
+purpose (another size, seed or noise) and reports the controller's success rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from leq_utils import cli, mazes  # noqa: E402
+from leq_utils.tasks import (InputError, Task, check_flags, get_task, qlearning_transitions,  # noqa: E402
+                             read_hdf5)
+
+
+# ============================================================================================
+# CLI: generate a built-in (or OGBench PointMaze) dataset and measure the controller
+# ============================================================================================
+
+@dataclasses.dataclass
+class Args:
+    env: str = "pointmaze-umaze"
+    """built-in task, or OGBench pointmaze-*-navigate-singletask task, whose dataset to generate"""
+    size: Optional[int] = None
+    """number of transitions (default: the task's default size, see README; OGBench 1,000,000)"""
+    seed: int = 0
+    """generator seed (the dataset is a deterministic function of it)"""
+    noise: Optional[float] = None
+    """std of the Gaussian action noise added to the controller (default: built-in 1.0, OGBench 0.5)"""
+    jitter: float = mazes.DATA_JITTER
+    """built-in: the controller aims at a uniform random point within +-jitter of each cell's centre"""
+    excursion: float = mazes.DATA_EXCURSION
+    """built-in: per-step probability of a 10-40-step excursion to a random point within +-1.5 cells"""
+    dash: float = mazes.DATA_DASH
+    """built-in: probability that an excursion is a dash instead (full throttle in a random direction, into walls at top speed)"""
+    episode_len: Optional[int] = None
+    """OGBench: steps per trajectory (default 1000, giant 2000, as ogbench's navigate data)"""
+    data_dir: Optional[str] = None
+    """folder for generated datasets (default: $LEQ_DATA_DIR or ./data next to this file; for OGBench its ogbench/ subfolder)"""
+    out: Optional[str] = None
+    """output path (default: <data_dir>/<env>_<size/1000>k_seed<seed>_v<version>.hdf5; OGBench
+    <data_dir>/<dataset>_<size/1000>k_seed<seed>_v<version>.npz, and its -val.npz)"""
+    expert_episodes: int = 50
+    """episodes to measure the controller on the evaluation task (0 to skip)"""
+
+
+def main(args: Args):
+    task = get_task(args.env)
+    check_flags(args, (">= 0", "seed noise jitter expert_episodes"), ("in [0, 1]", "excursion dash"))
+    if args.size is not None and args.size < 2:
+        raise InputError(f"--size must be >= 2, got {args.size}")
+    if task.source == "ogbench" and task.family == "pointmaze":
+        return generate_ogbench(task, args)
+    if task.source != "builtin":
+        raise InputError(f"only built-in pointmaze tasks and OGBench pointmaze-*-singletask tasks can "
+                         f"be generated, not {task.name}")
+    noise = mazes.DATA_NOISE if args.noise is None else args.noise
+    changed = [f"--{k}" for k, v, default in (("noise", noise, mazes.DATA_NOISE), ("jitter", args.jitter, mazes.DATA_JITTER),
+               ("excursion", args.excursion, mazes.DATA_EXCURSION), ("dash", args.dash, mazes.DATA_DASH)) if v != default]
+    if changed and not args.out:  # the default file name does not say how the data were made
+        raise InputError(f"{' '.join(changed)} make other data than the task's own: pass --out FILE.hdf5 (and "
+                         f"--dataset-path FILE.hdf5 to the stages), so that the default dataset is not replaced")
+    path = Path(args.out) if args.out else mazes.builtin_dataset_path(task, args.data_dir, args.size, args.seed)
+    seconds = mazes.generate_pointmaze(task, path, args.size, args.seed, noise, args.jitter,
+                                       excursion=args.excursion, dash=args.dash)
+    data = qlearning_transitions(read_hdf5(path))
+    print(f"wrote {path}: {len(data['rewards'])} transitions, {int(data['rewards'].sum())} at the "
+          f"goal, in {seconds:.1f} s")
+    report_controller(mazes.controller_success, task, args.expert_episodes, noise)
+
+
+def report_controller(controller_success: Callable, task: Task, episodes: int, noise: float):
+    """The data's controller on the evaluation task, without and with the data's action noise."""
+    for n in (0.0, noise) if episodes else ():
+        rate, steps = controller_success(task, episodes, n)
+        print(f"controller (noise {n}) on the evaluation task: success {100 * rate:.0f}% "
+              f"over {episodes} episodes, {steps:.0f} steps to the goal")
+
+
+def generate_ogbench(task: Task, args: Args):
+    from leq_utils import ogbench_tasks
+    noise = ogbench_tasks.NAVIGATE_NOISE if args.noise is None else args.noise
+    path = Path(args.out) if args.out else ogbench_tasks.generated_file(task, args.data_dir, args.size, args.seed)
+    seconds = ogbench_tasks.generate(task, path, args.size, args.seed, noise, args.episode_len)
+    t = ogbench_tasks.transitions(task, path)
+    val = path.with_name(path.name.replace(".npz", "-val.npz"))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; {val.name} {val.stat().st_size / 1e6:.1f} MB): "
+          f"{len(t['rewards'])} transitions, {int(t['terminals'].sum())} into the goal of {task.name}, "
+          f"in {seconds:.1f} s")
+    report_controller(ogbench_tasks.controller_success, task, args.expert_episodes, noise)
+
+
+if __name__ == "__main__":
+    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)
