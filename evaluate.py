@@ -43,7 +43,7 @@ class Args:
     """maze tasks: save a PNG of the trajectories on the maze (<checkpoint>.trajectories.png)"""
     video: bool = False
     """save an MP4 of the first episode (needs off-screen rendering: built-in tasks MUJOCO_GL=egl or
-    osmesa, D4RL tasks OSMesa or EGL through mujoco-py; see README)"""
+    osmesa, D4RL tasks OSMesa or EGL through mujoco-py; see docs/TASKS.md)"""
     curve: Optional[str] = None
     """a run's metrics.jsonl: plot its learning curve to metrics.png (no checkpoint needed)"""
 
@@ -195,4 +195,4 @@ def main(args: Args) -> Optional[dict]:
 
 
 if __name__ == "__main__":
-    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)

@@ -45,7 +45,7 @@ from leq_utils import artifacts, cli, many_seeds, tasks, upstream  # support pac
 
 # Per-task defaults for the built-in tasks (D4RL tasks keep the paper's settings):
 # (total steps, evaluation interval, expectile tau); tau 0.1 is the paper's first choice. Measured
-# (README, Results): umaze and medium reach 100% at their first evaluation (5k) and stay there;
+# (docs/RESULTS.md): umaze and medium reach 100% at their first evaluation (5k) and stay there;
 # large: 25k steps, where its 3 measured seeds ended at 100%, 100%, 100% (40k-step runs of the same
 # seeds ended at 100%, 52%, 48%: two fell back after 25k to a wall the world model lets the point
 # pass at speed); ultra: the 50k steps of its 3 measured seeds (each on its plateau from 40k on;
@@ -457,7 +457,7 @@ def critic_loss(critic, ema, nets: Nets, data, data_targets, ro: Rollout, masks,
       L_data  = mean(1/2 (y - Q(s, a))^2),  y = r + gamma mask Q(s', pi(s'))  (constant)
       L_model = mean_{t<H, batch} w_t |tau - 1(G_t < Q(s_t, a_t))| (G_t - Q(s_t, a_t))^2,
                 G_t the (lambda-)returns of the current critic (constant), w_t = gamma^t m_t
-      (deviation, README: L_ema's model part runs over the t < H pairs, as L_model)
+      (deviation, docs/DEVIATIONS.md: L_ema's model part runs over the t < H pairs, as L_model)
       L_ema   = beta mean_t w_t (Q_ema(s_t, a_t) - Q(s_t, a_t))^2 + (1 - beta) mean_data (Q_ema - Q)^2
     Gradients flow only through Q_phi(s, a). With MOBILE's penalty the model term's weight is 1/2
     (the penalty is in G_t's rewards). With N critics each has these three terms against the same
@@ -528,7 +528,7 @@ def entropy_bonus_loss(actor, nets: Nets, states, eps, alpha):
     """The stochastic actor's entropy bonus: alpha (1/N) sum_batch sum_{t=0..H} log pi_theta(a_t | s_t)
     at the reparameterised samples a_t (s_t and eps_t constants), added to the surrogate; lowering
     it raises the entropy. A per-state bonus in the actor's loss only, not in rewards or critic
-    targets (the paper gives no form: a choice, README)."""
+    targets (the paper gives no form: a choice, docs/DEVIATIONS.md)."""
     return alpha * jnp.sum(nets.log_prob(actor, states, eps)) / states.shape[1]
 
 
@@ -706,9 +706,9 @@ def mobile_uncertainty(nets: Nets, actor, critic, wm: WorldModel, s, a, eps):
     """MOBILE's model-Bellman inconsistency u(s, a) = std_i Q(s'_i, pi(s'_i)) over the elites i
     (population std), one next state per elite: s'_i = s + mu_i(s, a) + sigma_i(s, a) eps_i, the
     obs part of elite i's Gaussian, eps (E, B, obs). pi is the deterministic tanh(mean) (also with
-    the stochastic actor: a choice, README) and Q the rollout's critic (an ensemble's minimum).
+    the stochastic actor: a choice, docs/DEVIATIONS.md) and Q the rollout's critic (an ensemble's minimum).
     As in MOBILE's code and the release, the reward and gamma are not inside the std. (Deviation,
-    README: the 5 elites, as MOBILE; the release's port takes all 7 members.)"""
+    docs/DEVIATIONS.md: the 5 elites, as MOBILE; the release's port takes all 7 members.)"""
     x = (jnp.concatenate([s, a], -1) - wm.input_mean) / wm.input_std
     mu, logvar = world_model.ensemble_forward(wm.params, x)           # (E, B, obs + 1)
     s2 = s + mu[..., :-1] + jnp.exp(0.5 * logvar[..., :-1]) * eps      # (E, B, obs)
@@ -909,4 +909,4 @@ def train(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    cli.run_script(train, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(train, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)

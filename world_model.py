@@ -168,7 +168,7 @@ def softplus(x):
     log1p, which XLA's CPU backend runs about 10x slower (a world-model epoch about 3% slower).
     Without log1p the result is off by at most about 1e-7 in absolute terms where it is tiny;
     here it is a log-variance, so that is a relative error of at most about 1e-7 in the variance,
-    float32's own rounding (deviation, README)."""
+    float32's own rounding (deviation, docs/DEVIATIONS.md)."""
     return jnp.maximum(x, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(x)))
 
 
@@ -286,7 +286,7 @@ def make_epoch_fn(args: Args, optimizer, x_train, y_train):
     @jax.jit
     def train_epoch(state: TrainState, shuffled_idx):
         """shuffled_idx: (E, N) every member's bootstrap sample in this epoch's order; walk it in
-        minibatches (the last partial one is dropped: deviation, README)."""
+        minibatches (the last partial one is dropped: deviation, docs/DEVIATIONS.md)."""
         n_batches = shuffled_idx.shape[1] // args.batch_size
         batches = shuffled_idx[:, :n_batches * args.batch_size].reshape(shuffled_idx.shape[0], n_batches, -1)
         (params, opt_state), losses = jax.lax.scan(sgd_step, (state.params, state.opt_state),
@@ -308,7 +308,7 @@ def shuffle_bootstrap(boot_idx: np.ndarray, seed: int, epoch: int):
 def snapshot_improved(state: TrainState, mse, improvement):
     """Members with (best - new) / best > improvement take a snapshot of their parameters.
     The log-variance bounds are shared by all members and not snapshotted (as OfflineRL-Kit;
-    a deviation from the per-member snapshot of docs/ALGORITHM.md, listed in the README)."""
+    a deviation from the per-member snapshot of docs/ALGORITHM.md, listed in docs/DEVIATIONS.md)."""
     improved = (state.best_mse - mse) / state.best_mse > improvement
 
     best = dict(state.params)  # the shared log-variance bounds: as trained
@@ -347,7 +347,7 @@ def model_noise(wm: WorldModel, key, batch_shape) -> ModelNoise:
 
 def model_step_given(wm: WorldModel, s, a, member, eps, done_fn):
     """(s, a) -> (s', r, done) for given randomness: sample [s' - s, r] = mu + eps * exp(lv / 2)
-    from elite `member` (deviation, README: sampling only the picked member's Gaussian is the
+    from elite `member` (deviation, docs/DEVIATIONS.md: sampling only the picked member's Gaussian is the
     same distribution as sampling every member and then picking, at about 1/3 of the work at
     a batch of 256, see picked_forward).
     Reparameterised, so s' and r are differentiable in (s, a) through mean and std; `done` (the
@@ -397,7 +397,7 @@ def termination_loss(params, clf: TerminationClassifier, s2, labels, stats):
 
 
 def train_termination(args: Args, ds: tasks.Dataset, stats):
-    """Fit T_psi(s') to the dataset's terminals (a choice, README: the paper gives only the 3 x 256
+    """Fit T_psi(s') to the dataset's terminals (a choice, docs/DEVIATIONS.md: the paper gives only the 3 x 256
     MLP). Input s' alone, as every true termination function here; its own holdout split and
     minibatch order from (seed, 1), so the ensemble's draws are untouched; Adam; early stopping as
     the ensemble's, keeping the best holdout parameters. Returns (params, summary arrays)."""
@@ -630,4 +630,4 @@ def save_checkpoint(path, task, args, state: TrainState, epoch, since, inputs):
 
 
 if __name__ == "__main__":
-    cli.run_script(train, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(train, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)

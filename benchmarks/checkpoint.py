@@ -57,5 +57,5 @@ def main():
 
 
 if __name__ == "__main__":
-    cli.use_fast_cpu_kernels()  # as the stages do (README, Performance)
+    cli.use_fast_cpu_kernels()  # as the stages do (docs/PERFORMANCE.md)
     main()

@@ -1,5 +1,5 @@
 """FLOPs of one LEQ gradient step at the paper's sizes, from XLA's cost analysis, for the GPU
-projection in the README (a count of the compiled program, not a timing).
+projection in docs/PERFORMANCE.md (a count of the compiled program, not a timing).
 
     python benchmarks/flops.py
 """
@@ -37,5 +37,5 @@ def main():
 
 
 if __name__ == "__main__":
-    cli.use_fast_cpu_kernels()  # as the stages do (README, Performance)
+    cli.use_fast_cpu_kernels()  # as the stages do (docs/PERFORMANCE.md)
     main()

@@ -87,5 +87,5 @@ def main(a: Args):
 
 if __name__ == "__main__":
     import tyro
-    cli.use_fast_cpu_kernels()  # as the stages do (README, Performance)
+    cli.use_fast_cpu_kernels()  # as the stages do (docs/PERFORMANCE.md)
     main(tyro.cli(Args))

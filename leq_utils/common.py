@@ -91,7 +91,7 @@ class Task:
 
 def termination_fn(task: Task, goal: Optional[tuple] = None) -> Callable:
     """done(s, a, s') for a batch, as docs/ALGORITHM.md, section 2. `goal` overrides the maze centre.
-    A non-finite s' (NaN or inf anywhere) is done in every family (deviation, README: the
+    A non-finite s' (NaN or inf anywhere) is done in every family (deviation, docs/DEVIATIONS.md: the
     written rules of the mazes and of halfcheetah would call a NaN state "not done"; hopper's
     and walker2d's already end there, and the authors' release ends halfcheetah's too)."""
     rule = family_termination(task, goal)

@@ -69,13 +69,13 @@ MAZES = {
               "################"],
 }
 # Built-in PointMaze tasks: evaluation episode limit (about 2.5x the controller's time to the
-# goal, see README) and default dataset size (transitions, in 1000-step episodes).
+# goal, see docs/TASKS.md) and default dataset size (transitions, in 1000-step episodes).
 POINTMAZE_LIMITS = {"umaze": 300, "medium": 600, "large": 800, "ultra": 1200}
 POINTMAZE_SIZES = {"umaze": 200_000, "medium": 400_000, "large": 600_000, "ultra": 1_000_000}
 # The data policy: the waypoint controller aiming at a random point of the next cell (jitter, so
 # that the data also touches walls and the world model can learn them) plus N(0, noise^2), and,
 # with probability DATA_EXCURSION per step, a 10-40-step excursion towards a random point up to
-# 1.5 cells away (often inside a wall: the point pushes against it; see README, Data). With
+# 1.5 cells away (often inside a wall: the point pushes against it; see docs/TASKS.md). With
 # probability `dash` an excursion is a dash instead: full throttle in a random direction, with the
 # smaller noise DASH_NOISE, so that the point hits walls at top speed as a learnt actor does.
 DATA_NOISE, DATA_JITTER, DATA_EXCURSION, DATA_DASH, DATA_VERSION = 1.0, 0.4, 0.02, 0.0, 3

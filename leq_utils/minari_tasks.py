@@ -116,7 +116,7 @@ def transitions(task: common.Task, dataset_path=None, data_dir=None):
                                                                                 "next_observations") else v)
     t = {k: np.concatenate(v) for k, v in parts.items()}
     t["actions"] = np.clip(t["actions"], -1 + 1e-5, 1 - 1e-5).astype(np.float32)
-    if task.is_maze:  # relabelled for the evaluation goal (choice, README: OGBench and Minari)
+    if task.is_maze:  # relabelled for the evaluation goal (choice, docs/DEVIATIONS.md: OGBench and Minari)
         t["terminals"] = np.asarray(common.termination_fn(task)(t["observations"], t["actions"],
                                                                t["next_observations"]))
         t["rewards"] = t["terminals"]
@@ -142,9 +142,9 @@ def reference_scores(dataset_id: str):
 
 def normalized_score(task: common.Task, episode_return: float) -> float:
     """100 (R - ref_min) / (ref_max - ref_min) with the dataset's reference scores; the raw
-    return R when the dataset has none (README)."""
+    return R when the dataset has none (docs/DEVIATIONS.md)."""
     low, high = reference_scores(task.name.removeprefix("minari:"))
-    if low is None or high is None:  # no reference scores: the raw return (choice, README)
+    if low is None or high is None:  # no reference scores: the raw return (choice, docs/DEVIATIONS.md)
         return float(episode_return)
     return 100.0 * (episode_return - low) / (high - low)
 

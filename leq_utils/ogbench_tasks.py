@@ -6,12 +6,12 @@ OGBench (pip `ogbench`, MuJoCo 3, gymnasium API) names a single-task offline pro
 (no task number = task 1). tasks.py calls this module only for such names:
   * the static facts (dims, goal, tolerance, episode limit)      -> describe
   * where the .npz file is, in ogbench's own layout                 -> dataset_file
-  * the file as this project's transitions (README, OGBench)        -> transitions
+  * the file as this project's transitions (docs/TASKS.md)        -> transitions
   * the evaluation env (ogbench's, seeded resets)                    -> make_env
   * walls, start and goal for trajectory pictures                    -> maze_geometry
   * a `navigate`-style PointMaze dataset made here, no download      -> generate, controller_success
 
-Conventions (README, OGBench and Minari): ogbench's relabelling gives every dataset row the
+Conventions (docs/TASKS.md): ogbench's relabelling gives every dataset row the
 success of its CURRENT state s_t (reward success - 1, mask 1 - success); this project, as for
 D4RL, flags the transition INTO the goal: terminal = success(s_{t+1}), reward = terminal - 1 (raw,
 kept as it is: the reward transform is the identity), and imagination terminates with the same
@@ -111,7 +111,7 @@ def transitions(task: common.Task, path: Path) -> dict:
         if d[k].ndim != 2 or not np.isfinite(d[k]).all() or len(d[k]) < 1:
             raise common.InputError(f"dataset file {path}: '{k}' is empty, not 2-d or not finite")
     # ogbench's relabelling flags success(s_t); here success(s_{t+1}), as this project's other
-    # mazes and its imagination (choice, README: OGBench and Minari)
+    # mazes and its imagination (choice, docs/DEVIATIONS.md: OGBench and Minari)
     done = np.asarray(common.termination_fn(task)(d["observations"], d["actions"], d["next_observations"]))
     terminals = done.astype(np.float32)
     return dict(observations=d["observations"],

@@ -50,7 +50,7 @@ class TaskArgs:
     """The flags every stage shares (each stage's Args extends these): task, data and seed."""
     # --- Experiment ---
     env: str = "pointmaze-umaze"
-    """task name (see tasks.py / README for the supported names)"""
+    """task name (see docs/TASKS.md for the supported names)"""
     dataset_path: Optional[str] = None
     """a D4RL-format HDF5 file (OGBench tasks: an OGBench .npz) to use instead of the task's own dataset"""
     data_dir: Optional[str] = None

@@ -261,7 +261,7 @@ def write_outputs(summary, out: Path):
 
 
 def table(summary) -> str:
-    """The results as a markdown table, one row per run (the README's rows are pasted from it)."""
+    """The results as a markdown table, one row per run (the results tables of README.md and docs/RESULTS.md are pasted from it)."""
     def pct(success, std):  # the score of these tasks is success x 100; std over the 10 rounds
         return f"{100 * success:.0f}% (sd {std:.1f})"
 
@@ -325,4 +325,4 @@ def plot(summary, path):
 
 
 if __name__ == "__main__":
-    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)

@@ -31,7 +31,7 @@ class Args:
     env: str = "pointmaze-umaze"
     """built-in task, or OGBench pointmaze-*-navigate-singletask task, whose dataset to generate"""
     size: Optional[int] = None
-    """number of transitions (default: the task's default size, see README; OGBench 1,000,000)"""
+    """number of transitions (default: the task's default size, see docs/TASKS.md; OGBench 1,000,000)"""
     seed: int = 0
     """generator seed (the dataset is a deterministic function of it)"""
     noise: Optional[float] = None
@@ -100,4 +100,4 @@ def generate_ogbench(task: Task, args: Args):
 
 
 if __name__ == "__main__":
-    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, README)
+    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)
