@@ -735,43 +735,6 @@ def with_log_std_head(nets: Nets, actor, key, obs_dim: int, init_log_std: float)
 
 
 # ============================================================================================
-# Checkpoints (TRY NOT TO MODIFY)
-# ============================================================================================
-
-def checkpoint_arrays(st: LEQState, buf: Buffer, stats, prefix: str = "") -> dict:
-    """One seed's training state (the filled part of its buffer) as named arrays."""
-    return {**artifacts.tree_arrays(jax.device_get(st), prefix + "state"),
-            **artifacts.flatten(jax.device_get(st.actor), prefix + "actor"), **artifacts.rows_arrays(buf, prefix + "buffer"),
-            prefix + "stats/mean": np.asarray(stats[0]), prefix + "stats/std": np.asarray(stats[1])}
-
-
-def save_checkpoint(run_dir: Path, task, args: Args, st: LEQState, buf: Buffer, step: int, stats, inputs=None):
-    """The whole training state, atomically; keeps the last two."""
-    arrays = {**checkpoint_arrays(st, buf, stats), "progress/step": np.array(step)}
-    return artifacts.save_checkpoint(run_dir, step, arrays, "leq_checkpoint", task, args, inputs=inputs)
-
-
-IGNORED = ("run_dir", "track", "inject_nan_at",  # settings a resume may change (inject_nan_at: a removed flag)
-           "world_model_settings", "pretrain_settings")  # the upstream settings act before LEQ
-
-
-def read_checkpoint(path: Path, task, args: Args, empty: Buffer, prefixes=("",)) -> dict:
-    """A checkpoint's arrays, checked before any work: its settings, and buffers that fit them
-    (prefixes: the seeds' names in a --num-seeds checkpoint)."""
-    f = artifacts.load_artifact(path, task, kinds=("leq_checkpoint",))
-    artifacts.check_same_config(f"checkpoint {path}", f["meta/config"], args, ignore=IGNORED)
-    for prefix in prefixes:
-        artifacts.check_rows(empty, f, path, prefix + "buffer")
-    return f
-
-
-def load_checkpoint(f: dict, template: LEQState, empty: Buffer, prefix: str = ""):
-    """(state, buffer, step) from the arrays of read_checkpoint."""
-    return (artifacts.tree_from_arrays(template, f, prefix + "state"), artifacts.rows_from_arrays(empty, f, prefix + "buffer"),
-            int(f["progress/step"]))
-
-
-# ============================================================================================
 # Main
 # ============================================================================================
 
@@ -850,6 +813,7 @@ def train(args: Args) -> Path:
     args = resolve(args)
     if args.num_seeds > 1:
         return many_seeds.train(args, sys.modules[__name__])  # this file's steps, vmapped over a seed axis
+    # TRY NOT TO MODIFY: the run folder (locked), a finished run, the checkpoint to resume, the inputs
     task = tasks.get_task(args.env)
     run_dir = Path(args.run_dir or f"runs/{tasks.run_name(args.env)}__leq__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     chunk = chunk_size(args)
@@ -857,20 +821,21 @@ def train(args: Args) -> Path:
     capacity = args.expand_retain * args.expand_size * args.expand_length
     buf = empty_buffer(0 if args.no_expansion else capacity, task.obs_dim, task.act_dim)
     with artifacts.FolderLock(run_dir / "run.lock", f"run folder {run_dir}"):  # also: the folder is writable
-        if artifacts.finished_run(run_dir / "leq.npz", task, args, IGNORED):
+        if artifacts.finished_run(run_dir / "leq.npz", task, args, artifacts.LEQ_RESUME_IGNORES):
             return run_dir
-        resume = artifacts.newest_checkpoint(run_dir, lambda path: read_checkpoint(path, task, args, buf))
+        resume = artifacts.newest_checkpoint(run_dir, lambda path: artifacts.read_leq_checkpoint(path, task, args, buf))
         actor_opt, critic_opt = optimizers(args)
         ds, wm, done_fn, nets, st, k_train, k_expand, inputs = setup_seed(task, args, resume, actor_opt, critic_opt)
         data = tasks.device_dataset(ds)
 
         step = 0
         if resume:
-            st, buf, step = load_checkpoint(resume[1], st, buf)
+            st, buf, step = artifacts.load_leq_checkpoint(resume[1], st, buf)
             print(f"[leq] resuming {run_dir} from step {step}")
         artifacts.write_json(run_dir / "config.json", dataclasses.asdict(args))
         metrics_log = artifacts.MetricsLog(run_dir, step, artifacts.wandb_run(run_dir, args))
 
+        # ALGO LOGIC: one LEQ gradient step, K of them per compiled call, and the expansion
         update = make_update(nets, wm, done_fn, actor_opt, critic_opt, args)
         train_chunk = make_train_chunk(update, args)
         expand = make_expand(nets, wm, done_fn, args)
@@ -879,11 +844,13 @@ def train(args: Args) -> Path:
         last_score, t_last, saved = float("nan"), time.time(), None
         cli.STOP.armed = True  # a SIGINT/SIGTERM stops at the next chunk boundary, with a checkpoint
         while step < args.total_steps:
+            # ALGO LOGIC: expand the dataset every expand_every steps, then a chunk of gradient steps
             if not args.no_expansion and step % args.expand_every == 0:
                 buf = expand(buf, st.actor, data.observations, jax.random.fold_in(k_expand, step))
             if before_chunk:
                 st, data = before_chunk(step, st, data)
             st, metrics, first_bad, finite = train_chunk(st, data, *start_states(args, data, buf), k_train, step, chunk)
+            # TRY NOT TO MODIFY: the NaN guard, metrics, periodic evaluation, checkpoints, signals
             artifacts.check_finite(first_bad, chunk, step, bool(finite), (artifacts.checkpoints(run_dir) or [None])[-1])
             step += chunk
             metrics = {k: float(v) for k, v in metrics.items()}
@@ -897,7 +864,7 @@ def train(args: Args) -> Path:
                 t_last = time.time()  # evaluation time is not training speed
             metrics_log.log(row)
             if (step % args.checkpoint_every == 0 and step < args.total_steps) or cli.STOP.signum:
-                saved = save_checkpoint(run_dir, task, args, st, buf, step, nets.stats, inputs)
+                saved = artifacts.save_leq_checkpoint(run_dir, task, args, st, buf, step, nets.stats, inputs)
             bar.update(chunk)
             bar.set_postfix_str(f"critic {metrics['critic_loss']:.3g} q {metrics['q_data']:.3g} "
                                 f"score {last_score:.1f}")

@@ -393,6 +393,7 @@ def load_pretrained(path, task: tasks.Task):
 def train(args: Args) -> Path:
     from tqdm import tqdm
     args = resolve(args)
+    # TRY NOT TO MODIFY: the output (locked), a checkpoint to resume, the inputs and their fingerprints
     task = tasks.get_task(args.env)
     out = path_or_default(args.out, args.env, args.seed)
     ckpt = out.with_name(out.name.replace(".npz", "") + ".ckpt.npz")
@@ -413,6 +414,7 @@ def train(args: Args) -> Path:
         if saved:
             artifacts.check_inputs(f"checkpoint {ckpt}", recorded, inputs,
                                    "use the inputs it was made from, or delete the checkpoint to start over")
+        # ALGO LOGIC: the networks (input statistics from the world model), Adam, K steps per call
         data = tasks.device_dataset(ds)
         nets = make_nets(task, args.hidden_dims, (wm.input_mean, wm.input_std))
         k_init, k_train = jax.random.split(jax.random.PRNGKey(args.seed))
@@ -434,6 +436,7 @@ def train(args: Args) -> Path:
             n = min(args.chunk, end - step)
             keys = jax.random.split(jax.random.fold_in(k_train, step), n)
             state, loss, first_bad = (bc_chunk if phase == "BC" else fqe_chunk)(state, keys)
+            # TRY NOT TO MODIFY: the NaN guard, checkpoints, progress, signals
             artifacts.check_finite({f"{phase} loss": first_bad}, n, step, True, ckpt)
             step += n
             if step % args.checkpoint_every < n or step == total or cli.STOP.signum:

@@ -557,6 +557,7 @@ CHECKPOINT_IGNORES = ("resume", "max_epochs", "out", "learn_termination", "termi
 def train(args: Args) -> Path:
     from tqdm import tqdm
     args = resolve(args)
+    # TRY NOT TO MODIFY: the output (locked), a checkpoint to resume, the dataset and its fingerprint
     task = tasks.get_task(args.env)
     out = path_or_default(args.out, args.env, args.seed)
     ckpt = out.with_name(out.name.replace(".npz", "") + ".ckpt.npz")
@@ -571,6 +572,7 @@ def train(args: Args) -> Path:
         if saved:
             artifacts.check_inputs(f"checkpoint {ckpt}", recorded, inputs,
                                    "use the dataset it was made from, or delete the checkpoint to start over")
+        # ALGO LOGIC: holdout split, bootstrap resamples, standardised inputs, the ensemble and Adam
         rng = np.random.default_rng(args.seed)
         x_tr, y_tr, x_ho, y_ho, mean, std = make_training_data(ds, args.holdout_size, rng)
         boot_idx = rng.integers(0, len(x_tr), (args.ensemble_size, len(x_tr))).astype(np.int32)
@@ -599,6 +601,7 @@ def train(args: Args) -> Path:
             mse = holdout_mse(state.params, x_hold, y_hold)
             state, improved = snapshot_improved(state, mse, args.improvement)
             since = 0 if bool(improved.any()) else since + 1
+            # TRY NOT TO MODIFY: the NaN guard, checkpoint, progress, signals
             artifacts.check_finite({"loss": np.isfinite(float(loss)), "holdout mse": np.isfinite(np.asarray(mse)).all()},
                                    1, epoch, True, ckpt, "epoch")  # index 1 = finite, 0 = at this epoch
             epoch += 1

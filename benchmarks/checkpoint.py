@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from leq_utils import cli  # noqa: E402
+from leq_utils import artifacts, cli  # noqa: E402
 import leq  # noqa: E402
 from leq_step import build  # noqa: E402  (benchmarks/leq_step.py: random LEQ state at paper sizes)
 
@@ -43,10 +43,10 @@ def main():
         writes, loads = [], []
         for i in range(3):
             t = time.perf_counter()
-            path = leq.save_checkpoint(run_dir, task, args, st, full, 5000 * (i + 1), stats)
+            path = artifacts.save_leq_checkpoint(run_dir, task, args, st, full, 5000 * (i + 1), stats)
             writes.append(time.perf_counter() - t)
             t = time.perf_counter()
-            loaded = leq.load_checkpoint(leq.read_checkpoint(path, task, args, buf), st, buf)
+            loaded = artifacts.load_leq_checkpoint(artifacts.read_leq_checkpoint(path, task, args, buf), st, buf)
             jax.block_until_ready(loaded[1].observations)
             loads.append(time.perf_counter() - t)
         out["size_mb"] = path.stat().st_size / 1e6

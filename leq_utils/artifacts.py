@@ -512,3 +512,40 @@ def check_finite(first_bad: dict, n: int, step0: int, state_finite: bool, last_g
     good = (f"the last good checkpoint, {last_good}, is kept" if last_good and Path(last_good).exists()
             else "no checkpoint was written before it")
     raise FloatingPointError(f"non-finite {what}; stopped; {good}")
+
+
+# ============================================================================================
+# LEQ run checkpoints: the training state (LEQState), the expansion buffer, the input statistics
+# ============================================================================================
+
+def leq_checkpoint_arrays(st, buf, stats, prefix: str = "") -> dict:
+    """One seed's training state (the filled part of its buffer) as named arrays."""
+    return {**tree_arrays(jax.device_get(st), prefix + "state"),
+            **flatten(jax.device_get(st.actor), prefix + "actor"), **rows_arrays(buf, prefix + "buffer"),
+            prefix + "stats/mean": np.asarray(stats[0]), prefix + "stats/std": np.asarray(stats[1])}
+
+
+def save_leq_checkpoint(run_dir: Path, task, args, st, buf, step: int, stats, inputs=None):
+    """The whole training state, atomically; keeps the last two."""
+    arrays = {**leq_checkpoint_arrays(st, buf, stats), "progress/step": np.array(step)}
+    return save_checkpoint(run_dir, step, arrays, "leq_checkpoint", task, args, inputs=inputs)
+
+
+LEQ_RESUME_IGNORES = ("run_dir", "track", "inject_nan_at",  # settings a resume may change (inject_nan_at: a removed flag)
+           "world_model_settings", "pretrain_settings")  # the upstream settings act before LEQ
+
+
+def read_leq_checkpoint(path: Path, task, args, empty, prefixes=("",)) -> dict:
+    """A checkpoint's arrays, checked before any work: its settings, and buffers that fit them
+    (prefixes: the seeds' names in a --num-seeds checkpoint)."""
+    f = load_artifact(path, task, kinds=("leq_checkpoint",))
+    check_same_config(f"checkpoint {path}", f["meta/config"], args, ignore=LEQ_RESUME_IGNORES)
+    for prefix in prefixes:
+        check_rows(empty, f, path, prefix + "buffer")
+    return f
+
+
+def load_leq_checkpoint(f: dict, template, empty, prefix: str = ""):
+    """(state, buffer, step) from the arrays of read_checkpoint."""
+    return (tree_from_arrays(template, f, prefix + "state"), rows_from_arrays(empty, f, prefix + "buffer"),
+            int(f["progress/step"]))

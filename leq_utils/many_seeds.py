@@ -169,10 +169,10 @@ def train(args, leq) -> Path:
     empty = leq.empty_buffer(capacity, task.obs_dim, task.act_dim)
     with artifacts.FolderLock(run_dir / "run.lock", f"run folder {run_dir}"):
         if all((out / "leq.npz").exists() for out in outs) and all(
-                [artifacts.finished_run(out / "leq.npz", task, a, leq.IGNORED) for out, a in zip(outs, configs)]):
+                [artifacts.finished_run(out / "leq.npz", task, a, artifacts.LEQ_RESUME_IGNORES) for out, a in zip(outs, configs)]):
             return run_dir
         prefixes = [name + "/" for name in names]
-        resume = artifacts.newest_checkpoint(run_dir, lambda p: leq.read_checkpoint(p, task, args, empty, prefixes))
+        resume = artifacts.newest_checkpoint(run_dir, lambda p: artifacts.read_leq_checkpoint(p, task, args, empty, prefixes))
         actor_opt, critic_opt = leq.optimizers(args)
         seeds = [Seed(*leq.setup_seed(task, a, seed_resume(resume, name), actor_opt, critic_opt))
                  for a, name in zip(configs, names)]
@@ -180,7 +180,7 @@ def train(args, leq) -> Path:
         data = tasks.device_dataset(seeds[0].ds)
         st, buf, step = stack([s.st for s in seeds]), stack([empty] * n), 0
         if resume:
-            loaded = [leq.load_checkpoint(resume[1], s.st, empty, p) for s, p in zip(seeds, prefixes)]
+            loaded = [artifacts.load_leq_checkpoint(resume[1], s.st, empty, p) for s, p in zip(seeds, prefixes)]
             st, buf, step = stack([x[0] for x in loaded]), stack([x[1] for x in loaded]), loaded[0][2]
             print(f"[leq] resuming {run_dir} from step {step}")
         artifacts.write_json(run_dir / "config.json", dataclasses.asdict(args))
@@ -227,7 +227,7 @@ def train(args, leq) -> Path:
             if (step % args.checkpoint_every == 0 and step < args.total_steps) or cli.STOP.signum:
                 arrays = {"progress/step": np.array(step)}
                 for i, (s, p) in enumerate(zip(seeds, prefixes)):
-                    arrays.update(leq.checkpoint_arrays(unstack(st, i), unstack(buf, i), s.nets.stats, p))
+                    arrays.update(artifacts.leq_checkpoint_arrays(unstack(st, i), unstack(buf, i), s.nets.stats, p))
                 saved = artifacts.save_checkpoint(run_dir, step, arrays, "leq_checkpoint", task, args, inputs=inputs)
             bar.update(chunk)
             bar.set_postfix_str(f"critic {np.mean(metrics['critic_loss']):.3g} q {np.mean(metrics['q_data']):.3g} "
