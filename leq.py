@@ -605,7 +605,10 @@ def make_update(nets: Nets, wm, done_fn, actor_opt, critic_opt, args: Args):
 
     def update(st: LEQState, data, starts, n_starts, key):
         k_data, k_start, k_actor, k_critic = jax.random.split(key, 4)
-        batch = tasks.sample(data, k_data, args.batch_size)                         # B_D
+        # B_D: dataset transitions (s, a, r, s', mask), r transformed, mask = 1 - terminal; B_M: start
+        # states from the expansion buffer's filled rows; both uniform with replacement, on the device
+        rows = jax.random.randint(k_data, (args.batch_size,), 0, data.observations.shape[0])
+        batch = jax.tree.map(lambda x: x[rows], data)                                      # B_D
         s0 = starts[jax.random.randint(k_start, (args.model_batch_size,), 0, n_starts)]  # B_M
         # the release draws the two rollouts independently (same starts, other model samples)
         g_actor, m_actor = actor_grads(st, s0, k_actor)
