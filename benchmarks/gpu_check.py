@@ -154,7 +154,8 @@ def summary(mode: str, out: Path, parts_file: Path, devices_file: Path, budget_s
     result["goals"] = {k: (None if not on_gpu or result["figures"][k] is None else result["figures"][k] <= v)
                        for k, v in GOALS.items()}
     result["note"] = ("measured on a GPU" if on_gpu else
-                      "CPU mode at reduced sizes: a check that the script works, NOT evidence for a GPU")
+                      "CPU mode at reduced sizes: a check that the script works, NOT evidence for a GPU"
+                      if mode == "cpu" else "GPU mode, but jax ran on no GPU: no figure here is a GPU figure")
     write_json(out / "summary.json", result)
 
     f = result["figures"]
