@@ -117,46 +117,6 @@ def dense(features):
                     bias_init=nn.initializers.zeros)
 
 
-LN_EPS = 1e-6  # as flax.linen.LayerNorm
-
-
-@jax.custom_vjp
-def layer_norm(x, scale, bias):
-    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis: flax's LayerNorm, with a
-    hand-written VJP (one fused pass each way instead of autodiff's many small operations, which
-    is what costs time on a CPU; tests/ check it against flax.linen.LayerNorm)."""
-    return _layer_norm_fwd(x, scale, bias)[0]
-
-
-def _layer_norm_fwd(x, scale, bias):
-    centred = x - x.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt((centred * centred).mean(-1, keepdims=True) + LN_EPS)
-    normed = centred * rstd
-    return normed * scale + bias, (normed, rstd, scale)
-
-
-def _layer_norm_bwd(residuals, g):
-    normed, rstd, scale = residuals
-    g_normed = g * scale
-    g_x = rstd * (g_normed - g_normed.mean(-1, keepdims=True)
-                  - normed * (g_normed * normed).mean(-1, keepdims=True))
-    batch_axes = tuple(range(g.ndim - 1))
-    return g_x, (g * normed).sum(batch_axes), g.sum(batch_axes)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-class LayerNorm(nn.Module):
-    """Same parameters (scale, bias) and function as flax.linen.LayerNorm; see `layer_norm`."""
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        return layer_norm(x, scale, bias)
-
-
 class Actor(nn.Module):
     """MLP, ReLU on every hidden layer, no LayerNorm; input symlog((s - mu_s) / std_s).
     Returns the pre-tanh mean; the deterministic action is tanh(mean). With `with_log_std` (the
@@ -198,7 +158,7 @@ class Critic(nn.Module):
         mean, std = stats
         x = symlog((jnp.concatenate([s, a], -1) - mean) / std)
         for h in self.hidden_dims:
-            x = nn.relu(LayerNorm()(dense(h)(x)))
+            x = nn.relu(nn.LayerNorm(epsilon=1e-6)(dense(h)(x)))
         return dense(1)(x)[..., 0]
 
 
