@@ -131,48 +131,14 @@ def members(params: dict) -> list:
     return [params[f"member_{e}"] for e in range(sum(k.startswith("member_") for k in params))]
 
 
-@jax.custom_vjp
-def swish(x):
-    """x sigmoid(x), with a hand-written VJP g (s + x s (1 - s)), s = sigmoid(x): one fused
-    operation each way instead of autodiff's several, which matters on a CPU where XLA pays a
-    fixed cost per small operation (an exact speed-up)."""
-    return x * jax.nn.sigmoid(x)
-
-
-def _swish_fwd(x):
-    s = jax.nn.sigmoid(x)
-    return x * s, (x, s)
-
-
-def _swish_bwd(residuals, g):
-    x, s = residuals
-    return (g * s * (1.0 + x * (1.0 - s)),)
-
-
-swish.defvjp(_swish_fwd, _swish_bwd)
-
-
 def member_forward(member: dict, x):
     """One member's MLP on x (N, in): swish hidden layers, raw output [mean, logvar] (N, 2 out)."""
     n_layers = len(member)
     for i in range(n_layers):
         x = x @ member[f"layer_{i}"]["kernel"] + member[f"layer_{i}"]["bias"]
         if i < n_layers - 1:
-            x = swish(x)
+            x = jax.nn.swish(x)
     return x
-
-
-@jax.custom_jvp
-def softplus(x):
-    """log(1 + e^x) as max(x, 0) + log(1 + e^-|x|), derivative sigmoid(x). jax.nn.softplus uses
-    log1p, which XLA's CPU backend runs about 10x slower (a world-model epoch about 3% slower).
-    Without log1p the result is off by at most about 1e-7 in absolute terms where it is tiny;
-    here it is a log-variance, so that is a relative error of at most about 1e-7 in the variance,
-    float32's own rounding (deviation, docs/DEVIATIONS.md)."""
-    return jnp.maximum(x, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(x)))
-
-
-softplus.defjvps(lambda g, ans, x: g * jax.nn.sigmoid(x))
 
 
 def gaussian_head(params: dict, out):
@@ -180,8 +146,8 @@ def gaussian_head(params: dict, out):
     lv = max - softplus(max - lv); lv = min + softplus(lv - min)."""
     mean, logvar = jnp.split(out, 2, axis=-1)
     hi, lo = params["max_logvar"], params["min_logvar"]
-    logvar = hi - softplus(hi - logvar)
-    return mean, lo + softplus(logvar - lo)
+    logvar = hi - jax.nn.softplus(hi - logvar)
+    return mean, lo + jax.nn.softplus(logvar - lo)
 
 
 def ensemble_forward(params: dict, x):
