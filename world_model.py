@@ -152,25 +152,38 @@ def gaussian_head(params: dict, out):
 
 def ensemble_forward(params: dict, x):
     """Every member on x: (B, in) shared, or (E, B, in) one batch per member -> mean, logvar
-    (E, B, out). The members run one after another: on a CPU, E plain matrix products are about
-    1.5x faster than one batched product, and a GPU runs them just as well."""
+    (E, B, out). The members run one after another as E independent chains of matrix products
+    (the plain form, tests/test_plain_references.py's reference: one jax.vmap of member_forward
+    over the members' stacked parameters). What it buys, measured with
+    benchmarks/plain_vs_tuned.py on the shared 2-core CPU: with the vmap form a world-model epoch
+    takes 12.8% more wall time (9.7% more CPU time; medians over 76 paired rounds in 5 runs, run
+    medians 5-35%), close to the 10% a kept trick must buy (docs/PERFORMANCE_PLAIN_JAX.md)."""
     out = jnp.stack([member_forward(m, x if x.ndim == 2 else x[e]) for e, m in enumerate(members(params))])
     return gaussian_head(params, out)
 
 
+def every_member_then_pick(params: dict, x, member):
+    """mean, logvar (N, out) of member[n] at row n, the plain way: every member on every row, then
+    each row keeps its own member's output. The reference of `picked_forward`."""
+    mean, logvar = ensemble_forward(params, x)
+    pick = lambda v: jnp.take_along_axis(v, member[None, :, None], axis=0)[0]  # noqa: E731
+    return pick(mean), pick(logvar)
+
+
 def picked_forward(params: dict, x, member):
-    """mean, logvar (N, out) of member[n] at row n, computing each member only on its own rows:
-    the rows of member e are gathered into a block of fixed capacity C (the mean count plus 4
-    standard deviations of the binomial count),
-    each block goes through its member, and row n reads its result back from its block. If some
-    member drew more than C rows (about 2e-4 per call at N = 256) every member runs on every row
-    instead. Both paths give the same numbers; the first does about 1/3 of the work of running
-    all members, forward and backward (an exact speed-up)."""
+    """`every_member_then_pick`, computing each member only on its own rows: the rows of member e
+    are gathered into a block of fixed capacity C (the mean count plus 4 standard deviations of the
+    binomial count), each block goes through its member, and row n reads its result back from its
+    block. If some member drew more than C rows (about 2e-4 per call at N = 256) it falls back to
+    `every_member_then_pick`. The same numbers at about 1/3 of the work (5 elites, N = 256: 5 blocks
+    of 78 rows instead of 5 x 256), forward and backward. What it buys, measured with
+    benchmarks/plain_vs_tuned.py on the shared 2-core CPU: with `every_member_then_pick` the LEQ
+    step takes 31% more wall time (34% more CPU time; medians over 36 paired rounds in 4 runs,
+    run medians 27-39%; docs/PERFORMANCE_PLAIN_JAX.md). world_model.py's training does not use it."""
     n, n_members = x.shape[0], len(members(params))
     p = 1.0 / n_members
     capacity = min(n, math.ceil(n * p + 4 * math.sqrt(n * p * (1 - p))) + 1)
-    one_hot = jax.nn.one_hot(member, n_members, dtype=jnp.int32)   # (N, E)
-    counts = one_hot.sum(0)
+    counts = jax.nn.one_hot(member, n_members, dtype=jnp.int32).sum(0)  # rows per member
 
     def grouped(x):
         order = jnp.argsort(member, stable=True)                   # rows sorted by member
@@ -179,13 +192,10 @@ def picked_forward(params: dict, x, member):
         rank = jnp.argsort(order) - first[member]                  # row n is the rank-th of its member
         blocks = [member_forward(m, x[order[jnp.minimum(first[e] + jnp.arange(capacity), n - 1)]])
                   for e, m in enumerate(members(params))]
-        return jnp.concatenate(blocks)[member * capacity + rank]
+        return gaussian_head(params, jnp.concatenate(blocks)[member * capacity + rank])
 
-    def everyone(x):
-        outs = jnp.stack([member_forward(m, x) for m in members(params)])
-        return jnp.take_along_axis(outs, member[None, :, None], axis=0)[0]
-
-    return gaussian_head(params, jax.lax.cond(jnp.max(counts) <= capacity, grouped, everyone, x))
+    return jax.lax.cond(jnp.max(counts) <= capacity, grouped,
+                        lambda x: every_member_then_pick(params, x, member), x)
 
 
 # ============================================================================================
@@ -194,14 +204,10 @@ def picked_forward(params: dict, x, member):
 
 def ensemble_loss(params: dict, x, y):
     """sum_e [mean((mu - y)^2 exp(-lv)) + mean(lv)] + 0.01 sum(max_logvar) - 0.01 sum(min_logvar),
-    for x: (E, B, in), y: (E, B, out). The weight decay, the loss's third part, is `decay_loss`.
-    Each member's terms are summed on their own, never stacked: a member's backward pass can
-    then start as soon as its own forward pass is done (an exact speed-up of about 3%)."""
-    loss = 0.01 * jnp.sum(params["max_logvar"]) - 0.01 * jnp.sum(params["min_logvar"])
-    for e, m in enumerate(members(params)):
-        mean, logvar = gaussian_head(params, member_forward(m, x[e]))
-        loss += jnp.mean((mean - y[e]) ** 2 * jnp.exp(-logvar)) + jnp.mean(logvar)
-    return loss
+    for x: (E, B, in), y: (E, B, out). The weight decay, the loss's third part, is `decay_loss`."""
+    mean, logvar = ensemble_forward(params, x)
+    nll = jnp.mean((mean - y) ** 2 * jnp.exp(-logvar), axis=(1, 2)) + jnp.mean(logvar, axis=(1, 2))
+    return jnp.sum(nll) + 0.01 * jnp.sum(params["max_logvar"]) - 0.01 * jnp.sum(params["min_logvar"])
 
 
 def decay_loss(params: dict, weight_decay):
@@ -211,16 +217,13 @@ def decay_loss(params: dict, weight_decay):
 
 
 def loss_grads(params: dict, x, y, weight_decay):
-    """(ensemble_loss, gradient of ensemble_loss + decay_loss). The decay's gradient wd_l W_l is
-    added directly rather than differentiated, and its value is left out of the returned loss:
-    the same gradient, about 5% faster per epoch (XLA fuses the addition into Adam's update
-    instead of running a separate square, sum and derivative per kernel)."""
-    loss, grads = jax.value_and_grad(ensemble_loss)(params, x, y)
-    for e, m in enumerate(members(params)):
-        for i, wd in enumerate(weight_decay):
-            g = grads[f"member_{e}"][f"layer_{i}"]
-            g["kernel"] = g["kernel"] + wd * m[f"layer_{i}"]["kernel"]
-    return loss, grads
+    """(ensemble_loss, gradient of ensemble_loss + decay_loss). The decay's value is left out of
+    the returned loss (the progress bar shows it on its own)."""
+    def loss(params):
+        nll = ensemble_loss(params, x, y)
+        return nll + decay_loss(params, weight_decay), nll
+    (_, nll), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return nll, grads
 
 
 def holdout_mse(params: dict, x, y):
