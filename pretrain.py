@@ -421,4 +421,4 @@ def train(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    cli.run_script(train, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)
+    cli.run_script(train, Args)

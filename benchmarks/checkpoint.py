@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from leq_utils import artifacts, cli  # noqa: E402
+from leq_utils import artifacts  # noqa: E402
 import leq  # noqa: E402
 from leq_step import build  # noqa: E402  (benchmarks/leq_step.py: random LEQ state at paper sizes)
 
@@ -57,5 +57,4 @@ def main():
 
 
 if __name__ == "__main__":
-    cli.use_fast_cpu_kernels()  # as the stages do (docs/PERFORMANCE.md)
     main()

@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from leq_utils import cli  # noqa: E402
 import evaluate  # noqa: E402
 import pretrain  # noqa: E402
 from leq_utils import tasks  # noqa: E402
@@ -52,5 +51,4 @@ def main(a: Args):
 
 if __name__ == "__main__":
     import tyro
-    cli.use_fast_cpu_kernels()  # as the stages do (docs/PERFORMANCE.md)
     main(tyro.cli(Args))

@@ -12,7 +12,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
-from leq_utils import cli  # noqa: E402
 import leq  # noqa: E402
 from leq_step import build  # noqa: E402  (random LEQ state at paper sizes)
 
@@ -37,5 +36,4 @@ def main():
 
 
 if __name__ == "__main__":
-    cli.use_fast_cpu_kernels()  # as the stages do (docs/PERFORMANCE.md)
     main()

@@ -30,7 +30,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from leq_utils import cli  # noqa: E402
 import leq  # noqa: E402
 import pretrain  # noqa: E402
 from leq_utils import tasks  # noqa: E402
@@ -228,5 +227,4 @@ def main(a: Args):
 
 if __name__ == "__main__":
     import tyro
-    cli.use_fast_cpu_kernels()  # as the stages do (docs/PERFORMANCE.md)
     main(tyro.cli(Args))

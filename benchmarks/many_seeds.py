@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from leq_utils import cli  # noqa: E402
 import leq  # noqa: E402
 from leq_utils import many_seeds  # noqa: E402
 from leq_step import PAPER_SIZES, CompileClock, build, describe, sizes_of, timed, write_json  # noqa: E402
@@ -116,5 +115,4 @@ def main(a: Args):
 
 if __name__ == "__main__":
     import tyro
-    cli.use_fast_cpu_kernels()  # as the stages do (docs/PERFORMANCE.md)
     main(tyro.cli(Args))

@@ -18,7 +18,6 @@ from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from leq_utils import cli  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -78,5 +77,4 @@ def main(a: Args):
 
 if __name__ == "__main__":
     import tyro
-    cli.use_fast_cpu_kernels()  # as the stages do (docs/PERFORMANCE.md)
     main(tyro.cli(Args))

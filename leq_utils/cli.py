@@ -1,9 +1,8 @@
 """How every script runs: `cli.run_script(main, Args)` in each `__main__` parses the tyro Args,
 turns bad input, a non-finite loss and failed file operations into one line `error: ...` (exit
 code 1), and makes SIGINT / SIGTERM stop a training loop at its next chunk boundary with a
-checkpoint (`STOP`, `stop_if_requested`; exit code 128 + the signal's number). It also sets the
-XLA CPU option of `use_fast_cpu_kernels`. A library user who imports a stage and calls its
-`train` gets none of this, and no process-wide setting.
+checkpoint (`STOP`, `stop_if_requested`; exit code 128 + the signal's number). A library user who
+imports a stage and calls its `train` gets none of this.
 """
 
 from __future__ import annotations
@@ -15,16 +14,6 @@ import sys
 from typing import Callable
 
 from leq_utils.common import InputError
-
-
-def use_fast_cpu_kernels() -> None:
-    """(Deviation, README.) XLA's CPU backend runs this project's small matrix products about 10%
-    faster through its Eigen kernels than through the YNNPACK fusions it picks by default
-    (measured with benchmarks/). Only CPU compilation is affected, never the maths of a GPU run.
-    The scripts call this in their `__main__` (a library user may leave it out); it must run
-    before JAX's first computation, and XLA_FLAGS that already name the option win."""
-    if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
 
 
 class Interrupted(KeyboardInterrupt):
@@ -77,14 +66,12 @@ def os_error_message(e: OSError) -> str:
 
 
 def run_script(main: Callable, args_type) -> None:
-    """Every script's `__main__`: set the XLA CPU option of `use_fast_cpu_kernels` (a library
-    user who imports a stage and calls it directly does not get it), install the SIGINT/SIGTERM
-    handlers (see StopRequest), parse `args_type` with tyro and call `main` on it. Bad input
-    (InputError), a non-finite loss (FloatingPointError) and failed file operations (OSError: a
-    full disk, a read-only folder, ...) end the script with one line and exit code 1; a signal
-    with one line and 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+    """Every script's `__main__`: install the SIGINT/SIGTERM handlers (see StopRequest), parse
+    `args_type` with tyro and call `main` on it. Bad input (InputError), a non-finite loss
+    (FloatingPointError) and failed file operations (OSError: a full disk, a read-only folder, ...)
+    end the script with one line and exit code 1; a signal with one line and 128 + its number (130
+    for SIGINT, 143 for SIGTERM)."""
     import tyro
-    use_fast_cpu_kernels()
     STOP.armed, STOP.signum = False, 0
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0

@@ -15,11 +15,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "scripts"))  # generate_dataset.py, the other scripts
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from leq_utils import cli  # noqa: E402
 from leq_utils import mazes  # noqa: E402
 from leq_utils import tasks  # noqa: E402
 
-cli.use_fast_cpu_kernels()  # the compiler options the scripts use, before JAX starts
 
 
 def write_d4rl_file(path, observations, actions, rewards, terminals, timeouts=None, **extra):
