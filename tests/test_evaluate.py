@@ -466,7 +466,7 @@ import sys
 import numpy as np
 sys.path.insert(0, {root!r})
 import evaluate
-from leq_utils import mazes, tasks
+from leq_utils import mazes, plots, tasks
 task = tasks.get_task("pointmaze-umaze")
 layout = mazes.MAZES["umaze"]
 target = mazes.maze_cells(layout, "G")[0]
