@@ -3,6 +3,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "scripts"))  # generate_dataset.py, the other scripts
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# One JAX persistent compilation cache per test session, shared by the pytest-xdist workers and
+# every script they start (both inherit the environment of the process that made it). Most of a
+# tiny pipeline's time is XLA compiling the same few programs again in each subprocess; loading
+# them instead makes the whole suite about twice as fast. A loaded executable is the one that was
+# compiled, so results are bitwise those of a fresh compile
+# (test_robustness.py::test_compilation_cache_changes_no_bit). LEQ_TEST_NO_JAX_CACHE=1 turns it off.
+if not os.environ.get("LEQ_TEST_NO_JAX_CACHE") and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="leq-tests-jax-cache-")
+    os.environ["LEQ_TEST_JAX_CACHE_OWNER"] = str(os.getpid())
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    # a size limit makes JAX lock each entry's read and write (filelock), so no process reads an
+    # entry another is still writing (it would warn and compile again)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that made this session's compilation cache removes it."""
+    if os.environ.get("LEQ_TEST_JAX_CACHE_OWNER") == str(os.getpid()):
+        import shutil
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 from leq_utils import mazes  # noqa: E402
 from leq_utils import tasks  # noqa: E402
@@ -70,6 +95,43 @@ os.replace = slow_replace
     assert proc.stdout.readline().strip() == "written"
     proc.send_signal(signal.SIGKILL)
     return proc.wait()
+
+
+def run_killed_at_rename(args, cwd, name_part: str, n: int, timeout=300):
+    """Run a script (args as for `run`) and SIGKILL it while it is about to rename the n-th file
+    whose name contains `name_part` (its n-th checkpoint, say): the n - 1 before it are in place,
+    the n-th is complete but not renamed. Where a kill lands does not depend on the machine's
+    speed, so runs can be short. Returns the script's exit code (-SIGKILL)."""
+    script = f"""
+import os, runpy, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+sys.argv = {[str(a) for a in args]!r}
+real_replace, seen = os.replace, []
+def replace(a, b):
+    if {name_part!r} in os.path.basename(b):
+        seen.append(b)
+        if len(seen) == {n}:
+            print("@@killme", flush=True)
+            time.sleep(600)
+    real_replace(a, b)
+os.replace = replace
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    with tempfile.TemporaryFile("w+") as err:  # a file: a full stderr pipe would block the script
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=cwd, stdout=subprocess.PIPE, stderr=err,
+                                text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        for line in proc.stdout:  # the script's own output, then the marker
+            if line.strip() == "@@killme":
+                break
+        else:
+            err.seek(0)
+            raise AssertionError(f"{args[0]} ended before its rename {n} of '{name_part}': {err.read()[-3000:]}")
+        timer.cancel()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return proc.returncode
 
 
 def run(args, cwd, check=True, timeout=600):

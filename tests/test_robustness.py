@@ -2,6 +2,7 @@
 one-line errors for bad input (the real scripts, in subprocesses)."""
 
 import json
+import signal
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ from leq_utils import artifacts
 import leq
 from leq_utils import mazes
 from leq_utils import tasks
-from conftest import ENV, ROOT, TINY_PRETRAIN, TINY_WORLD_MODEL, killed_before_a_rename, leq_cmd, metric_rows, npz_arrays, run, run_and_kill_when
+from conftest import ENV, ROOT, TINY_PRETRAIN, TINY_WORLD_MODEL, killed_before_a_rename, leq_cmd, metric_rows, npz_arrays, run, run_and_kill_when, run_killed_at_rename
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,6 +50,28 @@ def test_same_seed_twice_gives_identical_metrics(upstream, tiny_maze_file_module
     assert metric_rows(other) != metric_rows(uninterrupted)
 
 
+def test_compilation_cache_changes_no_bit(upstream, tiny_maze_file_module, tmp_path):
+    """conftest.py shares a JAX persistent compilation cache across the suite's subprocesses: a run
+    that loads every program from the cache ends bitwise equal to the run that compiled them."""
+    import os
+    import subprocess
+    import sys
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache))
+    for name in ("compiled", "loaded"):
+        subprocess.run([sys.executable, *map(str, leq_cmd(upstream, tiny_maze_file_module, tmp_path / name))],
+                       cwd=tmp_path, env=env, check=True, capture_output=True)
+        entries = sorted(p.name for p in cache.iterdir())
+        if name == "compiled":
+            written = entries
+    assert len(written) >= 3 and entries == written  # the second run compiled nothing new
+    compiled, loaded = npz_arrays(tmp_path / "compiled" / "leq.npz"), npz_arrays(tmp_path / "loaded" / "leq.npz")
+    assert compiled.keys() == loaded.keys() and len(compiled) > 10
+    for k in compiled:
+        np.testing.assert_array_equal(loaded[k], compiled[k], err_msg=k)
+    assert metric_rows(tmp_path / "loaded") == metric_rows(tmp_path / "compiled")
+
+
 def test_leq_artifact_runs_in_evaluate(uninterrupted):
     """End to end: the leq.npz of a 300-step run on a built-in maze loads and runs in evaluate.py."""
     p = run([ROOT / "evaluate.py", "--checkpoint", uninterrupted / "leq.npz", "--episodes", 2, "--parallel", 2,
@@ -82,37 +105,39 @@ def test_one_compile_per_run(upstream, tiny_maze_file_module, tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_world_model_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
-    """world_model.py continues from its per-epoch checkpoint and ends with the same model."""
-    # A tiny epoch takes ~20 ms: run 300 of them (no early stop) so that the kill, sent once the
-    # first checkpoint exists, lands seconds before the end (with 4 epochs CI once lost that race).
+    """world_model.py continues from its per-epoch checkpoint and ends with the same model. The
+    kill lands as epoch 4's checkpoint is renamed, so the rerun resumes after epoch 3."""
     def cmd(out):
         return [ROOT / "world_model.py", "--env", ENV, "--dataset-path", tiny_maze_file_module, "--out", out,
                 "--hidden-dims", 16, 16, "--weight-decay", 2.5e-5, 5e-5, 1e-4, "--ensemble-size", 3,
-                "--num-elites", 2, "--max-epochs", 300, "--patience", 1000]
+                "--num-elites", 2, "--max-epochs", 8, "--patience", 1000]
     run(cmd(tmp_path / "plain.npz"), tmp_path)
-    ckpt = tmp_path / "killed.ckpt.npz"
-    run_and_kill_when(cmd(tmp_path / "killed.npz"), tmp_path, ckpt.exists)
-    assert not (tmp_path / "killed.npz").exists()
+    assert run_killed_at_rename(cmd(tmp_path / "killed.npz"), tmp_path, "ckpt", 4) == -signal.SIGKILL
+    assert (tmp_path / "killed.ckpt.npz").exists() and not (tmp_path / "killed.npz").exists()
     p = run(cmd(tmp_path / "killed.npz"), tmp_path)
-    assert "resuming" in p.stdout and not ckpt.exists()
+    assert "resuming" in p.stdout and "at epoch 3" in p.stdout and not (tmp_path / "killed.ckpt.npz").exists()
     a, b = npz_arrays(tmp_path / "plain.npz", ("model/",)), npz_arrays(tmp_path / "killed.npz", ("model/",))
+    assert a.keys() == b.keys() and a
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @pytest.mark.slow
 def test_pretrain_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
-    """pretrain.py continues from its checkpoint and ends with the same pretrain."""
+    """pretrain.py continues from its checkpoint and ends with the same pretrain. The kill lands as
+    the step-400 checkpoint is renamed (FQE's step 100), so the rerun resumes from step 300, at the
+    switch from BC to FQE."""
     def cmd(out):
         return [ROOT / "pretrain.py", "--env", ENV, "--dataset-path", tiny_maze_file_module, "--world-model",
-                upstream / "wm.npz", "--out", out, "--hidden-dims", 32, 32, "--bc-steps", 3000, "--fqe-steps",
-                3000, "--chunk", 100, "--checkpoint-every", 500, "--bc-batch-size", 64]
+                upstream / "wm.npz", "--out", out, "--hidden-dims", 32, 32, "--bc-steps", 300, "--fqe-steps",
+                300, "--chunk", 50, "--checkpoint-every", 100, "--bc-batch-size", 64]
     run(cmd(tmp_path / "plain.npz"), tmp_path)
-    ckpt = tmp_path / "killed.ckpt.npz"
-    run_and_kill_when(cmd(tmp_path / "killed.npz"), tmp_path, ckpt.exists)
+    assert run_killed_at_rename(cmd(tmp_path / "killed.npz"), tmp_path, "ckpt", 4) == -signal.SIGKILL
+    assert (tmp_path / "killed.ckpt.npz").exists() and not (tmp_path / "killed.npz").exists()
     p = run(cmd(tmp_path / "killed.npz"), tmp_path)
-    assert "resuming" in p.stdout
+    assert "resuming" in p.stdout and "at step 300" in p.stdout
     a, b = npz_arrays(tmp_path / "plain.npz"), npz_arrays(tmp_path / "killed.npz")
+    assert a.keys() == b.keys() and a
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
