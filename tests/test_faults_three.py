@@ -19,6 +19,7 @@ from conftest import ENV, TINY_PRETRAIN, TINY_WORLD_MODEL, write_d4rl_file
 from test_faults import last_line, snapshot
 
 import evaluate
+import generate_dataset  # scripts/
 import leq
 import pretrain
 import world_model
@@ -86,7 +87,7 @@ def test_1_an_existing_artifact_is_never_replaced_silently(upstream, tiny_maze_f
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["--seed 2**32", "--seed 1e20", "--num-seeds past 2**32", "--goal nan 0",
-                                  "--goal inf inf", "--dataset-path ''", "--checkpoint ''"])
+                                  "--goal inf inf", "--dataset-path ''", "--checkpoint ''", "--data-dir ''"])
 def test_2_flags_no_longer_accepted_silently(case, upstream, tmp_path, entry):
     """Seeds wrapped modulo 2**32 (--seed 4294967296 ran as --seed 0) or crashed with an
     OverflowError; a NaN or infinite --goal ran to the end; an empty --dataset-path (an unset shell
@@ -111,9 +112,14 @@ def test_2_flags_no_longer_accepted_silently(case, upstream, tmp_path, entry):
     elif case == "--dataset-path ''":
         cases = [(module, [*a, "--dataset-path", ""], ("--dataset-path is empty (an unset shell variable?): give a "
                   "value, or leave the flag out for its default")) for module, a in argv.items() if module is not evaluate]
-    else:
+    elif case == "--checkpoint ''":
         cases = [(evaluate, ["--checkpoint", ""], ("--checkpoint is empty (an unset shell variable?): give a value, "
                   "or leave the flag out for its default"))]
+    else:  # the dataset generator too (--data-dir "" was ./data)
+        cases = [(module, [*a[2:], "--data-dir", "", "--dataset-path", folder / "d.hdf5"], ("--data-dir is empty (an "
+                  "unset shell variable?): give a value, or leave the flag out for its default"))
+                 for module, a in argv.items() if module is not evaluate]
+        cases.append((generate_dataset, ["--env", ENV, "--data-dir", ""], cases[0][2]))
     before = snapshot(folder)
     for module, a, message in cases:
         assert last_line(entry(module, *a), only=True) == f"error: {message}", module.__name__
