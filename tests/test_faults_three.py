@@ -12,6 +12,7 @@ import shutil
 import sys
 from types import SimpleNamespace
 
+import generate_dataset  # scripts/
 import h5py
 import numpy as np
 import pytest
@@ -19,7 +20,6 @@ from conftest import ENV, TINY_PRETRAIN, TINY_WORLD_MODEL, write_d4rl_file
 from test_faults import last_line, snapshot
 
 import evaluate
-import generate_dataset  # scripts/
 import leq
 import pretrain
 import world_model
