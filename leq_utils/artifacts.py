@@ -308,10 +308,13 @@ def finished_output(out: Path, what: str, f: dict, inputs: dict) -> bool:
     recorded = f["meta/inputs"] or {}
     for name, now in inputs.items():
         then = recorded.get(name) or {}
-        if then.get("sha256") != now["sha256"]:
+        if not then:  # written before fingerprints: what it was made from is unknown
+            raise InputError(f"{what} {out} already exists, made with these settings, but it records no fingerprint "
+                             f"of its {name.replace('_', ' ')} (it predates them); {KEEP}")
+        if then["sha256"] != now["sha256"]:
             raise InputError(f"{what} {out} already exists, made with these settings from another "
-                             f"{name.replace('_', ' ')} (sha256 {str(then.get('sha256', 'unknown'))[:12]}, this run's "
-                             f"{now['path']} is {now['sha256'][:12]}); {KEEP}")
+                             f"{name.replace('_', ' ')} (sha256 {then['sha256'][:12]}, this run's {now['path']} is "
+                             f"{now['sha256'][:12]}); {KEEP}")
     print(f"[{f['meta/kind']}] {out} already holds this {what} (same settings and inputs); nothing to do "
           f"(pass --overwrite to train it again)")
     return True
