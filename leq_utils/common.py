@@ -42,8 +42,8 @@ def check_flags(args, *rules) -> None:
 
 
 def check_common(args) -> None:
-    """The checks every script's flags get, before any work (tasks.check_task_args, which every
-    stage calls, and evaluate.py call it; one line each): no flag whose default is None (a path,
+    """The checks every script's flags get, before any work (called by tasks.check_task_args, which
+    every stage calls, by evaluate.py and by scripts/generate_dataset.py; one line each): no flag whose default is None (a path,
     an env) given as an empty string, which would otherwise count as not given and pick the
     default silently (an unset shell variable: --dataset-path "$DATA" would use the built-in
     data); and a seed, where there is one, in [0, 2**32)."""
