@@ -141,7 +141,7 @@ def paper_protocol(task: tasks.Task, nets: pretrain.Nets, params, rounds: int = 
 
 def check_outputs(args: Args) -> None:
     """Before any episode: the flags, and the folders the outputs go to exist and are writable."""
-    tasks.check_flags(args, (">= 1", "episodes parallel"), (">= 0", "seed"))
+    tasks.check_flags(args, (">= 1", "episodes parallel"))
     stem = Path(str(args.checkpoint).removesuffix(".npz"))
     outs = [Path(args.out or f"{stem}.eval.json")] + [stem] * (args.plot or args.video)
     for folder in {out.parent for out in outs}:
@@ -151,6 +151,7 @@ def check_outputs(args: Args) -> None:
 
 
 def main(args: Args) -> Optional[dict]:
+    tasks.check_common(args)  # no empty path flag, a seed in [0, 2**32)
     if args.curve:
         png = Path(args.curve).with_suffix(".png")
         plots.plot_curve(args.curve, png)

@@ -79,6 +79,9 @@ class Args(Settings, tasks.TaskArgs):
     """steps between checkpoints (<out>.ckpt.npz, removed when the stage finishes)"""
     resume: bool = True
     """continue from <out>.ckpt.npz if a previous run of the same config left one"""
+    overwrite: bool = False
+    """replace an existing <out> (without it, an existing file is never replaced: another config's is
+    refused, naming it; the same config's, made from the same inputs, is left as it is)"""
 
 
 def resolve(args: Args) -> Args:
@@ -356,6 +359,7 @@ def train(args: Args) -> Path:
     # TRY NOT TO MODIFY: the output (locked), a checkpoint to resume, the inputs and their fingerprints
     task = tasks.get_task(args.env)
     out = path_or_default(args.out, args.env, args.seed)
+    artifacts.check_output_file(out, "pretrain")
     ckpt = out.with_name(out.name.replace(".npz", "") + ".ckpt.npz")
     print(f"[pretrain] {args.env}, seed {args.seed}: {args.bc_steps:,} BC steps, then {args.fqe_steps:,} FQE "
           f"steps; {out}")
@@ -364,13 +368,16 @@ def train(args: Args) -> Path:
         raise tasks.InputError(f"world model {wm_path} does not exist: run world_model.py --env {args.env} "
                                f"first, or pass --world-model PATH")
     with artifacts.FolderLock(out.with_name(out.name + ".lock"), f"pretraining {out}"):
-        saved = (artifacts.read_checkpoint(ckpt, task, "pretrain_checkpoint", args, ("resume", "out"))
+        existing = artifacts.existing_output(out, "pretrain", task, "pretrain", args, ("resume", "checkpoint_every"))
+        saved = (artifacts.read_checkpoint(ckpt, task, "pretrain_checkpoint", args, ("resume", "overwrite", "out"))
                  if args.resume and ckpt.exists() else None)  # before any work
         wm = world_model.load_world_model(wm_path, task)
         ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
         recorded = saved["meta/inputs"] if saved else {}
         inputs = {"dataset": artifacts.file_fingerprint(ds.path, [(recorded or {}).get("dataset")])}
         inputs["world_model"] = world_model.check_dataset(wm, wm_path, ds, inputs["dataset"])
+        if existing and artifacts.finished_output(out, "pretrain", existing, inputs):
+            return out  # the same command again: its file is there
         if saved:
             artifacts.check_inputs(f"checkpoint {ckpt}", recorded, inputs,
                                    "use the inputs it was made from, or delete the checkpoint to start over")

@@ -64,6 +64,9 @@ class Args(Settings, tasks.TaskArgs):
     """output file (default: runs/<env>__world_model__s<seed>/world_model.npz)"""
     resume: bool = True
     """continue from <out>.ckpt.npz if a previous run of the same config left one"""
+    overwrite: bool = False
+    """replace an existing <out> (without it, an existing file is never replaced: another config's is
+    refused, naming it; the same config's, made from the same dataset, is left as it is)"""
     # --- Termination classifier (for leq.py --learned-termination, the paper's Table 22) ---
     learn_termination: bool = False
     """also train a classifier of the dataset's terminals from s' (MLP 3 x 256) and store it in the output"""
@@ -519,7 +522,7 @@ def save_world_model(path, task, args, params, mean, std, elites, mse, ds: tasks
 # ============================================================================================
 
 # settings a world-model checkpoint may be resumed with changed (the classifier trains after the ensemble)
-CHECKPOINT_IGNORES = ("resume", "max_epochs", "out", "learn_termination", "termination_only", "termination_lr",
+CHECKPOINT_IGNORES = ("resume", "overwrite", "max_epochs", "out", "learn_termination", "termination_only", "termination_lr",
                       "termination_holdout_size", "termination_max_epochs")
 
 
@@ -529,15 +532,19 @@ def train(args: Args) -> Path:
     # TRY NOT TO MODIFY: the output (locked), a checkpoint to resume, the dataset and its fingerprint
     task = tasks.get_task(args.env)
     out = path_or_default(args.out, args.env, args.seed)
+    artifacts.check_output_file(out, "world_model")
     ckpt = out.with_name(out.name.replace(".npz", "") + ".ckpt.npz")
     with artifacts.FolderLock(out.with_name(out.name + ".lock"), f"world model {out}"):
         if args.termination_only:
             return add_termination(args, task, out, tasks.load_dataset(task, args.dataset_path, args.data_dir))
+        existing = artifacts.existing_output(out, "world model", task, "world_model", args, ("resume",))
         saved = (artifacts.read_checkpoint(ckpt, task, "world_model_checkpoint", args, CHECKPOINT_IGNORES)
                  if args.resume and ckpt.exists() else None)  # before any work
         ds = tasks.load_dataset(task, args.dataset_path, args.data_dir)
         recorded = saved["meta/inputs"] if saved else {}
         inputs = {"dataset": artifacts.file_fingerprint(ds.path, [(recorded or {}).get("dataset")])}
+        if existing and artifacts.finished_output(out, "world model", existing, inputs):
+            return out  # the same command again: its file is there
         if saved:
             artifacts.check_inputs(f"checkpoint {ckpt}", recorded, inputs,
                                    "use the dataset it was made from, or delete the checkpoint to start over")

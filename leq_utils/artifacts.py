@@ -250,16 +250,74 @@ def check_inputs(path, recorded: Optional[dict], current: dict, remedy: str) -> 
                              f"{then['sha256'][:12]}), but {now_is} {now['sha256'][:12]}: {remedy}")
 
 
-def check_same_config(path, saved: dict, args, ignore=()) -> None:
-    """A checkpoint may only be resumed by the configuration that wrote it (paths of inputs are
-    not compared: their fingerprints are, by check_inputs)."""
+def config_diff(saved: dict, args, ignore=()) -> str:
+    """The settings in which `args` differ from a recorded config, as "k <then> there, <now> now; ...",
+    or "" (paths of inputs are not compared: their fingerprints are, by check_inputs)."""
     now = json.loads(json.dumps(dataclasses.asdict(args), default=str, sort_keys=True))
     ignore = (*ignore, "dataset_path", "data_dir", "world_model", "pretrain")
     diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    shown = "; ".join(f"{k} {json.dumps(saved.get(k))} there, {json.dumps(now.get(k))} now" for k in diff[:4])
+    return shown + ("; ..." if len(diff) > 4 else "")
+
+
+def check_same_config(path, saved: dict, args, ignore=()) -> None:
+    """A checkpoint may only be resumed by the configuration that wrote it."""
+    diff = config_diff(saved, args, ignore)
     if diff:
-        shown = "; ".join(f"{k} {json.dumps(saved.get(k))} there, {json.dumps(now.get(k))} now" for k in diff[:4])
-        raise InputError(f"{path} was written with other settings ({shown}{'; ...' if len(diff) > 4 else ''}); "
+        raise InputError(f"{path} was written with other settings ({diff}); "
                          f"use the same flags (see its config), or delete it to start over")
+
+
+# ============================================================================================
+# A stage's output file: never replaced silently
+# ============================================================================================
+
+KEEP = "it is kept: pass --overwrite to replace it, or another --out to keep both"
+
+
+def check_output_file(out: Path, kind: str) -> None:
+    """A stage's output is a file: a folder at its path is refused at once, in one line (before
+    any work; it used to fail only when the trained artifact was written)."""
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder: give the file to write, e.g. {out / (kind + '.npz')}")
+
+
+def existing_output(out: Path, what: str, task: Task, kind: str, args, ignore=()) -> Optional[dict]:
+    """What is at a stage's output path (world_model.py, pretrain.py), looked at before any work:
+    None when nothing is there, or when args.overwrite asks to replace it; else the artifact there,
+    made with the same settings (the stage then compares its inputs: `finished_output`). A file
+    there that is not such an artifact, or one made with other settings, is refused in one line
+    that names it and --overwrite: an artifact is never replaced silently (a LEQ run made
+    from it could not resume). ignore: settings that do not change the artifact (as --resume)."""
+    if not out.exists() or args.overwrite:
+        return None
+    try:
+        f = load_artifact(out, task, kinds=(kind,))
+    except InputError as e:
+        raise InputError(f"{what} {out} already exists and does not load as one ({e}); {KEEP}") from None
+    diff = config_diff(f["meta/config"], args, (*ignore, "out", "overwrite"))
+    if diff:
+        raise InputError(f"{what} {out} already exists, made with other settings ({diff}); {KEEP}")
+    return f
+
+
+def finished_output(out: Path, what: str, f: dict, inputs: dict) -> bool:
+    """The artifact `f` at `out` (from existing_output: same settings) made from `inputs` too
+    ({"dataset" | "world_model": fingerprint}) is what this run would write again: say so in one
+    line, and return True (nothing to do). Made from other inputs: refused in one line."""
+    recorded = f["meta/inputs"] or {}
+    for name, now in inputs.items():
+        then = recorded.get(name) or {}
+        if not then:  # written before fingerprints: what it was made from is unknown
+            raise InputError(f"{what} {out} already exists, made with these settings, but it records no fingerprint "
+                             f"of its {name.replace('_', ' ')} (it predates them); {KEEP}")
+        if then["sha256"] != now["sha256"]:
+            raise InputError(f"{what} {out} already exists, made with these settings from another "
+                             f"{name.replace('_', ' ')} (sha256 {then['sha256'][:12]}, this run's {now['path']} is "
+                             f"{now['sha256'][:12]}); {KEEP}")
+    print(f"[{f['meta/kind']}] {out} already holds this {what} (same settings and inputs); nothing to do "
+          f"(pass --overwrite to train it again)")
+    return True
 
 
 def check_shapes(tree, template, path, prefix: str) -> None:

@@ -6,6 +6,7 @@ minari_tasks) and tasks.py, which dispatches to them, can all import it without 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from typing import Callable, Optional
 
@@ -20,8 +21,11 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+SEED_LIMIT = 2 ** 32  # numpy's and JAX's seeds are 32-bit: JAX would wrap a larger one (2**32 runs as 0), numpy raise
+
 RULES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "in (0, 1)": lambda v: 0 < v < 1,
-         "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1}
+         "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
+         "< 2**32": lambda v: v < SEED_LIMIT, "finite": math.isfinite}
 
 
 def check_flags(args, *rules) -> None:
@@ -35,6 +39,21 @@ def check_flags(args, *rules) -> None:
             if value is not None and not (values and all(RULES[rule](v) for v in values)):
                 raise InputError(f"--{name.replace('_', '-')} must be {rule}{' (each)' if isinstance(value, tuple) else ''}, "
                                  f"got {' '.join(map(str, values)) if isinstance(value, tuple) else value}")
+
+
+def check_common(args) -> None:
+    """The checks every script's flags get, before any work (called by tasks.check_task_args, which
+    every stage calls, by evaluate.py and by scripts/generate_dataset.py; one line each): no flag whose default is None (a path,
+    an env) given as an empty string, which would otherwise count as not given and pick the
+    default silently (an unset shell variable: --dataset-path "$DATA" would use the built-in
+    data); and a seed, where there is one, in [0, 2**32)."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.default is None and isinstance(value, str) and not value.strip():
+            raise InputError(f"--{field.name.replace('_', '-')} is empty (an unset shell variable?): give a value, "
+                             f"or leave the flag out for its default")
+    if hasattr(args, "seed"):
+        check_flags(args, (">= 0", "seed"), ("< 2**32", "seed"))
 
 
 # ============================================================================================

@@ -105,6 +105,9 @@ def make_many(leq, nets, wm, done_fn, actor_opt, critic_opt, args):
 
 def check_flags(args) -> None:
     """leq.resolve's checks of --num-seeds > 1 (one line each)."""
+    if args.seed + args.num_seeds > tasks.SEED_LIMIT:
+        raise tasks.InputError(f"--seed {args.seed} with --num-seeds {args.num_seeds} runs seeds up to "
+                               f"{args.seed + args.num_seeds - 1}, but a seed must be < 2**32")
     if args.learned_termination:
         raise tasks.InputError("--learned-termination is not supported with --num-seeds > 1 (each seed's "
                                "classifier would be a different termination); run the seeds one per process")

@@ -42,7 +42,7 @@ from leq_utils import mazes
 
 from leq_utils.common import (  # noqa: F401  (re-exported: tasks.InputError, tasks.Task, ...)
     ANTMAZE_CENTRES, ANTMAZE_LIMITS, ANTMAZE_RADIUS, LOCOMOTION_DIMS, MAZE_FAMILIES, NAME_PATTERNS, RULES,
-    SUPPORTED, InputError, Task, check_flags, family_termination, termination_fn, warn)
+    SEED_LIMIT, SUPPORTED, InputError, Task, check_common, check_flags, family_termination, termination_fn, warn)
 
 
 @dataclasses.dataclass
@@ -61,9 +61,10 @@ class TaskArgs:
 
 
 def check_task_args(args: TaskArgs) -> None:
-    """The shared flags, before any work: a known env, a seed >= 0, an existing dataset file."""
+    """The shared flags, before any work: a known env, a seed in [0, 2**32), no empty path, an
+    existing dataset file."""
     get_task(args.env)
-    check_flags(args, (">= 0", "seed"))
+    check_common(args)
     if args.dataset_path and not Path(args.dataset_path).is_file():
         raise InputError(f"--dataset-path {args.dataset_path} "
                          f"{'is a folder, not a file' if Path(args.dataset_path).is_dir() else 'does not exist'}")
@@ -165,6 +166,12 @@ def read_hdf5(path, max_episode_steps: Optional[int] = None, origin: str = "your
         if bad.any():
             raise InputError(f"dataset file {path}: '{k}' has NaN/inf in {bad.sum()} rows "
                              f"(first at row {np.argmax(bad)}); clean the file")
+        big = np.abs(v.astype(np.float64)) > np.finfo(np.float32).max  # finite here, inf in the stages' float32
+        big = big if v.ndim == 1 else big.any(1)
+        if big.any():
+            raise InputError(f"dataset file {path}: '{k}' has values beyond float32's range (|x| > 3.4e38) in "
+                             f"{big.sum()} rows (first at row {np.argmax(big)}); the stages compute in float32: "
+                             f"clean or rescale the file")
     return data
 
 
@@ -189,17 +196,24 @@ def episode_returns(t: dict) -> np.ndarray:
     return np.bincount(episode, weights=t["rewards"])
 
 
-def reward_transform(task: Task, t: dict) -> tuple:
+def reward_transform(task: Task, t: dict, path="the dataset") -> tuple:
     """(scale, shift) of docs/ALGORITHM.md, section 2: mazes r - 1; locomotion (not random)
     r * 1000 / (max return - min return) over the dataset's episodes; otherwise unscaled. OGBench
-    rewards are already -1 / 0 (ogbench_tasks.transitions): unscaled."""
+    rewards are already -1 / 0 (ogbench_tasks.transitions): unscaled. A locomotion dataset whose
+    episodes all have the same return has no such scale (1000 / 0): refused in one line naming it."""
     if task.source == "ogbench":
         return 1.0, 0.0
     if task.is_maze:
         return 1.0, -1.0
     if "random" not in task.name:
         returns = episode_returns(t)
-        return float(1000.0 / (returns.max() - returns.min())), 0.0
+        with np.errstate(divide="ignore", over="ignore"):
+            scale = float(1000.0 / (returns.max() - returns.min()))
+        if not (np.isfinite(scale) and scale > 0):
+            raise InputError(f"dataset {path}: its {len(returns)} episodes all have the return {returns.max():.6g}, so "
+                             f"{task.family}'s reward scale 1000 / (max return - min return) is undefined; use a "
+                             f"dataset with episodes of different returns")
+        return scale, 0.0
     return 1.0, 0.0
 
 
@@ -225,7 +239,7 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
     if dims != (task.obs_dim, task.act_dim):
         raise InputError(f"dataset file {path} has obs/action dims {dims}, but {task.name} "
                          f"needs {(task.obs_dim, task.act_dim)}")
-    scale, shift = reward_transform(task, t)
+    scale, shift = reward_transform(task, t, path)
     return Dataset(**t, reward_scale=scale, reward_shift=shift, path=str(path))
 
 

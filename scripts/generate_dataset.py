@@ -18,8 +18,8 @@ from typing import Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leq_utils import cli, mazes  # noqa: E402
-from leq_utils.tasks import (InputError, Task, check_flags, get_task, qlearning_transitions,  # noqa: E402
-                             read_hdf5)
+from leq_utils.tasks import (InputError, Task, check_common, check_flags, get_task,  # noqa: E402
+                             qlearning_transitions, read_hdf5)
 
 
 # ============================================================================================
@@ -55,6 +55,7 @@ class Args:
 
 def main(args: Args):
     task = get_task(args.env)
+    check_common(args)  # no empty path flag (--data-dir "" would mean ./data), a seed in [0, 2**32)
     check_flags(args, (">= 0", "seed noise jitter expert_episodes"), ("in [0, 1]", "excursion dash"))
     if args.size is not None and args.size < 2:
         raise InputError(f"--size must be >= 2, got {args.size}")
