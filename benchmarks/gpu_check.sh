@@ -74,7 +74,8 @@ trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1
 # A compilation cache of this run only (a user's own cache would hide compile times): the
 # program leq_step.py compiles first is many_seeds.py's N = 1 (plain), which then loads it.
-export JAX_COMPILATION_CACHE_DIR="$WORK/jax_cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}" \
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 START=$SECONDS
 : > "$WORK/parts.txt"

@@ -57,7 +57,8 @@ def test_compilation_cache_changes_no_bit(upstream, tiny_maze_file_module, tmp_p
     import subprocess
     import sys
     cache = tmp_path / "cache"
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache))
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # every program, however small
     for name in ("compiled", "loaded"):
         subprocess.run([sys.executable, *map(str, leq_cmd(upstream, tiny_maze_file_module, tmp_path / name))],
                        cwd=tmp_path, env=env, check=True, capture_output=True)
