@@ -867,12 +867,13 @@ def train(args: Args) -> Path:
                 row.update(score=last_score, success=result["success"])
                 t_last = time.time()  # evaluation time is not training speed
             metrics_log.log(row)
-            if (step % args.checkpoint_every == 0 and step < args.total_steps) or cli.STOP.signum:
+            stop = cli.STOP.signum  # read once: the checkpoint and the stop below agree
+            if (step % args.checkpoint_every == 0 and step < args.total_steps) or stop:
                 saved = artifacts.save_leq_checkpoint(run_dir, task, args, st, buf, step, nets.stats, inputs)
             bar.update(chunk)
             bar.set_postfix_str(f"critic {metrics['critic_loss']:.3g} q {metrics['q_data']:.3g} "
                                 f"score {last_score:.1f}")
-            cli.stop_if_requested(f"at step {step}, saved in {saved}")
+            cli.stop_if_requested(f"at step {step}, saved in {saved}", stop)
         cli.STOP.armed = False
         bar.close()
         finish(run_dir, task, args, nets, st, inputs, metrics_log, step)

@@ -406,12 +406,13 @@ def train(args: Args) -> Path:
             # TRY NOT TO MODIFY: the NaN guard, checkpoints, progress, signals
             artifacts.check_finite({f"{phase} loss": first_bad}, n, step, True, ckpt)
             step += n
-            if step % args.checkpoint_every < n or step == total or cli.STOP.signum:
+            stop = cli.STOP.signum  # read once: the checkpoint and the stop below agree
+            if step % args.checkpoint_every < n or step == total or stop:
                 arrays = {**artifacts.tree_arrays(jax.device_get(state), "state"), "progress/step": np.array(step)}
                 artifacts.save_npz(ckpt, arrays, "pretrain_checkpoint", task, args, inputs)
             bar.update(n)
             bar.set_postfix_str(f"{phase} loss {float(loss):.4g}")
-            cli.stop_if_requested(f"at step {step}, saved in {ckpt}")
+            cli.stop_if_requested(f"at step {step}, saved in {ckpt}", stop)
         cli.STOP.armed = False
         bar.close()
 

@@ -11,7 +11,7 @@ import errno
 import os
 import signal
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 from leq_utils.common import InputError
 
@@ -35,10 +35,14 @@ class StopRequest:
 STOP = StopRequest()
 
 
-def stop_if_requested(saved: str) -> None:
-    """At a training loop's chunk boundary, after saving: end the script if a signal asked to."""
-    if STOP.signum:
-        raise Interrupted(STOP.signum, f"{saved}; the same command resumes from it")
+def stop_if_requested(saved: str, signum: Optional[int] = None) -> None:
+    """At a training loop's chunk boundary, after saving: end the script if a signal asked to.
+    `signum`: STOP.signum as the loop read it when it decided whether to save a checkpoint, so
+    that the stop and the checkpoint agree (a signal that comes in between stops the loop at its
+    next boundary, with that boundary's checkpoint); None reads it now."""
+    signum = STOP.signum if signum is None else signum
+    if signum:
+        raise Interrupted(signum, f"{saved}; the same command resumes from it")
 
 
 def _on_signal(signum, frame):

@@ -227,7 +227,8 @@ def train(args, leq) -> Path:
                 log.log(row)
             stream.log({**{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "scores"},
                         **({"score_min": float(np.min(scores)), "scores": scores} if "score" in rows[0] else {})})
-            if (step % args.checkpoint_every == 0 and step < args.total_steps) or cli.STOP.signum:
+            stop = cli.STOP.signum  # read once: the checkpoint and the stop below agree
+            if (step % args.checkpoint_every == 0 and step < args.total_steps) or stop:
                 arrays = {"progress/step": np.array(step)}
                 for i, (s, p) in enumerate(zip(seeds, prefixes)):
                     arrays.update(artifacts.leq_checkpoint_arrays(unstack(st, i), unstack(buf, i), s.nets.stats, p))
@@ -235,7 +236,7 @@ def train(args, leq) -> Path:
             bar.update(chunk)
             bar.set_postfix_str(f"critic {np.mean(metrics['critic_loss']):.3g} q {np.mean(metrics['q_data']):.3g} "
                                 f"score mean {np.mean(scores):.1f} min {np.min(scores):.1f}")
-            cli.stop_if_requested(f"at step {step}, saved in {saved}")
+            cli.stop_if_requested(f"at step {step}, saved in {saved}", stop)
         cli.STOP.armed = False
         bar.close()
 

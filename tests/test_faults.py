@@ -488,6 +488,18 @@ def test_7_failures_end_in_one_line(case, half_run, inputs, tiny_maze_file_modul
     assert snapshot(folder) == before
 
 
+def test_7_a_signal_after_the_checkpoint_decision_waits_for_the_next_boundary(monkeypatch):
+    """A training loop reads STOP.signum once, to decide on a checkpoint, and stops only on that
+    reading: a signal that comes between the decision and the stop (CI once saw it) must not stop
+    the loop with a message naming a checkpoint that was not written."""
+    monkeypatch.setattr(cli.STOP, "signum", int(signal.SIGTERM))  # the signal came after the decision
+    cli.stop_if_requested("at step 600, saved in x", 0)          # no stop: the next boundary saves and stops
+    with pytest.raises(cli.Interrupted, match="stopped by SIGTERM: at step 700, saved in x; the same command"):
+        cli.stop_if_requested("at step 700, saved in x", int(signal.SIGTERM))
+    with pytest.raises(cli.Interrupted):  # without a reading, the current one
+        cli.stop_if_requested("at step 700, saved in x")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,sig", [("world_model", signal.SIGINT), ("pretrain", signal.SIGTERM),
                                        ("leq", signal.SIGINT)])
