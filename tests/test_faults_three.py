@@ -126,12 +126,13 @@ def test_2_flags_no_longer_accepted_silently(case, upstream, tmp_path, entry):
         assert snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == ["pt.npz"]
 
 
-@pytest.mark.parametrize("case", ["equal episode returns", "float64 beyond float32's range"])
+@pytest.mark.parametrize("case", ["equal episode returns", "float64 beyond float32's range", "terminals of 7.0"])
 def test_2_datasets_no_longer_accepted_silently(case, tmp_path, entry):
     """Locomotion data whose episodes all have one return gave reward_scale = inf (1000 / 0), which
     the next stage called a corrupt artifact; float64 values finite but beyond float32's range
     passed the NaN check and failed an epoch later as a non-finite loss that never named the
-    dataset. Both are refused when the dataset is read, in one line that names it."""
+    dataset; terminals of 7.0 were taken as terminals. Each is refused when the dataset is read, in
+    one line that names it."""
     folder = tmp_path / "folder"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -142,6 +143,16 @@ def test_2_datasets_no_longer_accepted_silently(case, tmp_path, entry):
                         np.arange(n) % 50 == 49)
         message = (f"dataset {data}: its 4 episodes all have the return 49, so hopper's reward scale 1000 / (max "
                    f"return - min return) is undefined; use a dataset with episodes of different returns")
+    elif case == "terminals of 7.0":
+        env, n = ENV, 200
+        terminals = np.zeros(n)
+        terminals[[30, 90]] = 7.0
+        write_d4rl_file(data, rng.normal(size=(n, 4)), rng.uniform(-1, 1, (n, 2)), np.zeros(n), np.zeros(n))
+        with h5py.File(data, "r+") as f:  # write_d4rl_file stores terminals as bool
+            del f["terminals"]
+            f.create_dataset("terminals", data=terminals)
+        message = (f"dataset file {data}: 'terminals' must be 0/1 (or true/false), but 2 rows hold other values "
+                   f"(first at row 30: 7); fix the file")
     else:
         env, n = ENV, 200
         obs = rng.normal(size=(n, 4))
