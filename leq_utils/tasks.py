@@ -166,8 +166,8 @@ def read_hdf5(path, max_episode_steps: Optional[int] = None, origin: str = "your
         if bad.any():
             raise InputError(f"dataset file {path}: '{k}' has NaN/inf in {bad.sum()} rows "
                              f"(first at row {np.argmax(bad)}); clean the file")
-        if k in ("terminals", "timeouts") and not np.isin(v, (0, 1)).all():  # flags: 7.0 is no terminal
-            odd = ~np.isin(v, (0, 1))
+        odd = ~np.isin(v, (0, 1)) if k in ("terminals", "timeouts") else None  # flags: 7.0 is no terminal
+        if odd is not None and odd.any():
             raise InputError(f"dataset file {path}: '{k}' must be 0/1 (or true/false), but {odd.sum()} rows hold other "
                              f"values (first at row {np.argmax(odd)}: {v[np.argmax(odd)]:g}); fix the file")
         big = np.abs(v.astype(np.float64)) > np.finfo(np.float32).max  # finite here, inf in the stages' float32

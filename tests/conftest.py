@@ -7,6 +7,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -36,6 +37,7 @@ def pytest_sessionfinish(session, exitstatus):
         import shutil
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+from leq_utils import cli  # noqa: E402
 from leq_utils import mazes  # noqa: E402
 from leq_utils import tasks  # noqa: E402
 
@@ -73,35 +75,15 @@ def tiny_maze_file(tmp_path):
 ENV = "pointmaze-umaze"
 
 
-def killed_before_a_rename(code: str):
-    """Run `code` in a subprocess whose os.replace (the rename of an atomic write) waits, and
-    SIGKILL it there: the new file is complete, but not yet renamed."""
+def killed_before_a_rename(code: str, name_part: str = "", n: int = 1, cwd=None, timeout=300) -> int:
+    """Run `code` in a subprocess whose os.replace (the rename of an atomic write) waits at the n-th
+    file whose name contains `name_part` (by default the first rename of all), and SIGKILL it
+    there: the n - 1 before it are in place, the n-th is complete but not renamed. Where the kill
+    lands does not depend on the machine's speed, so runs can be short. Returns the exit code
+    (-SIGKILL)."""
     script = f"""
 import os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-real_replace = os.replace
-def slow_replace(a, b):
-    print("written", flush=True)
-    time.sleep(60)
-    real_replace(a, b)
-os.replace = slow_replace
-{code}
-"""
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "written"
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait()
-
-
-def run_killed_at_rename(args, cwd, name_part: str, n: int, timeout=300):
-    """Run a script (args as for `run`) and SIGKILL it while it is about to rename the n-th file
-    whose name contains `name_part` (its n-th checkpoint, say): the n - 1 before it are in place,
-    the n-th is complete but not renamed. Where a kill lands does not depend on the machine's
-    speed, so runs can be short. Returns the script's exit code (-SIGKILL)."""
-    script = f"""
-import os, runpy, sys, time
-sys.path.insert(0, {str(ROOT)!r})
-sys.argv = {[str(a) for a in args]!r}
 real_replace, seen = os.replace, []
 def replace(a, b):
     if {name_part!r} in os.path.basename(b):
@@ -111,23 +93,47 @@ def replace(a, b):
             time.sleep(600)
     real_replace(a, b)
 os.replace = replace
-runpy.run_path(sys.argv[0], run_name="__main__")
+{code}
 """
     with tempfile.TemporaryFile("w+") as err:  # a file: a full stderr pipe would block the script
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=cwd, stdout=subprocess.PIPE, stderr=err,
                                 text=True)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
-        for line in proc.stdout:  # the script's own output, then the marker
+        for line in proc.stdout:  # the code's own output, then the marker
             if line.strip() == "@@killme":
                 break
         else:
             err.seek(0)
-            raise AssertionError(f"{args[0]} ended before its rename {n} of '{name_part}': {err.read()[-3000:]}")
+            raise AssertionError(f"the subprocess ended before its rename {n} of '{name_part}': {err.read()[-3000:]}")
         timer.cancel()
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     return proc.returncode
+
+
+def run_killed_at_rename(args, cwd, name_part: str, n: int, timeout=300) -> int:
+    """killed_before_a_rename for a script run as `run` runs it (args: the script, then its flags),
+    killed at its n-th rename of a file whose name contains `name_part` (its n-th checkpoint, say)."""
+    code = f"import runpy\nsys.argv = {[str(a) for a in args]!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    return killed_before_a_rename(code, name_part, n, cwd, timeout)
+
+
+@pytest.fixture
+def entry(monkeypatch, capsys):
+    """A script's entry point, cli.run_script, in this process: -> (returncode, stdout, stderr)."""
+    def call(module, *argv):
+        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+        try:
+            cli.run_script(getattr(module, "train", getattr(module, "main", None)), module.Args)
+            code = 0
+        except SystemExit as e:  # sys.exit("error: ...") prints the message and exits with 1
+            code = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return call
 
 
 def run(args, cwd, check=True, timeout=600):

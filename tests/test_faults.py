@@ -56,23 +56,6 @@ def last_line(p, code: int = 1, only: bool = False) -> str:
     return lines[-1]
 
 
-@pytest.fixture
-def entry(monkeypatch, capsys):
-    """A script's entry point, cli.run_script, in this process: -> (returncode, stdout, stderr)."""
-    def call(module, *argv):
-        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
-        try:
-            cli.run_script(getattr(module, "train", getattr(module, "main", None)), module.Args)
-            code = 0
-        except SystemExit as e:  # sys.exit("error: ...") prints the message and exits with 1
-            code = e.code if isinstance(e.code, int) else 1
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return call
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, upstream, tiny_maze_file_module):
     """Copies of the tiny world model, pretrain.npz and dataset that tests may replace (and restore)."""

@@ -9,8 +9,6 @@ message, the exit code and that the files already there are unchanged.
 """
 
 import shutil
-import sys
-from types import SimpleNamespace
 
 import generate_dataset  # scripts/
 import h5py
@@ -23,23 +21,6 @@ import evaluate
 import leq
 import pretrain
 import world_model
-from leq_utils import cli
-
-
-@pytest.fixture
-def entry(monkeypatch, capsys):
-    """A script's entry point, cli.run_script, in this process: -> (returncode, stdout, stderr)."""
-    def call(module, *argv):
-        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
-        try:
-            cli.run_script(getattr(module, "train", getattr(module, "main", None)), module.Args)
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return call
-
 
 # --------------------------------------------------------------------------------------------
 # 1. Data loss
