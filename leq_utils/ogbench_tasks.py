@@ -44,7 +44,8 @@ TASK_CELLS = {
 }
 OFFICIAL_DIR = Path("~/.ogbench/data").expanduser()  # where ogbench.download_datasets puts files
 GENERATED_DIR = mazes.DATA_DIR / "ogbench"            # where `python scripts/generate_dataset.py --env ...` writes
-NAVIGATE_NOISE, GENERATOR_VERSION = 0.5, 1            # ogbench's action noise for its pointmaze data
+NAVIGATE_NOISE = 0.5      # ogbench's action noise for its pointmaze data
+GENERATOR_VERSION = 2     # v2: in the goal's cell, aim at its centre as ogbench does (v1 aimed at the goal)
 
 
 def cell_xy(ij) -> tuple:
@@ -166,14 +167,19 @@ def maze_geometry(task: common.Task):
 # The oracle controller and the navigate dataset generator (PointMaze)
 # ============================================================================================
 
-def oracle_action(env, cache: dict) -> np.ndarray:
+def oracle_action(env, cache: dict, aim_at_goal: bool = False) -> np.ndarray:
     """Unit step towards the env's oracle subgoal (`get_oracle_subgoal`: the centre of the next
-    cell on a shortest path to the goal), or towards the goal itself once in the goal's cell
-    (ogbench's own script keeps aiming at the cell centre there). Subgoals depend only on the two
+    cell on a shortest path to the goal; in the goal's own cell, that cell's centre). This is
+    ogbench's data rule, and it makes the point HOVER: a goal is its cell centre plus uniform
+    +-1 noise per axis and success needs ||xy - goal|| <= 1.0, so for a fraction 1 - pi/4 = 21.5%
+    of goals the centre the controller settles on is not a success, and the point jitters there
+    until its action noise carries it within 1.0 of the goal (docs/TASKS.md, generator v2).
+    `aim_at_goal=True` aims at the goal itself once in its cell (the evaluation reference,
+    `controller_success`; generator v1 used this for its data). Subgoals depend only on the two
     cells, so they are cached per (cell, goal cell)."""
     xy, goal = env.get_xy(), np.asarray(env.cur_goal_xy)
     key = (env.xy_to_ij(xy), env.xy_to_ij(goal))
-    if key[0] == key[1]:
+    if key[0] == key[1] and aim_at_goal:
         target = goal
     else:
         if key not in cache:
@@ -249,6 +255,39 @@ def generate(task: common.Task, path: Path, size=None, seed=0, noise=NAVIGATE_NO
     return time.time() - start_time
 
 
+def navigate_statistics(task: common.Task, path: Path, hover_rows=50, hover_radius=0.5) -> dict:
+    """What tells ogbench's navigate data from a controller that never pauses (issue 38, docs/TASKS.md):
+    trajectories with a hover (>= `hover_rows` consecutive rows within `hover_radius` of one cell
+    centre), the fraction of rows in such hovers, the fraction of rows within 0.25 of a cell
+    centre, and the number of states within 1.0 of the task's goal. `path` is an .npz in
+    ogbench's layout (a generated one or ogbench's own)."""
+    with np.load(path) as f:
+        xy, ends = f["observations"][:, :2].astype(np.float64), f["terminals"].astype(bool)
+    ji = np.rint((xy + 4.0) / 4.0)                  # (column j, row i): the nearest centre is (4 j - 4, 4 i - 4)
+    dist = np.linalg.norm(xy - (4.0 * ji - 4.0), axis=1)
+    near = dist <= hover_radius
+    starts = np.concatenate([[0], np.flatnonzero(ends)[:-1] + 1])
+    hovers, longest, hover_total = [], 0, 0
+    for a, b in zip(starts, np.flatnonzero(ends) + 1):          # one trajectory: rows a..b-1
+        run, best, in_hover = 0, 0, 0
+        for t in range(a, b):                                   # consecutive rows near ONE centre
+            same = t > a and near[t - 1] and (ji[t] == ji[t - 1]).all()
+            run = (run + 1 if same else 1) if near[t] else 0
+            if run == hover_rows:
+                in_hover += hover_rows
+            elif run > hover_rows:
+                in_hover += 1
+            best = max(best, run)
+        hovers.append(best)
+        hover_total += in_hover
+    hovers = np.array(hovers)
+    return dict(trajectories=len(hovers), rows=len(xy),
+                trajectories_with_hover=int((hovers >= hover_rows).sum()),
+                trajectories_with_hover_200=int((hovers >= 200).sum()), longest_hover=int(hovers.max()),
+                hover_row_fraction=hover_total / len(xy), centre_025_fraction=float((dist <= 0.25).mean()),
+                states_near_goal=int((np.linalg.norm(xy - np.asarray(task.goal), axis=1) <= 1.0).sum()))
+
+
 def controller_success(task: common.Task, episodes=50, noise=0.0, seed=0):
     """The oracle controller in the evaluation env (the task's 'expert' reference): (success
     rate, mean steps of the successful episodes)."""
@@ -257,7 +296,7 @@ def controller_success(task: common.Task, episodes=50, noise=0.0, seed=0):
     for i in range(episodes):
         env.reset(seed=seed + i)
         for step in range(task.max_episode_steps):
-            action = np.clip(oracle_action(env.unwrapped, cache) + noise * rng.normal(size=2), -1, 1)
+            action = np.clip(oracle_action(env.unwrapped, cache, aim_at_goal=True) + noise * rng.normal(size=2), -1, 1)
             _, _, terminated, truncated, info = env.step(action)
             if terminated or truncated:
                 break

@@ -11,6 +11,7 @@ purpose (another size, seed or noise) and reports the controller's success rate.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -97,6 +98,7 @@ def generate_ogbench(task: Task, args: Args):
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; {val.name} {val.stat().st_size / 1e6:.1f} MB): "
           f"{len(t['rewards'])} transitions, {int(t['terminals'].sum())} into the goal of {task.name}, "
           f"in {seconds:.1f} s")
+    print(f"navigate statistics (docs/TASKS.md): {json.dumps(ogbench_tasks.navigate_statistics(task, path))}")
     report_controller(ogbench_tasks.controller_success, task, args.expert_episodes, noise)
 
 

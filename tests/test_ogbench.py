@@ -148,6 +148,56 @@ def test_generator_layout_determinism_and_ogbenchs_loader(tmp_path):
     assert len(cells) >= 12
 
 
+def test_in_the_goal_cell_the_data_controller_aims_at_the_centre_as_ogbench():
+    """Generator v2's rule (issue 38), against a value derived from it, not from data: goals are
+    the cell centre plus uniform +-1 noise per axis (the env's own set_goal), success needs
+    ||xy - goal|| <= 1.0; the noise-free data controller started AT the centre stays within one
+    0.2 step of it, so it succeeds exactly for goals within 1.0 of the centre: a fraction pi/4
+    (0.785) of the area of the +-1 square. The evaluation reference (aim_at_goal) reaches every goal."""
+    env = gymnasium.make("pointmaze-large-v0", terminate_at_goal=False).unwrapped
+    cell, n, reached, within = (7, 10), 400, {False: 0, True: 0}, 0
+    centre = np.array(ogbench_tasks.cell_xy(cell))
+    with ogbench_tasks.numpy_seed(0):
+        env.reset(options=dict(task_info=dict(init_ij=cell, goal_ij=cell)))
+        for _ in range(n):
+            env.set_goal(goal_ij=cell)
+            within += np.linalg.norm(np.asarray(env.cur_goal_xy) - centre) <= 1.0
+            for aim in (False, True):
+                env.set_xy(centre)
+                for _ in range(20):
+                    _, _, _, _, info = env.step(ogbench_tasks.oracle_action(env, {}, aim_at_goal=aim))
+                    reached[aim] += bool(info["success"])
+                    if info["success"] or not aim and np.linalg.norm(env.get_xy() - centre) > 0.2 + 1e-9:
+                        break  # the data controller never leaves the centre's 0.2 neighbourhood
+                assert aim or np.linalg.norm(env.get_xy() - centre) <= 0.2 + 1e-9
+    p, sd = np.pi / 4, np.sqrt(np.pi / 4 * (1 - np.pi / 4) / n)
+    assert reached[False] == within                           # exactly the goals within 1.0 of the centre
+    assert abs(reached[False] / n - p) < 3.5 * sd, reached    # 0.785 +- 0.072 (measured: 304/400 = 0.760)
+    assert reached[True] == n
+
+
+def test_generated_data_hover_only_at_goal_cell_centres(tmp_path):
+    """A small generated set: the data controller parks the point only where a goal is (the centre
+    of a vertex cell), so every long stay near one centre (a hover, the statistic of
+    navigate_statistics) is at a vertex cell, and hovers occur (v1 data had none: the point always
+    went on to the goal)."""
+    task = tasks.get_task("pointmaze-large-navigate-singletask-v0")
+    path = tmp_path / "g.npz"
+    ogbench_tasks.generate(task, path, size=20_000, seed=1)
+    stats = ogbench_tasks.navigate_statistics(task, path)
+    assert stats["trajectories"] == 20 and stats["trajectories_with_hover"] >= 1, stats
+    xy = np.load(path)["observations"].astype(np.float64)
+    ji = np.rint((xy + 4.0) / 4.0).astype(int)
+    near = np.linalg.norm(xy - (4.0 * ji - 4.0), axis=1) <= 0.5
+    env = gymnasium.make("pointmaze-large-v0").unwrapped
+    vertex = set(ogbench_tasks.vertex_cells(env.maze_map))
+    run = 0
+    for t in range(len(xy)):
+        run = run + 1 if near[t] and t and near[t - 1] and (ji[t] == ji[t - 1]).all() else int(near[t])
+        if run >= 50:
+            assert (int(ji[t, 1]), int(ji[t, 0])) in vertex, (t, ji[t])
+
+
 def test_oracle_controller_reaches_the_evaluation_goal():
     task = tasks.get_task(POINT)
     rate, steps = ogbench_tasks.controller_success(task, episodes=3, noise=0.0)
@@ -163,7 +213,7 @@ def test_dataset_lookup_order(tmp_path, monkeypatch):
         tasks.load_dataset(task)
     assert "download_datasets(['pointmaze-medium-navigate-v0']" in one_line(e) and "python scripts/generate_dataset.py --env" in one_line(e)
     mine = ogbench_tasks.generated_file(task)
-    assert mine == generated / "pointmaze-medium-navigate-v0_1000k_seed0_v1.npz"
+    assert mine == generated / "pointmaze-medium-navigate-v0_1000k_seed0_v2.npz"
     generated.mkdir()
     write_ogbench_file(mine, [(6, 6)], 20)
     assert tasks.load_dataset(task).path == str(mine)
@@ -206,7 +256,7 @@ def test_end_to_end_on_a_generated_dataset(tmp_path):
     p = run(ROOT / "scripts" / "generate_dataset.py", "--env", POINT, "--size", 3000, "--episode-len", 500, "--data-dir", "d",
             "--expert-episodes", 1)
     assert "controller (noise 0.0) on the evaluation task: success 100%" in p.stdout
-    common = ["--env", POINT, "--dataset-path", "d/pointmaze-medium-navigate-v0_3k_seed0_v1.npz"]
+    common = ["--env", POINT, "--dataset-path", f"d/pointmaze-medium-navigate-v0_3k_seed0_v{ogbench_tasks.GENERATOR_VERSION}.npz"]
     run(ROOT / "world_model.py", *common, "--out", "wm.npz", "--hidden-dims", 16, 16, "--weight-decay",
         2.5e-5, 5e-5, 1e-4, "--ensemble-size", 3, "--num-elites", 2, "--max-epochs", 2)
     run(ROOT / "pretrain.py", *common, "--world-model", "wm.npz", "--out", "pt.npz", "--hidden-dims", 32, 32,
