@@ -188,8 +188,7 @@ def resolve(args: Args) -> Args:
     tasks.check_flags(args, ("in (0, 1)", "expectile"), ("in (0, 1]", "gamma"), ("in [0, 1]", "lam beta ema_decay"),
                       (">= 1", "num_seeds num_critics horizon batch_size model_batch_size chunk eval_episodes final_eval_rounds expand_every "
                                "expand_size expand_length expand_retain eval_every checkpoint_every"),
-                      (">= 0", "mobile_beta entropy_coef total_steps actor_lr critic_lr ema_weight expand_noise"),
-                      ("finite", "goal"))
+                      (">= 0", "mobile_beta entropy_coef total_steps actor_lr critic_lr ema_weight expand_noise"))
     if args.num_seeds > 1:
         many_seeds.check_flags(args)
     if args.learned_termination and args.goal:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from leq_utils.common import InputError, Task, warn
+from leq_utils.common import InputError, Task, check_input_file, warn
 
 FORMAT_VERSION = 1  # of every .npz artifact this project writes (fingerprints are optional metadata)
 
@@ -162,18 +162,40 @@ def read_npz(path) -> dict:
                               f"{type(e).__name__}") from None
 
 
+META_TYPES = {"meta/format_version": "i", "meta/kind": "U", "meta/env": "U", "meta/obs_dim": "i",
+              "meta/act_dim": "i", "meta/config": "U"}  # what every artifact's metadata holds: one value each
+
+
+def check_metadata(path, arrays: dict, keys) -> None:
+    """Every metadata entry there and one value of its type (integer, text; meta/config JSON), in
+    one line: a damaged or foreign file used to give a traceback (a format version of 1.5, no kind)."""
+    for k in keys:
+        x, kind = arrays.get(k), META_TYPES[k]
+        if x is None or x.ndim != 0 or x.dtype.kind != kind and not (kind == "i" and x.dtype.kind == "u"):
+            what = "missing" if x is None else f"{x.dtype} of shape {x.shape}, not {'an integer' if kind == 'i' else 'text'}"
+            raise InputError(f"artifact {path} has broken metadata ('{k}' is {what}): not written by this project, "
+                             f"or damaged; re-create it")
+    for k in ("meta/config", "meta/inputs"):
+        try:
+            if k in arrays and not isinstance(json.loads(str(arrays[k])), dict if k == "meta/config" else (dict, type(None))):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise InputError(f"artifact {path} has broken metadata ('{k}' is not a JSON object: {e}); re-create it") from None
+
+
 def load_artifact(path, task: Optional[Task] = None, kinds: tuple = (), need: str = "") -> dict:
     """Load an artifact, checking format version, kind, env and dims, and that every parameter
     array is finite; one-line errors. meta/config and meta/inputs come back as dicts."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"artifact {path} does not exist")
+    check_input_file(path, "artifact")
     arrays = read_npz(path)
     if "meta/format_version" not in arrays:
         raise InputError(f"artifact {path} has no metadata: not written by this project")
+    check_metadata(path, arrays, ("meta/format_version",))
     if int(arrays["meta/format_version"]) != FORMAT_VERSION:
         raise InputError(f"artifact {path} has format version {int(arrays['meta/format_version'])}, "
                          f"this code reads version {FORMAT_VERSION}; re-run the stage that made it")
+    check_metadata(path, arrays, META_TYPES)
     kind = str(arrays["meta/kind"])
     if kinds and kind not in kinds:
         raise InputError(f"artifact {path} is a '{kind}' artifact; expected one of {list(kinds)}")
@@ -190,6 +212,13 @@ def load_artifact(path, task: Optional[Task] = None, kinds: tuple = (), need: st
         if x.dtype.kind == "f" and not k.startswith(("meta/", "buffer/")) and not np.isfinite(x).all():
             raise CorruptArtifact(f"artifact {path} has non-finite values in '{k}' ({int((~np.isfinite(x)).sum())} "
                                   f"of {x.size}): refused; re-create it (or resume from an earlier checkpoint)")
+        if x.dtype.kind == "f" and not k.startswith("meta/") and (np.abs(x) > np.finfo(np.float32).max).any():
+            raise CorruptArtifact(f"artifact {path} has values beyond float32's range in '{k}' "
+                                  f"({int((np.abs(x) > np.finfo(np.float32).max).sum())} of {x.size}; the stages compute "
+                                  f"in float32): refused; re-create it")
+        if k.endswith("std") and (x <= 0).any():  # input scales: the stages divide by them (constant inputs get 1)
+            raise CorruptArtifact(f"artifact {path} has standard deviations <= 0 in '{k}' ({int((x <= 0).sum())} of "
+                                  f"{x.size}; the stages divide by them): refused; re-create it")
     arrays["meta/config"] = json.loads(str(arrays["meta/config"]))
     arrays["meta/inputs"] = json.loads(str(arrays["meta/inputs"])) if "meta/inputs" in arrays else None
     return arrays
@@ -498,8 +527,7 @@ def read_metrics(path) -> list:
     """The rows of a metrics.jsonl; lines that are not JSON objects with a step (a row cut off
     by a crash or a full disk) are dropped with a warning."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"metrics file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
+    check_input_file(path, "metrics file")
     rows, bad = [], []
     for i, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").split("\n"), 1):
         if line.strip():

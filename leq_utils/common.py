@@ -46,14 +46,60 @@ def check_common(args) -> None:
     every stage calls, by evaluate.py and by scripts/generate_dataset.py; one line each): no flag whose default is None (a path,
     an env) given as an empty string, which would otherwise count as not given and pick the
     default silently (an unset shell variable: --dataset-path "$DATA" would use the built-in
-    data); and a seed, where there is one, in [0, 2**32)."""
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
+    data); every number finite (--actor-lr inf would otherwise compile and run a step before the
+    loss turns non-finite; nested settings included, named as tyro names them); and a seed, where
+    there is one, in [0, 2**32)."""
+    def fields(obj, prefix=""):
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            if dataclasses.is_dataclass(value):
+                yield from fields(value, f"{prefix}{field.name.replace('_', '-')}.")
+            else:
+                yield field, f"--{prefix}{field.name.replace('_', '-')}", value
+
+    for field, flag, value in fields(args):
         if field.default is None and isinstance(value, str) and not value.strip():
-            raise InputError(f"--{field.name.replace('_', '-')} is empty (an unset shell variable?): give a value, "
+            raise InputError(f"{flag} is empty (an unset shell variable?): give a value, "
                              f"or leave the flag out for its default")
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise InputError(f"{flag} must be a finite number, got {' '.join(map(str, numbers))}")
     if hasattr(args, "seed"):
         check_flags(args, (">= 0", "seed"), ("< 2**32", "seed"))
+
+
+def check_input_file(path, what: str) -> None:
+    """An input file must be a regular file: one line for each other thing at the path (a FIFO or
+    /dev/zero used to be reported as "does not exist")."""
+    import stat
+    from pathlib import Path
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except OSError as e:  # a symlink loop, a path through a file, no permission
+        raise InputError(f"{what} {path} cannot be opened: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise InputError(f"{what} {path} is {kind}, not a file: give a file")
+
+
+def check_writable_folder(folder, what: str) -> None:
+    """Before minutes of work whose result goes into `folder` (a dataset generated on first use):
+    refuse in one line a folder that is a file, or sits under one, or cannot be written (it used
+    to fail only when the finished file was written)."""
+    import os
+    from pathlib import Path
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise InputError(f"{what} {folder}: {existing} is a file, not a folder; point it at a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {folder}: {existing} is not writable; point it at a folder you can write")
 
 
 # ============================================================================================

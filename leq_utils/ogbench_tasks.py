@@ -81,8 +81,7 @@ def dataset_file(task: common.Task, dataset_path=None, data_dir=None) -> Path:
     """--dataset-path, else ogbench's file in --data-dir (default ~/.ogbench/data), else (PointMaze)
     the default generated file in --data-dir (default data/ogbench)."""
     if dataset_path:
-        if not Path(dataset_path).exists():
-            raise common.InputError(f"dataset file {dataset_path} does not exist")
+        common.check_input_file(dataset_path, "dataset file")
         return Path(dataset_path)
     official = Path(data_dir or OFFICIAL_DIR) / f"{dataset_name(task)}.npz"
     generated = generated_file(task, data_dir)

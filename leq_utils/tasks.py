@@ -42,7 +42,8 @@ from leq_utils import mazes
 
 from leq_utils.common import (  # noqa: F401  (re-exported: tasks.InputError, tasks.Task, ...)
     ANTMAZE_CENTRES, ANTMAZE_LIMITS, ANTMAZE_RADIUS, LOCOMOTION_DIMS, MAZE_FAMILIES, NAME_PATTERNS, RULES,
-    SEED_LIMIT, SUPPORTED, InputError, Task, check_common, check_flags, family_termination, termination_fn, warn)
+    SEED_LIMIT, SUPPORTED, InputError, Task, check_common, check_flags, check_input_file, check_writable_folder, family_termination,
+    termination_fn, warn)
 
 
 @dataclasses.dataclass
@@ -65,9 +66,8 @@ def check_task_args(args: TaskArgs) -> None:
     existing dataset file."""
     get_task(args.env)
     check_common(args)
-    if args.dataset_path and not Path(args.dataset_path).is_file():
-        raise InputError(f"--dataset-path {args.dataset_path} "
-                         f"{'is a folder, not a file' if Path(args.dataset_path).is_dir() else 'does not exist'}")
+    if args.dataset_path:
+        check_input_file(args.dataset_path, "--dataset-path")
     if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
         raise InputError(f"--data-dir {args.data_dir} is a file, not a folder")
 
@@ -135,8 +135,7 @@ def read_hdf5(path, max_episode_steps: Optional[int] = None, origin: str = "your
     """Read a D4RL-format file with h5py, validating it; errors name the file and the problem.
     origin (yours | built-in | d4rl) picks the advice for a broken file."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"dataset file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
+    check_input_file(path, "dataset file")
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in REQUIRED_KEYS if k not in f]
@@ -144,9 +143,16 @@ def read_hdf5(path, max_episode_steps: Optional[int] = None, origin: str = "your
                 raise InputError(f"dataset file {path} has no {missing} (a D4RL file needs "
                                  f"{', '.join(REQUIRED_KEYS)} and usually timeouts)")
             for k in REQUIRED_KEYS + ("timeouts",):
-                if k in f and not (isinstance(f[k], h5py.Dataset) and f[k].dtype.kind in "biuf"):
-                    what = "a group" if isinstance(f[k], h5py.Group) else f"of type {f[k].dtype}"
+                try:
+                    item = f[k] if k in f else None
+                except KeyError as e:  # a soft link to nowhere, an external link to a missing file
+                    raise InputError(f"dataset file {path}: '{k}' is a link that does not resolve ({e}); "
+                                     f"store the array itself") from None
+                if item is not None and not (isinstance(item, h5py.Dataset) and item.dtype.kind in "biuf"):
+                    what = "a group" if isinstance(item, h5py.Group) else f"of type {item.dtype}"
                     raise InputError(f"dataset file {path}: '{k}' is {what}, not an array of numbers")
+                if item is not None and item.ndim == 0:
+                    raise InputError(f"dataset file {path}: '{k}' is a single number, not an array (one row per step)")
             data = {k: f[k][()] for k in REQUIRED_KEYS + ("timeouts",) if k in f}
     except OSError as e:
         raise InputError(f"dataset file {path} is not a readable HDF5 file (corrupt or "
@@ -255,6 +261,7 @@ def d4rl_format_file(task: Task, dataset_path: Optional[str], data_dir: Optional
     elif task.source == "builtin":
         path, origin = mazes.builtin_dataset_path(task, data_dir), "built-in"
         if not path.exists():
+            check_writable_folder(path.parent, "the data folder (--data-dir or LEQ_DATA_DIR)")
             print(f"[tasks] generating the built-in dataset {path.name} (once) ...")
             mazes.generate_pointmaze(task, path)
     else:

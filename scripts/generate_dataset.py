@@ -19,7 +19,7 @@ from typing import Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leq_utils import cli, mazes  # noqa: E402
-from leq_utils.tasks import (InputError, Task, check_common, check_flags, get_task,  # noqa: E402
+from leq_utils.tasks import (InputError, Task, check_common, check_flags, check_writable_folder, get_task,  # noqa: E402
                              qlearning_transitions, read_hdf5)
 
 
@@ -72,6 +72,7 @@ def main(args: Args):
         raise InputError(f"{' '.join(changed)} make other data than the task's own: pass --out FILE.hdf5 (and "
                          f"--dataset-path FILE.hdf5 to the stages), so that the default dataset is not replaced")
     path = Path(args.out) if args.out else mazes.builtin_dataset_path(task, args.data_dir, args.size, args.seed)
+    check_writable_folder(path.parent, "the output folder (--out, --data-dir or LEQ_DATA_DIR)")
     seconds = mazes.generate_pointmaze(task, path, args.size, args.seed, noise, args.jitter,
                                        excursion=args.excursion, dash=args.dash)
     data = qlearning_transitions(read_hdf5(path))
@@ -92,6 +93,7 @@ def generate_ogbench(task: Task, args: Args):
     from leq_utils import ogbench_tasks
     noise = ogbench_tasks.NAVIGATE_NOISE if args.noise is None else args.noise
     path = Path(args.out) if args.out else ogbench_tasks.generated_file(task, args.data_dir, args.size, args.seed)
+    check_writable_folder(path.parent, "the output folder (--out, --data-dir or LEQ_DATA_DIR)")
     seconds = ogbench_tasks.generate(task, path, args.size, args.seed, noise, args.episode_len)
     t = ogbench_tasks.transitions(task, path)
     val = path.with_name(path.name.replace(".npz", "-val.npz"))

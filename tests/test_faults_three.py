@@ -5,10 +5,15 @@ message, the exit code and that the files already there are unchanged.
    1 data loss: an existing world model or pretrain.npz is never replaced silently
    2 silent acceptance: seeds >= 2**32, a non-finite --goal, an empty --dataset-path, equal
      episode returns (no reward scale), float64 values beyond float32's range
-   4 checks first: world_model.py / pretrain.py --out <a folder>, before any work
+   3 tracebacks: HDF5 links that do not resolve, a 0-d dataset, artifacts with broken metadata
+   4 checks first: world_model.py / pretrain.py --out <a folder>, non-finite numbers (--actor-lr
+     inf, nested settings too), a data folder that is a file or read-only, artifacts with an input
+     std of 0 or float64 weights beyond float32, before any work
+   5 wording: a FIFO, /dev/zero or a symlink loop as dataset
 """
 
 import shutil
+from pathlib import Path
 
 import generate_dataset  # scripts/
 import h5py
@@ -89,7 +94,7 @@ def test_2_flags_no_longer_accepted_silently(case, upstream, tmp_path, entry):
                   "--seed 4294967294 with --num-seeds 3 runs seeds up to 4294967296, but a seed must be < 2**32")]
     elif case.startswith("--goal"):
         goal = case.split()[1:]
-        cases = [(leq, [*argv[leq], "--goal", *goal], f"--goal must be finite (each), got {float(goal[0])} {float(goal[1])}")]
+        cases = [(leq, [*argv[leq], "--goal", *goal], f"--goal must be a finite number, got {float(goal[0])} {float(goal[1])}")]
     elif case == "--dataset-path ''":
         cases = [(module, [*a, "--dataset-path", ""], ("--dataset-path is empty (an unset shell variable?): give a "
                   "value, or leave the flag out for its default")) for module, a in argv.items() if module is not evaluate]
@@ -166,3 +171,127 @@ def test_4_out_a_folder_is_refused_before_any_work(stage, upstream, tiny_maze_fi
     line = last_line(entry(stage, *argv[:4 if stage is world_model else 6], "--out", folder), only=True)
     assert line == f"error: --out {folder} is a folder: give the file to write, e.g. {folder / stage.__name__}.npz"
     assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+@pytest.mark.parametrize("flag", ["--actor-lr inf", "--critic-lr nan", "--world-model-settings.lr inf",
+                                  "--pretrain-settings.bc-lr -inf", "world_model.py --lr inf", "pretrain.py --fqe-lr nan"])
+def test_4_non_finite_numbers_are_refused_before_any_work(flag, upstream, tiny_maze_file_module, tmp_path, entry):
+    """leq.py --actor-lr inf compiled and ran a step before its loss turned non-finite; every number
+    flag of every stage, nested settings included, must now be finite, checked before any work."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    before = snapshot(tmp_path)
+    *script, name, value = flag.split()
+    stage = {"world_model.py": world_model, "pretrain.py": pretrain}.get(script[0] if script else "", leq)
+    argv = {world_model: ["--out", folder / "wm.npz"], pretrain: ["--world-model", upstream / "wm.npz", "--out", folder / "pt.npz"],
+            leq: ["--run-dir", folder / "run"]}[stage]
+    line = last_line(entry(stage, "--env", ENV, "--dataset-path", tiny_maze_file_module, *argv, name, value), only=True)
+    assert line == f"error: {name} must be a finite number, got {float(value)}"
+    assert snapshot(tmp_path) == before and sorted(p.name for p in folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["a file", "read-only"])
+def test_4_a_data_folder_that_cannot_hold_the_dataset_is_refused_before_generating(case, tmp_path, entry):
+    """LEQ_DATA_DIR (or --data-dir) pointing at a file, or at a folder that cannot be written, was
+    refused only after the built-in dataset had been generated (minutes); now before, in one line,
+    by every stage and the generator."""
+    import os
+    if case == "a file":
+        (tmp_path / "notes.txt").write_text("a file")
+        data_dir, blocker, why = tmp_path / "notes.txt" / "data", tmp_path / "notes.txt", "is a file, not a folder; point it at a folder"
+    else:  # as root (CI), chmod does not stop writing: a folder of a read-only file system does
+        if os.access("/proc/sys", os.W_OK):
+            pytest.skip("/proc/sys is writable here: no read-only folder to test with")
+        data_dir, blocker, why = Path("/proc/sys/leq-data"), Path("/proc/sys"), "is not writable; point it at a folder you can write"
+    before = snapshot(tmp_path)
+    folder = tmp_path / "out"
+    for module, argv, what in [
+            (world_model, ["--out", folder / "wm.npz"], "the data folder (--data-dir or LEQ_DATA_DIR)"),
+            (leq, ["--run-dir", folder], "the data folder (--data-dir or LEQ_DATA_DIR)"),
+            (generate_dataset, [], "the output folder (--out, --data-dir or LEQ_DATA_DIR)")]:
+        line = last_line(entry(module, "--env", ENV, "--data-dir", data_dir, *argv), only=True)
+        assert line == f"error: {what} {data_dir}: {blocker} {why}", module.__name__
+        assert snapshot(tmp_path) == before and not folder.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Tracebacks instead of one line; 5. wording
+# --------------------------------------------------------------------------------------------
+
+def write_with(path, source, change):
+    """A copy of the hdf5 dataset or .npz artifact `source` at `path`, `change` applied."""
+    if str(source).endswith(".npz"):
+        arrays = dict(np.load(source))
+        change(arrays)
+        np.savez(path, **arrays)
+    else:
+        shutil.copy(source, path)
+        with h5py.File(path, "a") as f:
+            change(f)
+    return path
+
+
+@pytest.mark.parametrize("case", ["a dangling soft link", "an external link to a missing file", "a 0-d dataset",
+                                  "a FIFO", "/dev/zero", "a symlink loop"])
+def test_3_5_a_broken_dataset_file_gets_one_line(case, tiny_maze_file_module, tmp_path, entry):
+    """HDF5 'observations' as a soft link to nowhere, an external link to a missing file, or a
+    single number gave a traceback; a FIFO or /dev/zero was reported as "does not exist", a symlink
+    loop as "File exists". Each is now one line that says what is there."""
+    import os
+    path = tmp_path / "d.hdf5"
+    if case == "a dangling soft link":
+        write_with(path, tiny_maze_file_module, lambda f: (f.__delitem__("observations"), f.__setitem__(
+            "observations", h5py.SoftLink("/nowhere"))))
+        tail = f"dataset file {path}: 'observations' is a link that does not resolve"
+    elif case == "an external link to a missing file":
+        write_with(path, tiny_maze_file_module, lambda f: (f.__delitem__("observations"), f.__setitem__(
+            "observations", h5py.ExternalLink(str(tmp_path / "missing.h5"), "/observations"))))
+        tail = f"dataset file {path}: 'observations' is a link that does not resolve"
+    elif case == "a 0-d dataset":
+        write_with(path, tiny_maze_file_module, lambda f: (f.__delitem__("observations"), f.__setitem__(
+            "observations", np.float32(3.0))))
+        tail = f"dataset file {path}: 'observations' is a single number, not an array (one row per step)"
+    elif case == "a FIFO":
+        os.mkfifo(path)
+        tail = f"--dataset-path {path} is a named pipe (FIFO), not a file: give a file"
+    elif case == "/dev/zero":
+        path, tail = Path("/dev/zero"), "--dataset-path /dev/zero is a device, not a file: give a file"
+    else:
+        os.symlink(tmp_path / "loop2", tmp_path / "loop1")
+        os.symlink(tmp_path / "loop1", tmp_path / "loop2")
+        path, tail = tmp_path / "loop1", f"--dataset-path {tmp_path / 'loop1'} cannot be opened: Too many levels of symbolic links"
+    before = snapshot(tmp_path) if case not in ("a FIFO", "a symlink loop") else None
+    line = last_line(entry(world_model, "--env", ENV, "--dataset-path", path, "--out", tmp_path / "out" / "wm.npz"), only=True)
+    assert line.startswith(f"error: {tail}"), line
+    assert not (tmp_path / "out").exists() and (before is None or snapshot(tmp_path) == before)
+
+
+@pytest.mark.parametrize("case", ["format version 1.5", "no meta/kind", "meta/config not JSON", "input std 0",
+                                  "float64 weights beyond float32"])
+def test_3_4_a_broken_artifact_gets_one_line_before_any_work(case, upstream, tiny_maze_file_module, tmp_path, entry):
+    """evaluate.py on an artifact whose meta/format_version is not an integer or that lacks
+    meta/kind gave a traceback; a world model whose input std is 0 or whose float64 weights
+    overflow float32 failed 17-63 s later with a message about gradients. Each is now refused on
+    loading, in one line naming the file and the entry."""
+    wm, pt = tmp_path / "wm.npz", tmp_path / "pt.npz"
+    for path, std, kernel in ((wm, "model/input_std", "model/params/member_0/layer_0/kernel"),
+                              (pt, "stats/std", "actor/params/Dense_0/kernel")):
+        change = {"format version 1.5": lambda a: a.__setitem__("meta/format_version", np.array(1.5)),
+                  "no meta/kind": lambda a: a.pop("meta/kind"),
+                  "meta/config not JSON": lambda a: a.__setitem__("meta/config", np.array("{oops")),
+                  "input std 0": lambda a: a[std].__setitem__(0, 0.0),
+                  "float64 weights beyond float32": lambda a: a.__setitem__(kernel, a[kernel].astype(np.float64) * 1e300)}[case]
+        write_with(path, upstream / path.name, change)
+    expected = {"format version 1.5": "has broken metadata ('meta/format_version' is float64 of shape (), not an integer)",
+                "no meta/kind": "has broken metadata ('meta/kind' is missing)",
+                "meta/config not JSON": "has broken metadata ('meta/config' is not a JSON object",
+                "input std 0": "has standard deviations <= 0 in '{std}' (1 of",
+                "float64 weights beyond float32": "has values beyond float32's range in '{kernel}'"}[case]
+    before = snapshot(tmp_path)
+    for module, argv, path, std, kernel in [
+            (evaluate, ["--checkpoint", pt, "--episodes", 1], pt, "stats/std", "actor/params/Dense_0/kernel"),
+            (pretrain, ["--env", ENV, "--dataset-path", tiny_maze_file_module, "--world-model", wm, "--out", tmp_path / "new.npz"],
+             wm, "model/input_std", "model/params/member_0/layer_0/kernel")]:
+        line = last_line(entry(module, *argv))
+        assert line.startswith(f"error: artifact {path} {expected.format(std=std, kernel=kernel)}"), (module.__name__, line)
+        assert snapshot(tmp_path) == before
