@@ -27,9 +27,11 @@ class Interrupted(KeyboardInterrupt):
 class StopRequest:
     """Set by run_script's signal handlers. While a training loop is `armed`, the first SIGINT or
     SIGTERM only sets `signum`, and the loop saves a checkpoint at its next chunk boundary and
-    raises Interrupted; otherwise (or at a second signal) the signal stops the script at once."""
+    raises Interrupted; otherwise the signal raises Interrupted at once. A second signal, or one
+    while the script exits, ends the process at once (`exit_now`)."""
     armed = False
     signum = 0
+    stopping = False  # Interrupted was raised: the script is unwinding
 
 
 STOP = StopRequest()
@@ -45,12 +47,37 @@ def stop_if_requested(saved: str, signum: Optional[int] = None) -> None:
         raise Interrupted(signum, f"{saved}; the same command resumes from it")
 
 
+def exit_now(signum, frame=None):
+    """A second signal (or one while the script exits): end the process now, in one line. Raising
+    an exception here could land in a weakref callback or an atexit function, where Python prints
+    it as a traceback and goes on. Every file is written atomically, so nothing is left half
+    written; the last checkpoint (if any) is intact."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or broken stream: the line below still goes out
+            pass
+    os.write(2, f"\nstopped by {signal.Signals(signum).name} at once: nothing was saved since the last checkpoint "
+                f"(if any); the same command resumes from it\n".encode())
+    os._exit(128 + signum)
+
+
+def _while_exiting(signum, frame):
+    """A signal after the script's work ended (its last line printed, files written): exit quietly
+    with 128 + its number instead of a KeyboardInterrupt traceback from an atexit function."""
+    os.write(2, f"stopped by {signal.Signals(signum).name} while exiting (the work had ended)\n".encode())
+    os._exit(128 + signum)
+
+
 def _on_signal(signum, frame):
-    if STOP.armed and not STOP.signum:
+    if STOP.signum or STOP.stopping:  # the second signal
+        exit_now(signum)
+    if STOP.armed:
         STOP.signum = signum
         os.write(1, f"\n[{signal.Signals(signum).name}] stopping at the next chunk boundary to save a checkpoint "
                     f"(send it again to stop at once)\n".encode())
         return
+    STOP.stopping = True
     raise Interrupted(signum, "nothing was saved since the last checkpoint (if any); the same command resumes from it")
 
 
@@ -76,7 +103,7 @@ def run_script(main: Callable, args_type) -> None:
     end the script with one line and exit code 1; a signal with one line and 128 + its number (130
     for SIGINT, 143 for SIGTERM)."""
     import tyro
-    STOP.armed, STOP.signum = False, 0
+    STOP.armed, STOP.signum, STOP.stopping = False, 0, False
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
@@ -87,9 +114,10 @@ def run_script(main: Callable, args_type) -> None:
         code, message = 1, f"error: {os_error_message(e)}"
     except Interrupted as e:
         code, message = 128 + e.signum, str(e)
-    finally:
+    finally:  # a script's own process, exiting now: a signal from here on ends it quietly (no atexit
+        # traceback); called in-process (tests, a library user), the caller's handlers come back
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, _while_exiting if getattr(main, "__module__", "") == "__main__" else handler)
     if code:  # here, the exception and its frames are gone: progress bars have printed their last line
         print(message, file=sys.stderr, flush=True)
         sys.exit(code)

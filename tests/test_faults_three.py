@@ -295,3 +295,60 @@ def test_3_4_a_broken_artifact_gets_one_line_before_any_work(case, upstream, tin
         line = last_line(entry(module, *argv))
         assert line.startswith(f"error: artifact {path} {expected.format(std=std, kernel=kernel)}"), (module.__name__, line)
         assert snapshot(tmp_path) == before
+
+
+SIGNAL_SCRIPT = """
+import atexit, os, signal, sys, time
+sys.path.insert(0, {root!r})
+from leq_utils import cli
+
+def main(args):
+    case = {case!r}
+    if case == "second signal while armed":  # a training loop: the first asks for a checkpoint, the second stops
+        cli.STOP.armed = True
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    elif case == "second signal while unwinding":
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:  # cleaning up after the first, the second comes inside a weakref callback (where an
+            # exception is printed as "Exception ignored" and dropped): it stops at once
+            import weakref
+            class Thing: pass
+            thing = Thing()
+            ref = weakref.ref(thing, lambda r: (os.kill(os.getpid(), signal.SIGTERM), sum(range(10 ** 6))))
+            del thing
+            time.sleep(5)
+    else:  # while exiting: an atexit function gets the signal
+        atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))
+        print("done")
+    time.sleep(5)
+
+if __name__ == "__main__":
+    import dataclasses
+    @dataclasses.dataclass
+    class Args:
+        pass
+    cli.run_script(main, Args)
+"""
+
+
+@pytest.mark.parametrize("case,code,line", [
+    ("second signal while armed", 130, "stopped by SIGINT at once: nothing was saved since the last checkpoint (if any); "
+                                       "the same command resumes from it"),
+    ("second signal while unwinding", 143, "stopped by SIGTERM at once: nothing was saved since the last checkpoint (if any); "
+                                           "the same command resumes from it"),
+    ("a signal while exiting", 130, "stopped by SIGINT while exiting (the work had ended)")])
+def test_3_a_second_signal_or_one_at_exit_stops_at_once_in_one_line(case, code, line, tmp_path):
+    """A second SIGINT/SIGTERM shortly after the first was raised inside a weakref callback and did
+    not stop the script; SIGINT while a script exited gave an atexit traceback. Now the second
+    signal (or one after the work ended) ends the process at once with one line and 128 + signum."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = tmp_path / "s.py"
+    script.write_text(SIGNAL_SCRIPT.format(root=str(ROOT), case=case))
+    p = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == code and "Traceback" not in p.stderr and "ignored" not in p.stderr, (p.returncode, p.stderr)
+    assert p.stderr.strip().splitlines()[-1] == line
