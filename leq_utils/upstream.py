@@ -6,9 +6,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from leq_utils import artifacts, tasks
+
+
+def nested(resolve, stage_args, prefix: str, settings):
+    """A stage's own flag checks on leq.py's nested settings, its one-line errors naming the flag
+    as leq.py takes it (--world-model-settings.num-elites, not --num-elites)."""
+    try:
+        return resolve(stage_args)
+    except tasks.InputError as e:
+        message = str(e)
+        for field in dataclasses.fields(settings):
+            flag = field.name.replace("_", "-")
+            message = re.sub(rf"(?<![\w.-])--{re.escape(flag)}(?![\w-])", f"--{prefix}.{flag}", message)
+        raise tasks.InputError(message) from None
 
 
 def given_settings(settings) -> dict:
@@ -43,9 +57,11 @@ def prepare(task: tasks.Task, args, resume, world_model, pretrain) -> tuple:
     wm_path = world_model.path_or_default(args.world_model, args.env, args.seed)
     pt_path = None if args.no_pretrain else pretrain.path_or_default(args.pretrain, args.env, args.seed)
     wm_settings, pt_settings = args.world_model_settings, args.pretrain_settings
-    wm_args = world_model.resolve(world_model.Args(**common, **dataclasses.asdict(wm_settings), out=str(wm_path),
-                                                   learn_termination=getattr(args, "learned_termination", False)))
-    pt_args = pretrain.resolve(pretrain.Args(**common, **dataclasses.asdict(pt_settings), world_model=str(wm_path), out=str(pt_path)))
+    wm_args = nested(world_model.resolve, world_model.Args(**common, **dataclasses.asdict(wm_settings), out=str(wm_path),
+                                                           learn_termination=getattr(args, "learned_termination", False)),
+                     "world-model-settings", wm_settings)
+    pt_args = nested(pretrain.resolve, pretrain.Args(**common, **dataclasses.asdict(pt_settings), world_model=str(wm_path),
+                                                     out=str(pt_path)), "pretrain-settings", pt_settings)
     stages = (("world_model", wm_path, args.world_model, wm_settings, wm_args),
               ("pretrain", pt_path, args.pretrain, pt_settings, pt_args))
     loaded = {}

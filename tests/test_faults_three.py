@@ -352,3 +352,18 @@ def test_3_a_second_signal_or_one_at_exit_stops_at_once_in_one_line(case, code, 
     p = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
     assert p.returncode == code and "Traceback" not in p.stderr and "ignored" not in p.stderr, (p.returncode, p.stderr)
     assert p.stderr.strip().splitlines()[-1] == line
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--world-model-settings.num-elites", 9, "--world-model-settings.num-elites must be in [1, ensemble size], got 9"),
+    ("--world-model-settings.weight-decay", 1e-4, "--world-model-settings.weight-decay needs one value per hidden layer "
+                                                   "plus the output layer"),
+    ("--pretrain-settings.gamma", 1.5, "--pretrain-settings.gamma must be in (0, 1], got 1.5")])
+def test_5_a_nested_flag_is_named_as_leq_takes_it(flag, value, message, tiny_maze_file_module, tmp_path, entry):
+    """leq.py --world-model-settings.num-elites 9 was refused as "--num-elites must be ...", a flag
+    leq.py does not have; the world model's and pretrain's own checks now name the nested flag."""
+    before = snapshot(tmp_path)
+    line = last_line(entry(leq, "--env", ENV, "--dataset-path", tiny_maze_file_module, "--run-dir", tmp_path / "run",
+                           flag, value), only=True)
+    assert line == f"error: {message}"
+    assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
