@@ -99,8 +99,8 @@ def os_error_message(e: OSError) -> str:
 def run_script(main: Callable, args_type) -> None:
     """Every script's `__main__`: install the SIGINT/SIGTERM handlers (see StopRequest), parse
     `args_type` with tyro and call `main` on it. Bad input (InputError), a non-finite loss
-    (FloatingPointError) and failed file operations (OSError: a full disk, a read-only folder, ...)
-    end the script with one line and exit code 1; a signal with one line and 128 + its number (130
+    (FloatingPointError), failed file operations (OSError: a full disk, a read-only folder, ...)
+    and running out of memory (RESOURCE_EXHAUSTED) end the script with one line and exit code 1; a signal with one line and 128 + its number (130
     for SIGINT, 143 for SIGTERM)."""
     import tyro
     STOP.armed, STOP.signum, STOP.stopping = False, 0, False
@@ -114,6 +114,12 @@ def run_script(main: Callable, args_type) -> None:
         code, message = 1, f"error: {os_error_message(e)}"
     except Interrupted as e:
         code, message = 128 + e.signum, str(e)
+    except Exception as e:  # JAX's allocation failure (jax.errors.JaxRuntimeError): one line, not a traceback
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        code, message = 1, (f"error: out of memory ({str(e).splitlines()[0][:200]}): lower the sizes behind it (--expand-size, "
+                            f"--batch-size, --model-batch-size, --num-seeds, --eval-episodes ...) or free memory; "
+                            f"a training run resumes from its last checkpoint")
     finally:  # a script's own process, exiting now: a signal from here on ends it quietly (no atexit
         # traceback); called in-process (tests, a library user), the caller's handlers come back
         for s, handler in previous.items():

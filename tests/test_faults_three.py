@@ -367,3 +367,14 @@ def test_5_a_nested_flag_is_named_as_leq_takes_it(flag, value, message, tiny_maz
                            flag, value), only=True)
     assert line == f"error: {message}"
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+def test_3_out_of_memory_is_one_line(upstream, tiny_maze_file_module, tmp_path, entry):
+    """leq.py --expand-size 100000000 ended in a RESOURCE_EXHAUSTED traceback; running out of memory
+    is now one line that names the sizes to lower (a buffer of petabytes: it fails on any machine)."""
+    before = snapshot(tmp_path)
+    p = entry(leq, "--env", ENV, "--dataset-path", tiny_maze_file_module, "--world-model", upstream / "wm.npz",
+              "--pretrain", upstream / "pt.npz", "--run-dir", tmp_path / "run", "--expand-size", 10 ** 11)
+    line = last_line(p)
+    assert line.startswith("error: out of memory (RESOURCE_EXHAUSTED: ") and "lower the sizes behind it (--expand-size" in line
+    assert snapshot(tmp_path) == before
