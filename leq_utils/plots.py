@@ -4,6 +4,7 @@ run's metrics.jsonl, and an MP4 of one episode. evaluate.py and scripts/compare_
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -104,6 +105,17 @@ def plot_curve(metrics_path, png_path) -> None:
     """The learning curve of a run's metrics.jsonl, titled with the run folder and its env."""
     metrics_path = Path(metrics_path)
     rows = artifacts.read_metrics(metrics_path)
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    plotted = ("step", *CURVE_PANELS, "final_score", "final_score_std")
+    good = [r for r in rows if all(number(r[k]) for k in plotted if k in r)]
+    if len(good) < len(rows):  # a hand-edited or foreign file: the rows that can be drawn, and a warning
+        tasks.warn(f"{metrics_path}: {len(rows) - len(good)} row(s) hold something other than a finite number in "
+                   f"{', '.join(sorted({k for r in rows for k in plotted if k in r and not number(r[k])}))}; "
+                   f"left out of the curve")
+    rows = good
     if not rows:
         raise tasks.InputError(f"{metrics_path} has no metrics")
     run = metrics_path.resolve().parent

@@ -378,3 +378,20 @@ def test_3_out_of_memory_is_one_line(upstream, tiny_maze_file_module, tmp_path, 
     line = last_line(p)
     assert line.startswith("error: out of memory (RESOURCE_EXHAUSTED: ") and "lower the sizes behind it (--expand-size" in line
     assert snapshot(tmp_path) == before
+
+
+def test_3_a_curve_of_rows_with_wrong_types(tmp_path, entry):
+    """evaluate.py --curve on metrics rows whose step or score is not a number gave a traceback from
+    matplotlib; such rows are now left out with a one-line warning, and a file of only such rows
+    is one error line."""
+    path = tmp_path / "metrics.jsonl"
+    good = '{"step": 100, "score": 10.0}\n{"step": 200, "score": 30.0}\n'
+    path.write_text('{"step": "abc", "score": 5}\n' + good + '{"step": 300, "score": "high"}\n{"step": true, "score": 1}\n')
+    p = entry(evaluate, "--curve", path)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip() == f"warning: {path}: 3 row(s) hold something other than a finite number in score, step; left out of the curve"
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+    (tmp_path / "metrics.png").unlink()
+    path.write_text('{"step": "abc", "score": 5}\n')
+    assert last_line(entry(evaluate, "--curve", path)).startswith(f"error: {path} has no metrics")
+    assert not (tmp_path / "metrics.png").exists()
