@@ -96,18 +96,48 @@ def os_error_message(e: OSError) -> str:
     return f"{e.strerror or e} [{name}]:{where}; {OS_ADVICE.get(e.errno, 'check the file and the folder')}"
 
 
+def parse_flags(args_type):
+    """tyro.cli, with its error box (an unknown flag, a value that does not parse) turned into one
+    line `error: ...` and exit code 2; --help prints as tyro prints it."""
+    import contextlib
+    import io
+    import tyro
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        return tyro.cli(args_type)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            return tyro.cli(args_type)
+    except SystemExit as e:
+        if not e.code:
+            raise
+        text = captured.getvalue()  # a box (a terminal) or plain lines under a title and rules of dashes
+        lines = [l.strip().strip("│╭╮╰╯").strip(" ─") for l in text.splitlines()]
+        lines = [l for l in lines if l and set(l) - set("─-") and not l.startswith("For full helptext")]
+        lines = lines[:lines.index("Argument helptext:")] if "Argument helptext:" in lines else lines
+        if len(lines) > 1 and ":" not in lines[0]:  # the title ("Unrecognized options", "Value error")
+            lines = lines[1:]
+        if not lines:
+            lines = [f"bad command line (tyro exited with {e.code})"]
+        after = lines[lines.index("Perhaps you meant:") + 1:] if "Perhaps you meant:" in lines else []
+        guesses = [l.split()[0] for l in after if l.startswith("--")]
+        prog = os.path.basename(sys.argv[0])
+        print(f"error: {lines[0]}" + (f"; did you mean {' or '.join(guesses)}?" if guesses else "")
+              + f"; python {prog} --help lists the flags", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def run_script(main: Callable, args_type) -> None:
     """Every script's `__main__`: install the SIGINT/SIGTERM handlers (see StopRequest), parse
     `args_type` with tyro and call `main` on it. Bad input (InputError), a non-finite loss
     (FloatingPointError), failed file operations (OSError: a full disk, a read-only folder, ...)
     and running out of memory (RESOURCE_EXHAUSTED) end the script with one line and exit code 1; a signal with one line and 128 + its number (130
     for SIGINT, 143 for SIGTERM)."""
-    import tyro
     STOP.armed, STOP.signum, STOP.stopping = False, 0, False
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
-        main(tyro.cli(args_type))
+        main(parse_flags(args_type))
     except (InputError, FloatingPointError) as e:
         code, message = 1, f"error: {e}"
     except OSError as e:

@@ -395,3 +395,19 @@ def test_3_a_curve_of_rows_with_wrong_types(tmp_path, entry):
     path.write_text('{"step": "abc", "score": 5}\n')
     assert last_line(entry(evaluate, "--curve", path)).startswith(f"error: {path} has no metrics")
     assert not (tmp_path / "metrics.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bogus-flag", "3"], "Unrecognized options: --bogus-flag, 3"),
+    (["--ensemble-siz", "3"], "Unrecognized options: --ensemble-siz, 3; did you mean --ensemble-size?"),
+    (["--lr", "abc"], "Error parsing --lr: could not convert string to float: 'abc'")])
+def test_5_a_bad_command_line_is_one_line(argv, message, tmp_path, entry):
+    """An unknown flag or a value that does not parse printed tyro's multi-line box; now one line
+    (with tyro's guess, if any) and exit code 2, as a usage error; --help is tyro's as before."""
+    before = snapshot(tmp_path)
+    p = entry(world_model, "--env", ENV, "--out", tmp_path / "wm.npz", *argv)
+    assert last_line(p, code=2, only=True) == f"error: {message}; python world_model.py --help lists the flags"
+    assert snapshot(tmp_path) == before
+    for module in (leq, pretrain, evaluate, generate_dataset):
+        line = last_line(entry(module, "--bogus-flag", "3"), code=2, only=True)
+        assert line == f"error: Unrecognized options: --bogus-flag, 3; python {module.__name__}.py --help lists the flags"
