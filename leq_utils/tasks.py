@@ -249,8 +249,27 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
     if dims != (task.obs_dim, task.act_dim):
         raise InputError(f"dataset file {path} has obs/action dims {dims}, but {task.name} "
                          f"needs {(task.obs_dim, task.act_dim)}")
+    check_states_fit(task, t["observations"], path)
     scale, shift = reward_transform(task, t, path)
     return Dataset(**t, reward_scale=scale, reward_shift=shift, path=str(path))
+
+
+def check_states_fit(task: Task, observations: np.ndarray, path) -> None:
+    """Data that cannot be a recording of the task, refused in one line: every observation the same
+    (all zeros, say); for the built-in mazes, states inside walls or outside the maze (another maze's
+    data of the same dimensions, e.g. umaze data under --env pointmaze-medium)."""
+    if len(observations) > 1 and (observations.max(0) == observations.min(0)).all():
+        raise InputError(f"dataset file {path}: every observation is the same ({np.array2string(observations[0], precision=3)})"
+                         f": not a recording of {task.name}; check the file")
+    if task.source == "builtin" and task.family == "pointmaze":
+        layout = mazes.MAZES[task.maze]
+        i, j = mazes.xy_cells(layout, observations[:, :2])
+        inside = (i >= 0) & (i < len(layout)) & (j >= 0) & (j < len(layout[0]))
+        wall = ~inside.copy()
+        wall[inside] = np.array([layout[a][b] == "#" for a, b in zip(i[inside], j[inside])])
+        if wall.mean() > 0.01:  # the point's centre never enters a wall cell; 1% leaves room for edits
+            raise InputError(f"dataset file {path}: {100 * wall.mean():.0f}% of its states lie inside walls or outside "
+                             f"the {task.maze} maze: data of another maze? pass the --env it was recorded in")
 
 
 def d4rl_format_file(task: Task, dataset_path: Optional[str], data_dir: Optional[str]) -> tuple:
