@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -513,7 +514,7 @@ def save_world_model(path, task, args, params, mean, std, elites, mse, ds: tasks
               "model/holdout_mse": np.asarray(mse), "model/epochs": np.array(epochs),
               "model/reward_scale": np.array(ds.reward_scale),
               "model/reward_shift": np.array(ds.reward_shift),
-              "model/dataset_path": np.array(ds.path)}
+              "model/dataset_path": np.array(os.path.realpath(ds.path))}  # one path per file: same content, same fingerprint
     artifacts.save_npz(path, arrays, "world_model", task, args, inputs)
 
 

@@ -435,3 +435,20 @@ def test_2_data_that_cannot_be_the_tasks_are_refused(case, tiny_maze_file_module
                                  "pass the --env it was recorded in")
             assert int(line.split(": ")[2].split("%")[0]) > 1
         assert snapshot(tmp_path) == before and not out.exists()
+
+
+def test_5_a_world_model_through_a_relative_or_an_absolute_path_is_the_same(tiny_maze_file_module, tmp_path,
+                                                                            entry, monkeypatch):
+    """The world model stored the dataset path as typed, so one model trained through a relative
+    and through an absolute path had different fingerprints (and the later stages' records of it
+    differed); it now stores the file's real path."""
+    shutil.copy(tiny_maze_file_module, tmp_path / "d.hdf5")
+    monkeypatch.chdir(tmp_path)
+    fingerprints = []
+    for data, out in (("d.hdf5", "rel.npz"), (tmp_path / "d.hdf5", tmp_path / "abs.npz")):
+        p = entry(world_model, "--env", ENV, "--dataset-path", data, "--out", out, *TINY_WORLD_MODEL)
+        assert p.returncode == 0, p.stderr
+        with np.load(tmp_path / Path(out).name) as f:
+            assert str(f["model/dataset_path"]) == str((tmp_path / "d.hdf5").resolve())
+            fingerprints.append(str(f["meta/fingerprint"]))
+    assert fingerprints[0] == fingerprints[1]
