@@ -245,6 +245,9 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
             warn(f"dataset {path}: {int(outside.sum())} action values (in {int(outside.any(1).sum())} rows) are "
                  f"outside [-1, 1]; they are clipped to [-1 + 1e-5, 1 - 1e-5] like every action")
         t = qlearning_transitions(data)
+    if len(t["rewards"]) == 0:  # before any statistics of them (numpy's warnings on empty slices)
+        raise InputError(f"dataset file {path} gives no transitions: every step ends its episode by a timeout or is "
+                         f"the file's last (a timed-out step has no next observation); check its timeouts")
     dims = (t["observations"].shape[1], t["actions"].shape[1])
     if dims != (task.obs_dim, task.act_dim):
         raise InputError(f"dataset file {path} has obs/action dims {dims}, but {task.name} "

@@ -452,3 +452,16 @@ def test_5_a_world_model_through_a_relative_or_an_absolute_path_is_the_same(tiny
             assert str(f["model/dataset_path"]) == str((tmp_path / "d.hdf5").resolve())
             fingerprints.append(str(f["meta/fingerprint"]))
     assert fingerprints[0] == fingerprints[1]
+
+
+def test_5_a_dataset_of_only_timeouts_is_one_line(tiny_maze_file_module, tmp_path, entry):
+    """A dataset in which every step is a timeout has no transitions (a timed-out step has no next
+    observation): world_model.py printed five numpy warnings, then an error about batches; now it
+    is the one line that says why, from every stage."""
+    path = write_with(tmp_path / "timeouts.hdf5", tiny_maze_file_module, lambda f: f["timeouts"].__setitem__(slice(None), True))
+    before = snapshot(tmp_path)
+    for module, argv in [(world_model, ["--out", tmp_path / "out" / "wm.npz"]), (leq, ["--run-dir", tmp_path / "out"])]:
+        line = last_line(entry(module, "--env", ENV, "--dataset-path", path, *argv), only=True)
+        assert line == (f"error: dataset file {path} gives no transitions: every step ends its episode by a timeout or is "
+                        f"the file's last (a timed-out step has no next observation); check its timeouts")
+        assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
