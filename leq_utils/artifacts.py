@@ -463,12 +463,25 @@ def read_checkpoint(path, task: Task, kind: str, args, ignore=()) -> dict:
     return f
 
 
-def finished_run(artifact: Path, task: Task, args, ignore=()) -> bool:
+def finished_run(artifact: Path, task: Task, args, ignore=(), checkpoint_dir: Optional[Path] = None) -> bool:
     """A run folder whose final artifact (written last) exists is finished: say so, and refuse
-    other settings, instead of training again."""
+    other settings, instead of training again. A final artifact that does not load (truncated,
+    corrupt) is moved aside to <name>.corrupt, with a warning, when a checkpoint is there to make it
+    again from (the run resumes exactly: the same artifact); with none, one line says what to do."""
     if not artifact.exists():
         return False
-    f = load_artifact(artifact, task)
+    try:
+        f = load_artifact(artifact, task)
+    except CorruptArtifact as e:
+        found = checkpoints(checkpoint_dir or artifact.parent)
+        if not found:
+            raise CorruptArtifact(f"{e}; the run folder has no checkpoint to make it again from: start over in "
+                                  f"another --run-dir") from None
+        bad = artifact.with_name(artifact.name + ".corrupt")
+        os.replace(artifact, bad)
+        warn(f"the finished run's {artifact.name} does not load ({e}); moved to {bad.name}; resuming from "
+             f"{found[-1].name} to write it again")
+        return False
     check_same_config(f"the finished run in {artifact.parent}", f["meta/config"], args, ignore)
     print(f"[{f['meta/kind']}] {artifact.parent} holds a finished run (final score "
           f"{float(f['summary/final_score']):.1f}); nothing to do (use another --run-dir to train again)")

@@ -172,7 +172,7 @@ def train(args, leq) -> Path:
     empty = leq.empty_buffer(capacity, task.obs_dim, task.act_dim)
     with artifacts.FolderLock(run_dir / "run.lock", f"run folder {run_dir}"):
         if all((out / "leq.npz").exists() for out in outs) and all(
-                [artifacts.finished_run(out / "leq.npz", task, a, artifacts.LEQ_RESUME_IGNORES) for out, a in zip(outs, configs)]):
+                [artifacts.finished_run(out / "leq.npz", task, a, artifacts.LEQ_RESUME_IGNORES, run_dir) for out, a in zip(outs, configs)]):
             return run_dir
         prefixes = [name + "/" for name in names]
         resume = artifacts.newest_checkpoint(run_dir, lambda p: artifacts.read_leq_checkpoint(p, task, args, empty, prefixes))

@@ -465,3 +465,32 @@ def test_5_a_dataset_of_only_timeouts_is_one_line(tiny_maze_file_module, tmp_pat
         assert line == (f"error: dataset file {path} gives no transitions: every step ends its episode by a timeout or is "
                         f"the file's last (a timed-out step has no next observation); check its timeouts")
         assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("checkpoint", ["kept", "none"])
+def test_5_a_finished_run_with_a_corrupt_leq_npz(checkpoint, upstream, tiny_maze_file_module, uninterrupted, tmp_path):
+    """A finished run whose leq.npz is corrupt got a bare "not readable" line, no advice and no
+    use of its intact checkpoints. Now the corrupt file is moved aside and the run resumes from its
+    newest checkpoint, writing the same leq.npz again; with no checkpoint, one line says to start over."""
+    from conftest import leq_cmd, metric_rows, npz_arrays, run
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    good = (run_dir / "leq.npz").read_bytes()
+    (run_dir / "leq.npz").write_bytes(good[:len(good) // 2])  # cut short
+    if checkpoint == "none":
+        for p in run_dir.glob("checkpoint_*.npz"):
+            p.unlink()
+        before = snapshot(run_dir)
+        p = run(leq_cmd(upstream, tiny_maze_file_module, run_dir), tmp_path, check=False)
+        assert last_line(p).startswith(f"error: artifact {run_dir / 'leq.npz'} is not a readable .npz file")
+        assert last_line(p).endswith("; the run folder has no checkpoint to make it again from: start over in another --run-dir")
+        assert snapshot(run_dir) == before
+        return
+    newest = sorted(run_dir.glob("checkpoint_*.npz"))[-1].name
+    p = run(leq_cmd(upstream, tiny_maze_file_module, run_dir), tmp_path)
+    assert f"warning: the finished run's leq.npz does not load (artifact {run_dir / 'leq.npz'} is not a readable" in p.stderr
+    assert f"moved to leq.npz.corrupt; resuming from {newest} to write it again" in p.stderr
+    assert (run_dir / "leq.npz.corrupt").read_bytes() == good[:len(good) // 2]
+    plain, again = npz_arrays(uninterrupted / "leq.npz"), npz_arrays(run_dir / "leq.npz")
+    assert plain.keys() == again.keys() and all(np.array_equal(plain[k], again[k]) for k in plain)
+    assert metric_rows(run_dir) == metric_rows(uninterrupted)
