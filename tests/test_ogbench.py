@@ -267,3 +267,28 @@ def test_end_to_end_on_a_generated_dataset(tmp_path):
     p = run(ROOT / "evaluate.py", "--checkpoint", "leq/leq.npz", "--episodes", 2)
     assert "env goal [20.0, 20.0], termination centre [20.0, 20.0]" in p.stdout
     assert (tmp_path / "leq" / "leq.trajectories.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("case", ["a FIFO", "all-zero observations", "a single number as observations"])
+def test_the_check_layer_covers_ogbench_tasks(case, tmp_path):
+    """The bad inputs of the reliability issue under an OGBench task: a FIFO as --dataset-path, a
+    file whose observations are all zero, and one whose observations are a single number get the
+    same one-line refusals as the other tasks (the checks are in the shared layer, not per source)."""
+    import os
+    path = tmp_path / "d.npz"
+    if case == "a FIFO":
+        os.mkfifo(path)
+    else:
+        write_ogbench_file(path, [(1, 1), (6, 1)], 20)
+        arrays = dict(np.load(path))
+        arrays["observations"] = np.zeros_like(arrays["observations"]) if case == "all-zero observations" else np.float32(3)
+        np.savez(path, **arrays)
+    p = subprocess.run([sys.executable, ROOT / "world_model.py", "--env", POINT, "--dataset-path", path,
+                        "--out", tmp_path / "wm.npz"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    expected = {"a FIFO": f"error: --dataset-path {path} is a named pipe (FIFO), not a file: give a file",
+                "all-zero observations": f"error: dataset file {path}: every observation is the same ([0. 0.]): not a "
+                                         f"recording of {POINT}; check the file",
+                "a single number as observations": f"error: dataset file {path} is not a readable OGBench .npz"}[case]
+    assert p.stderr.strip().startswith(expected), p.stderr
+    assert not (tmp_path / "wm.npz").exists()
