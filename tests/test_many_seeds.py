@@ -108,6 +108,29 @@ def test_killed_many_seed_run_resumes_to_the_same_result(runs, tiny_maze_file_mo
 
 
 @pytest.mark.slow
+def test_a_resume_refuses_one_seeds_changed_world_model(runs, tiny_maze_file_module, tmp_path):
+    """A killed N-seed run whose seed S+1 world model was replaced (same settings, other content)
+    before the resume: refused in one line that names the seed's world model and both
+    fingerprints, the run folder and the artifacts as they were (reliability issue, round three)."""
+    import shutil
+    d, _ = runs
+    shutil.copytree(d / "runs", tmp_path / "runs")  # this run's own default upstream paths
+    run_dir = tmp_path / "killed"
+    command = cmd(tiny_maze_file_module, run_dir, "--seed", S, "--num-seeds", N)
+    run_and_kill_when(command, tmp_path, lambda: (run_dir / "checkpoint_00000100.npz").exists())
+    changed = tmp_path / "runs" / f"{ENV}__world_model__s{S + 1}" / "world_model.npz"
+    shutil.copy(tmp_path / "runs" / f"{ENV}__world_model__s{S}" / "world_model.npz", changed)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*.npz"))}
+    p = run(command, tmp_path, check=False)
+    line = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert line.startswith(f"error: checkpoint {run_dir / 'checkpoint_00000100.npz'} was made from the world model "
+                           f"{changed.resolve()} (sha256 "), line
+    assert "restore the files it was made from, or start over in another --run-dir" in line
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*.npz"))} == before
+
+
+@pytest.mark.slow
 def test_evaluate_reads_a_seed_of_a_many_seed_run(runs):
     d, _ = runs
     path = d / "many" / f"seed_{S + N - 1}" / "leq.npz"
