@@ -216,7 +216,8 @@ def load_artifact(path, task: Optional[Task] = None, kinds: tuple = (), need: st
             raise CorruptArtifact(f"artifact {path} has values beyond float32's range in '{k}' "
                                   f"({int((np.abs(x) > np.finfo(np.float32).max).sum())} of {x.size}; the stages compute "
                                   f"in float32): refused; re-create it")
-        if k.endswith("std") and (x <= 0).any():  # input scales: the stages divide by them (constant inputs get 1)
+        if k.endswith(("model/input_std", "stats/std")) and (x <= 0).any():  # input scales: the stages divide by them
+            # (constant inputs get 1)
             raise CorruptArtifact(f"artifact {path} has standard deviations <= 0 in '{k}' ({int((x <= 0).sum())} of "
                                   f"{x.size}; the stages divide by them): refused; re-create it")
     arrays["meta/config"] = json.loads(str(arrays["meta/config"]))

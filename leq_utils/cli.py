@@ -107,7 +107,9 @@ def parse_flags(args_type):
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
-            return tyro.cli(args_type)
+            args = tyro.cli(args_type)
+        sys.stderr.write(captured.getvalue())  # what tyro said while parsing well (a warning), as it said it
+        return args
     except SystemExit as e:
         if not e.code:
             raise
@@ -131,8 +133,9 @@ def run_script(main: Callable, args_type) -> None:
     """Every script's `__main__`: install the SIGINT/SIGTERM handlers (see StopRequest), parse
     `args_type` with tyro and call `main` on it. Bad input (InputError), a non-finite loss
     (FloatingPointError), failed file operations (OSError: a full disk, a read-only folder, ...)
-    and running out of memory (RESOURCE_EXHAUSTED) end the script with one line and exit code 1; a signal with one line and 128 + its number (130
-    for SIGINT, 143 for SIGTERM)."""
+    and running out of memory (RESOURCE_EXHAUSTED) end the script with one line and exit code 1;
+    a command line that does not parse with one line and exit code 2 (parse_flags); a signal with
+    one line and 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
     STOP.armed, STOP.signum, STOP.stopping = False, 0, False
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import stat
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import jax.numpy as jnp
@@ -71,8 +74,6 @@ def check_common(args) -> None:
 def check_input_file(path, what: str) -> None:
     """An input file must be a regular file: one line for each other thing at the path (a FIFO or
     /dev/zero used to be reported as "does not exist")."""
-    import stat
-    from pathlib import Path
     path = Path(path)
     try:
         mode = path.stat().st_mode
@@ -92,8 +93,6 @@ def check_writable_folder(folder, what: str) -> None:
     """Before minutes of work whose result goes into `folder` (a dataset generated on first use):
     refuse in one line a folder that is a file, or sits under one, or cannot be written (it used
     to fail only when the finished file was written)."""
-    import os
-    from pathlib import Path
     folder = Path(folder)
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
     if not existing.is_dir():

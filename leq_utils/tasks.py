@@ -265,11 +265,11 @@ def check_states_fit(task: Task, observations: np.ndarray, path) -> None:
         raise InputError(f"dataset file {path}: every observation is the same ({np.array2string(observations[0], precision=3)})"
                          f": not a recording of {task.name}; check the file")
     if task.source == "builtin" and task.family == "pointmaze":
-        layout = mazes.MAZES[task.maze]
-        i, j = mazes.xy_cells(layout, observations[:, :2])
-        inside = (i >= 0) & (i < len(layout)) & (j >= 0) & (j < len(layout[0]))
-        wall = ~inside.copy()
-        wall[inside] = np.array([layout[a][b] == "#" for a, b in zip(i[inside], j[inside])])
+        walls = np.array([[c == "#" for c in row] for row in mazes.MAZES[task.maze]])
+        i, j = mazes.xy_cells(mazes.MAZES[task.maze], observations[:, :2])
+        inside = (i >= 0) & (i < walls.shape[0]) & (j >= 0) & (j < walls.shape[1])
+        wall = ~inside
+        wall[inside] = walls[i[inside], j[inside]]
         if wall.mean() > 0.01:  # the point's centre never enters a wall cell; 1% leaves room for edits
             raise InputError(f"dataset file {path}: {100 * wall.mean():.0f}% of its states lie inside walls or outside "
                              f"the {task.maze} maze: data of another maze? pass the --env it was recorded in")
