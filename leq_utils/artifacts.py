@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from leq_utils.common import InputError, Task, check_input_file, warn
+from leq_utils.common import InputError, Task, check_folder_path, check_input_file, warn
 
 FORMAT_VERSION = 1  # of every .npz artifact this project writes (fingerprints are optional metadata)
 
@@ -399,8 +399,7 @@ class FolderLock:
         self.path, self.what, self.fd = Path(lock_file), what, None
 
     def __enter__(self):
-        if self.path.parent.exists() and not self.path.parent.is_dir():
-            raise InputError(f"{self.what}: {self.path.parent} is a file, not a folder")
+        check_folder_path(self.path.parent, self.what)
         self.created = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:

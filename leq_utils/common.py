@@ -89,6 +89,20 @@ def check_input_file(path, what: str) -> None:
         raise InputError(f"{what} {path} is {kind}, not a file: give a file")
 
 
+def check_folder_path(folder, what: str) -> None:
+    """A folder to write in (a run folder, an artifact's folder): refuse in one line a path through
+    a file, or through a symbolic link that leads nowhere (a loop was reported as "File exists")."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.is_symlink() and not p.exists():
+            raise InputError(f"{what}: {p} is a symbolic link that leads nowhere (a loop, or its target is missing); "
+                             f"remove it or point it at a folder")
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"{what}: {p} is a file, not a folder")
+            return
+
+
 def check_writable_folder(folder, what: str) -> None:
     """Before minutes of work whose result goes into `folder` (a dataset generated on first use):
     refuse in one line a folder that is a file, or sits under one, or cannot be written (it used

@@ -494,3 +494,22 @@ def test_5_a_finished_run_with_a_corrupt_leq_npz(checkpoint, upstream, tiny_maze
     plain, again = npz_arrays(uninterrupted / "leq.npz"), npz_arrays(run_dir / "leq.npz")
     assert plain.keys() == again.keys() and all(np.array_equal(plain[k], again[k]) for k in plain)
     assert metric_rows(run_dir) == metric_rows(uninterrupted)
+
+
+def test_5_a_symlink_loop_as_run_folder_is_named_as_such(upstream, tiny_maze_file_module, tmp_path, entry):
+    """A symlink loop as the run folder (or as an artifact's folder) was reported as "File exists";
+    now one line says it is a symbolic link that leads nowhere, before any work."""
+    import os
+    loop = tmp_path / "loop"
+    os.symlink(tmp_path / "loop_b", loop)
+    os.symlink(loop, tmp_path / "loop_b")
+    common = ["--env", ENV, "--dataset-path", tiny_maze_file_module]
+    why = f"{loop} is a symbolic link that leads nowhere (a loop, or its target is missing); remove it or point it at a folder"
+    for module, argv, what in [
+            (leq, ["--world-model", upstream / "wm.npz", "--pretrain", upstream / "pt.npz", "--run-dir", loop], f"run folder {loop}"),
+            (world_model, ["--out", loop / "wm.npz"], f"world model {loop / 'wm.npz'}"),
+            (pretrain, ["--world-model", upstream / "wm.npz", "--out", loop / "pt.npz"], None)]:
+        line = last_line(entry(module, *common, *argv), only=True)
+        assert line.startswith("error: ") and line.endswith(f": {why}"), line
+        assert what is None or line == f"error: {what}: {why}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "loop_b"]
