@@ -195,3 +195,23 @@ def test_end_to_end_on_a_minari_pointmaze_dataset(root, tmp_path):
     p = run(ROOT / "evaluate.py", "--checkpoint", "leq/leq.npz", "--episodes", 2)
     assert "termination centre [-1.0, -1.0]" in p.stdout
     assert (tmp_path / "leq" / "leq.trajectories.png").stat().st_size > 1000
+
+
+def test_the_check_layer_covers_minari_tasks(root, tmp_path):
+    """A bad input of the reliability issue under a Minari task: a dataset whose observations are
+    all zero gets the same one-line refusal as the other sources (the check is in the shared layer)."""
+    import shutil
+    copy = tmp_path / "test" / "pointmaze" / "umaze-v0"
+    shutil.copytree(root / "test" / "pointmaze" / "umaze-v0", copy)
+    with h5py.File(copy / "data" / "main_data.hdf5", "a") as f:
+        for episode in f.values():
+            for k in episode["observations"]:
+                episode["observations"][k][...] = 0.0
+    os.environ["MINARI_DATASETS_PATH"] = str(tmp_path)  # the module's fixture puts it back afterwards
+    try:
+        task = tasks.get_task("minari:test/pointmaze/umaze-v0")
+        with pytest.raises(tasks.InputError) as e:
+            tasks.load_dataset(task)
+    finally:
+        os.environ["MINARI_DATASETS_PATH"] = str(root)
+    assert one_line(e).startswith("dataset file ") and "every observation is the same ([0. 0. 0. 0.]): not a recording of" in one_line(e)
