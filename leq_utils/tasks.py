@@ -240,6 +240,12 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
     else:
         path, origin = d4rl_format_file(task, dataset_path, data_dir)
         data = read_hdf5(path, task.max_episode_steps, origin)
+        with h5py.File(path, "r") as f:  # the built-in generator records the task it made the file for
+            made_for = f.attrs.get("env")
+        made_for = made_for.decode() if isinstance(made_for, bytes) else made_for
+        if isinstance(made_for, str) and made_for != task.name:  # umaze data under --env pointmaze-medium, say
+            raise InputError(f"dataset file {path} was generated for {made_for}, not {task.name}: pass --env {made_for}, "
+                             f"or the file made for {task.name}")
         outside = np.abs(data["actions"]) > 1
         if outside.any():
             warn(f"dataset {path}: {int(outside.sum())} action values (in {int(outside.any(1).sum())} rows) are "
@@ -259,8 +265,9 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
 
 def check_states_fit(task: Task, observations: np.ndarray, path) -> None:
     """Data that cannot be a recording of the task, refused in one line: every observation the same
-    (all zeros, say); for the built-in mazes, states inside walls or outside the maze (another maze's
-    data of the same dimensions, e.g. umaze data under --env pointmaze-medium)."""
+    (all zeros, say). For the built-in mazes, states inside walls or outside the maze (another maze's
+    data of the same dimensions) get a warning: a file the built-in generator made for another task
+    is refused earlier (it records its task), synthetic data may go anywhere."""
     if len(observations) > 1 and (observations.max(0) == observations.min(0)).all():
         raise InputError(f"dataset file {path}: every observation is the same ({np.array2string(observations[0], precision=3)})"
                          f": not a recording of {task.name}; check the file")
@@ -270,9 +277,9 @@ def check_states_fit(task: Task, observations: np.ndarray, path) -> None:
         inside = (i >= 0) & (i < walls.shape[0]) & (j >= 0) & (j < walls.shape[1])
         wall = ~inside
         wall[inside] = walls[i[inside], j[inside]]
-        if wall.mean() > 0.01:  # the point's centre never enters a wall cell; 1% leaves room for edits
-            raise InputError(f"dataset file {path}: {100 * wall.mean():.0f}% of its states lie inside walls or outside "
-                             f"the {task.maze} maze: data of another maze? pass the --env it was recorded in")
+        if wall.mean() > 0.01:  # the point's centre never enters a wall cell: a warning (synthetic data may)
+            warn(f"dataset file {path}: {100 * wall.mean():.0f}% of its states lie inside walls or outside the "
+                 f"{task.maze} maze: data of another maze? (pass the --env it was recorded in)")
 
 
 def d4rl_format_file(task: Task, dataset_path: Optional[str], data_dir: Optional[str]) -> tuple:

@@ -580,7 +580,11 @@ def test_9_no_longer_accepted_silently(case, uninterrupted, upstream, tiny_maze_
         rng = np.random.default_rng(0)
         actions = rng.uniform(-1, 1, (800, 2))
         actions[[3, 3, 90], [0, 1, 1]] = [1.5, -7.0, 1.0001]
-        data = write_d4rl_file(folder / "d.hdf5", rng.normal(size=(800, 4)), actions, np.zeros(800), np.zeros(800))
+        from leq_utils import mazes
+        layout = mazes.MAZES["umaze"]
+        observations = 0.1 * rng.normal(size=(800, 4))  # near the start cell's centre: states inside the maze
+        observations[:, :2] += mazes.cell_xy(layout, mazes.maze_cells(layout, "R")[0])
+        data = write_d4rl_file(folder / "d.hdf5", observations, actions, np.zeros(800), np.zeros(800))
         before = snapshot(folder)
         p = entry(world_model, "--env", ENV, "--dataset-path", data, "--out", folder / "wm.npz", "--hidden-dims", 8,
                 "--weight-decay", 0, 0, "--max-epochs", 1)
