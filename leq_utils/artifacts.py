@@ -212,10 +212,10 @@ def load_artifact(path, task: Optional[Task] = None, kinds: tuple = (), need: st
         if x.dtype.kind == "f" and not k.startswith(("meta/", "buffer/")) and not np.isfinite(x).all():
             raise CorruptArtifact(f"artifact {path} has non-finite values in '{k}' ({int((~np.isfinite(x)).sum())} "
                                   f"of {x.size}): refused; re-create it (or resume from an earlier checkpoint)")
-        if x.dtype.kind == "f" and not k.startswith("meta/") and (np.abs(x) > np.finfo(np.float32).max).any():
-            raise CorruptArtifact(f"artifact {path} has values beyond float32's range in '{k}' "
-                                  f"({int((np.abs(x) > np.finfo(np.float32).max).sum())} of {x.size}; the stages compute "
-                                  f"in float32): refused; re-create it")
+        big = int((np.abs(x) > np.finfo(np.float32).max).sum()) if x.dtype.kind == "f" and not k.startswith("meta/") else 0
+        if big:
+            raise CorruptArtifact(f"artifact {path} has values beyond float32's range in '{k}' ({big} of {x.size}; "
+                                  f"the stages compute in float32): refused; re-create it")
         if k.endswith(("model/input_std", "stats/std")) and (x <= 0).any():  # input scales: the stages divide by them
             # (constant inputs get 1)
             raise CorruptArtifact(f"artifact {path} has standard deviations <= 0 in '{k}' ({int((x <= 0).sum())} of "

@@ -89,28 +89,26 @@ def check_input_file(path, what: str) -> None:
         raise InputError(f"{what} {path} is {kind}, not a file: give a file")
 
 
-def check_folder_path(folder, what: str) -> None:
+def check_folder_path(folder, what: str, advice: str = "") -> Path:
     """A folder to write in (a run folder, an artifact's folder): refuse in one line a path through
-    a file, or through a symbolic link that leads nowhere (a loop was reported as "File exists")."""
+    a file, or through a symbolic link that leads nowhere (a loop was reported as "File exists").
+    Returns the nearest part of the path that exists (the folder itself, or the one it goes in)."""
     folder = Path(folder)
     for p in (folder, *folder.parents):
         if p.is_symlink() and not p.exists():
             raise InputError(f"{what}: {p} is a symbolic link that leads nowhere (a loop, or its target is missing); "
                              f"remove it or point it at a folder")
-        if p.exists():
+        if p.exists() or p == Path(p.anchor):
             if not p.is_dir():
-                raise InputError(f"{what}: {p} is a file, not a folder")
-            return
+                raise InputError(f"{what}: {p} is a file, not a folder{advice}")
+            return p
 
 
 def check_writable_folder(folder, what: str) -> None:
     """Before minutes of work whose result goes into `folder` (a dataset generated on first use):
     refuse in one line a folder that is a file, or sits under one, or cannot be written (it used
     to fail only when the finished file was written)."""
-    folder = Path(folder)
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
-    if not existing.is_dir():
-        raise InputError(f"{what} {folder}: {existing} is a file, not a folder; point it at a folder")
+    existing = check_folder_path(folder, f"{what} {folder}", "; point it at a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{what} {folder}: {existing} is not writable; point it at a folder you can write")
 

@@ -266,7 +266,7 @@ def navigate_statistics(task: common.Task, path: Path, hover_rows=50, hover_radi
     dist = np.linalg.norm(xy - (4.0 * ji - 4.0), axis=1)
     near = dist <= hover_radius
     starts = np.concatenate([[0], np.flatnonzero(ends)[:-1] + 1])
-    hovers, longest, hover_total = [], 0, 0
+    hovers, hover_total = [], 0
     for a, b in zip(starts, np.flatnonzero(ends) + 1):          # one trajectory: rows a..b-1
         run, best, in_hover = 0, 0, 0
         for t in range(a, b):                                   # consecutive rows near ONE centre

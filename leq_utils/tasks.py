@@ -131,9 +131,10 @@ REMEDIES = {"yours": "check or replace the file", "built-in": "delete it to rege
             "d4rl": "delete it to download it again"}
 
 
-def read_hdf5(path, max_episode_steps: Optional[int] = None, origin: str = "yours") -> dict:
+def read_hdf5(path, max_episode_steps: Optional[int] = None, origin: str = "yours", env: Optional[str] = None) -> dict:
     """Read a D4RL-format file with h5py, validating it; errors name the file and the problem.
-    origin (yours | built-in | d4rl) picks the advice for a broken file."""
+    origin (yours | built-in | d4rl) picks the advice for a broken file. env: the task the file is
+    read for; a file the built-in generator made for another task (it records it) is refused."""
     path = Path(path)
     check_input_file(path, "dataset file")
     try:
@@ -154,9 +155,14 @@ def read_hdf5(path, max_episode_steps: Optional[int] = None, origin: str = "your
                 if item is not None and item.ndim == 0:
                     raise InputError(f"dataset file {path}: '{k}' is a single number, not an array (one row per step)")
             data = {k: f[k][()] for k in REQUIRED_KEYS + ("timeouts",) if k in f}
+            made_for = f.attrs.get("env")  # the built-in generator records the task it made the file for
     except OSError as e:
         raise InputError(f"dataset file {path} is not a readable HDF5 file (corrupt or "
                          f"truncated?): {e}; {REMEDIES[origin]}") from None
+    made_for = made_for.decode() if isinstance(made_for, bytes) else made_for
+    if env is not None and isinstance(made_for, str) and made_for != env:  # umaze data under --env pointmaze-medium
+        raise InputError(f"dataset file {path} was generated for {made_for}, not {env}: pass --env {made_for}, "
+                         f"or the file made for {env}")
     n = len(data["observations"])
     if n < 2:
         raise InputError(f"dataset file {path} is empty ({n} rows)")
@@ -239,13 +245,7 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
         path, t = minari_tasks.transitions(task, dataset_path, data_dir)
     else:
         path, origin = d4rl_format_file(task, dataset_path, data_dir)
-        data = read_hdf5(path, task.max_episode_steps, origin)
-        with h5py.File(path, "r") as f:  # the built-in generator records the task it made the file for
-            made_for = f.attrs.get("env")
-        made_for = made_for.decode() if isinstance(made_for, bytes) else made_for
-        if isinstance(made_for, str) and made_for != task.name:  # umaze data under --env pointmaze-medium, say
-            raise InputError(f"dataset file {path} was generated for {made_for}, not {task.name}: pass --env {made_for}, "
-                             f"or the file made for {task.name}")
+        data = read_hdf5(path, task.max_episode_steps, origin, task.name)
         outside = np.abs(data["actions"]) > 1
         if outside.any():
             warn(f"dataset {path}: {int(outside.sum())} action values (in {int(outside.any(1).sum())} rows) are "
