@@ -126,6 +126,7 @@ ANTMAZE_LIMITS = {"umaze": 700, "medium": 1000, "large": 1000, "ultra": 2000}
 LOCOMOTION_DIMS = {"hopper": (11, 3), "walker2d": (17, 6), "halfcheetah": (17, 6)}
 NAME_PATTERNS = [  # (name, source)
     (r"pointmaze-(umaze|medium|large|ultra)", "builtin"),
+    (r"ant-(umaze|medium|large|ultra)-(diverse|play)", "builtin"),
     (r"antmaze-umaze(-diverse)?-v[0-2]", "d4rl"),
     (r"antmaze-(medium|large)-(play|diverse)-v[0-2]", "d4rl"),
     (r"antmaze-ultra-(play|diverse)-v0", "d4rl"),
@@ -134,7 +135,7 @@ NAME_PATTERNS = [  # (name, source)
     (r"antmaze-(medium|large|giant)-explore-singletask(-task[1-5])?-v0", "ogbench"),
     (r"minari:.+", "minari"),
 ]
-SUPPORTED = ("pointmaze-{umaze,medium,large,ultra}, antmaze-umaze[-diverse]-v2, "
+SUPPORTED = ("pointmaze-{umaze,medium,large,ultra}, ant-{umaze,medium,large,ultra}-{diverse,play}, antmaze-umaze[-diverse]-v2, "
              "antmaze-{medium,large}-{play,diverse}-v2, antmaze-ultra-{play,diverse}-v0, "
              "{hopper,walker2d,halfcheetah}-{random,medium,medium-replay,medium-expert,expert}-v2, "
              "OGBench {pointmaze,antmaze,humanoidmaze}-{medium,large,giant}-navigate-singletask[-task1..5]-v0 "

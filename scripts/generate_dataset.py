@@ -1,8 +1,9 @@
-"""Generate a built-in PointMaze dataset (or a local stand-in for an OGBench PointMaze `navigate`
-dataset) and measure the waypoint controller that made it on the evaluation task.
+"""Generate a built-in PointMaze or AntMaze dataset (or a local stand-in for an OGBench PointMaze
+`navigate` dataset) and measure the waypoint controller that made it on the evaluation task.
 
     python scripts/generate_dataset.py --env pointmaze-medium
     python scripts/generate_dataset.py --env pointmaze-giant-navigate-singletask-v0
+    python scripts/generate_dataset.py --env ant-large-diverse     # needs a trained walker (scripts/train_ant_walker.py)
 
 The stages generate the built-in dataset themselves on first use; this script makes one on
 purpose (another size, seed or noise) and reports the controller's success rate.
@@ -18,7 +19,7 @@ from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leq_utils import cli, mazes  # noqa: E402
+from leq_utils import ant, cli, mazes  # noqa: E402
 from leq_utils.tasks import (InputError, Task, check_common, check_flags, check_writable_folder, get_task,  # noqa: E402
                              qlearning_transitions, read_hdf5)
 
@@ -36,7 +37,7 @@ class Args:
     seed: int = 0
     """generator seed (the dataset is a deterministic function of it)"""
     noise: Optional[float] = None
-    """std of the Gaussian action noise added to the controller (default: built-in 1.0, OGBench 0.5)"""
+    """std of the Gaussian action noise added to the controller (default: built-in PointMaze 1.0, built-in ant 0.2, OGBench 0.5)"""
     jitter: float = mazes.DATA_JITTER
     """built-in: the controller aims at a uniform random point within +-jitter of each cell's centre"""
     excursion: float = mazes.DATA_EXCURSION
@@ -52,6 +53,8 @@ class Args:
     <data_dir>/<dataset>_<size/1000>k_seed<seed>_v<version>.npz, and its -val.npz)"""
     expert_episodes: int = 50
     """episodes to measure the controller on the evaluation task (0 to skip)"""
+    walker: Optional[str] = None
+    """built-in ant tasks: the trained walker (default: <data_dir>/ant_walker.npz, from scripts/train_ant_walker.py)"""
 
 
 def main(args: Args):
@@ -63,8 +66,10 @@ def main(args: Args):
     if task.source == "ogbench" and task.family == "pointmaze":
         return generate_ogbench(task, args)
     if task.source != "builtin":
-        raise InputError(f"only built-in pointmaze tasks and OGBench pointmaze-*-singletask tasks can "
+        raise InputError(f"only built-in pointmaze and ant tasks and OGBench pointmaze-*-singletask tasks can "
                          f"be generated, not {task.name}")
+    if ant.is_builtin_ant(task):
+        return generate_ant(task, args)
     noise = mazes.DATA_NOISE if args.noise is None else args.noise
     changed = [f"--{k}" for k, v, default in (("noise", noise, mazes.DATA_NOISE), ("jitter", args.jitter, mazes.DATA_JITTER),
                ("excursion", args.excursion, mazes.DATA_EXCURSION), ("dash", args.dash, mazes.DATA_DASH)) if v != default]
@@ -87,6 +92,25 @@ def report_controller(controller_success: Callable, task: Task, episodes: int, n
         rate, steps = controller_success(task, episodes, n)
         print(f"controller (noise {n}) on the evaluation task: success {100 * rate:.0f}% "
               f"over {episodes} episodes, {steps:.0f} steps to the goal")
+
+
+def generate_ant(task: Task, args: Args):
+    noise = ant.DATA_NOISE if args.noise is None else args.noise
+    if noise != ant.DATA_NOISE and not args.out:
+        raise InputError("--noise makes other data than the task's own: pass --out FILE.hdf5 (and --dataset-path "
+                         "FILE.hdf5 to the stages), so that the default dataset is not replaced")
+    walker = Path(args.walker) if args.walker else ant.default_walker_path(args.data_dir)
+    path = Path(args.out) if args.out else ant.builtin_dataset_path(task, args.data_dir, args.size, args.seed)
+    check_writable_folder(path.parent, "the output folder (--out, --data-dir or LEQ_DATA_DIR)")
+    seconds = ant.generate(task, path, walker, args.size, args.seed, noise)
+    data = read_hdf5(path)
+    t = qlearning_transitions(data)
+    print(f"wrote {path}: {len(t['rewards'])} transitions, {int(data['timeouts'].sum())} episodes, "
+          f"{int(t['rewards'].sum())} at the goal, in {seconds:.1f} s")
+    for n in (0.0, noise) if args.expert_episodes else ():
+        rate, steps = ant.controller_success(task, walker, args.expert_episodes, n)
+        print(f"walker + planner (noise {n}) on the evaluation task: success {100 * rate:.0f}% "
+              f"over {args.expert_episodes} episodes, {steps:.0f} steps to the goal")
 
 
 def generate_ogbench(task: Task, args: Args):

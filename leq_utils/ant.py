@@ -1,0 +1,427 @@
+"""The goal-reaching ant: a tool for making built-in AntMaze data (issue 37), not part of LEQ.
+
+D4RL made its AntMaze datasets by steering a goal-reaching ant policy (trained with RL) along
+waypoints through the maze. This module is that ant's world, on MuJoCo's ant of gymnasium's
+`Ant-v5` (the same body gymnasium-robotics' AntMaze puts in a maze: `assets/ant.xml`, gear 150,
+actions in [-1, 1], 5 physics steps of 0.01 s per step):
+  * the state, D4RL AntMaze's layout: qpos (15, x y first) + qvel (14) = 29    -> ant_state
+  * what the walker sees: the state without x, y (27) and the goal in the
+    ant's heading frame (2), so that one policy walks anywhere in any maze   -> walker_obs
+  * N ants on an open floor, each walking to its own goal, with the reward the
+    walker trains on (scripts/train_ant_walker.py)                            -> GoalAnts
+  * the trained walker (an .npz artifact of that script)                      -> WalkerActor, load_walker
+  * the built-in AntMaze tasks `ant-{umaze,medium,large,ultra}-{diverse,play}`:
+    D4RL's layouts in gymnasium-robotics' AntMaze (MuJoCo), D4RL's success rule
+    (reward 1 and the episode's end within 0.5 of the goal) and episode limits -> describe, make_antmaze
+  * the grid planner and the waypoint driver (the tasks' "expert")           -> waypoint, controller_success
+  * the dataset generator, D4RL's recipe, D4RL's HDF5 layout                  -> generate, builtin_dataset_path
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+import h5py
+import numpy as np
+
+from leq_utils import mazes
+from leq_utils.common import ANTMAZE_LIMITS, InputError, Task
+
+WALKER_OBS_DIM = 29   # qpos[2:] (13) + qvel (14) + the goal in the heading frame (2)
+ACT_DIM = 8
+DT = 0.05             # seconds per step: 5 MuJoCo steps of 0.01 s (Ant-v5)
+HEALTHY_Z = (0.2, 1.0)  # Ant-v5's healthy torso heights; outside them the ant has fallen or jumped
+REACH_RADIUS = 0.5    # a goal is reached within 0.5 (D4RL AntMaze's success radius)
+GOAL_VECTOR_CLIP = 8.0  # the goal vector the walker sees is cut to this length
+
+
+def ant_model():
+    """gymnasium's Ant-v5 MuJoCo model (the xml gymnasium-robotics' AntMaze loads)."""
+    from gymnasium.envs.mujoco.ant_v5 import AntEnv
+    env = AntEnv(exclude_current_positions_from_observation=False, include_cfrc_ext_in_observation=False)
+    return env.model, env.init_qpos.copy(), env.init_qvel.copy(), env.frame_skip
+
+
+def ant_state(data) -> np.ndarray:
+    """D4RL AntMaze's 29-d state of a MuJoCo MjData: qpos (x, y, z, quaternion, 8 joints), qvel (14)."""
+    return np.concatenate([data.qpos, data.qvel])
+
+
+def yaw_of(qpos):
+    """The torso's heading angle (radians) from its quaternion qpos[..., 3:7] = (w, x, y, z)."""
+    w, x, y, z = (qpos[..., i] for i in range(3, 7))
+    return np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+
+
+def to_heading_frame(qpos, vector):
+    """A world-frame xy vector (..., 2) in the ant's heading frame (x forward, y left)."""
+    yaw = yaw_of(qpos)
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.stack([c * vector[..., 0] + s * vector[..., 1], -s * vector[..., 0] + c * vector[..., 1]], -1)
+
+
+def walker_obs(state, goal):
+    """The walker's input: state (..., 29) without x, y, then goal - xy in the heading frame, cut to
+    length GOAL_VECTOR_CLIP (a waypoint farther away is "that way")."""
+    qpos = state[..., :15]
+    v = to_heading_frame(qpos, np.asarray(goal) - state[..., :2])
+    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+    v = v * np.minimum(1.0, GOAL_VECTOR_CLIP / np.maximum(norm, 1e-8))
+    return np.concatenate([state[..., 2:], v], -1).astype(np.float32)
+
+
+def healthy(state) -> np.ndarray:
+    """Ant-v5's rule: every number finite and the torso height within HEALTHY_Z."""
+    state = np.atleast_2d(state)
+    return np.isfinite(state).all(-1) & (state[:, 2] >= HEALTHY_Z[0]) & (state[:, 2] <= HEALTHY_Z[1])
+
+
+class GoalAnts:
+    """N ants on an open floor, each walking to its own goal. An ant starts at the origin with a
+    random heading (and Ant-v5's reset noise); its goal lies at a distance drawn from
+    `goal_distance` in a uniformly random direction; a reached goal (within REACH_RADIUS) is
+    replaced by a new one drawn around the ant. Reward per step: the speed towards the goal (units
+    per second, so about the ant's speed when it walks straight at it) + `alive_bonus` - ctrl_cost
+    |a|^2; an ant that falls (not `healthy`) ends its episode, one that lives `max_steps` steps is
+    cut off (truncated) and restarts."""
+
+    def __init__(self, n: int, seed: int, goal_distance=(1.0, 8.0), max_steps: int = 300,
+                 alive_bonus: float = 0.5, ctrl_cost: float = 0.1):
+        import mujoco
+        self._mujoco = mujoco
+        self.model, self.init_qpos, self.init_qvel, self.frame_skip = ant_model()
+        self.data = [mujoco.MjData(self.model) for _ in range(n)]
+        self.n, self.goal_distance, self.max_steps = n, goal_distance, max_steps
+        self.alive_bonus, self.ctrl_cost = alive_bonus, ctrl_cost
+        self.rng = np.random.default_rng(seed)
+        self.goals = np.zeros((n, 2))
+        self.steps = np.zeros(n, np.int64)
+        self.states = np.zeros((n, 29))
+        for i in range(n):
+            self._reset(i)
+
+    def _state(self, i) -> np.ndarray:
+        return ant_state(self.data[i])
+
+    def _new_goal(self, i) -> None:
+        r = self.rng.uniform(*self.goal_distance)
+        angle = self.rng.uniform(-np.pi, np.pi)
+        self.goals[i] = self.states[i, :2] + r * np.array([np.cos(angle), np.sin(angle)])
+
+    def _reset(self, i) -> None:
+        d = self.data[i]
+        self._mujoco.mj_resetData(self.model, d)
+        qpos = self.init_qpos + self.rng.uniform(-0.1, 0.1, self.init_qpos.shape)
+        yaw = self.rng.uniform(-np.pi, np.pi)
+        qpos[3:7] = [np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)]
+        d.qpos[:] = qpos
+        d.qvel[:] = self.init_qvel + 0.1 * self.rng.standard_normal(self.init_qvel.shape)
+        self._mujoco.mj_forward(self.model, d)
+        self.states[i] = self._state(i)
+        self.steps[i] = 0
+        self._new_goal(i)
+
+    def observe(self) -> np.ndarray:
+        return walker_obs(self.states, self.goals)
+
+    def step(self, actions):
+        """actions (n, 8) in [-1, 1] -> (obs after the step (n, 29), reward (n,), terminated (n,),
+        truncated (n,), reached (n,), next_obs_for_bootstrap (n, 29)). An ended ant is reset: obs is
+        its new episode's first observation; next_obs_for_bootstrap is what the step led to."""
+        actions = np.clip(actions, -1.0, 1.0)
+        before = np.linalg.norm(self.goals - self.states[:, :2], axis=-1)
+        for i, d in enumerate(self.data):
+            d.ctrl[:] = actions[i]
+            self._mujoco.mj_step(self.model, d, nstep=self.frame_skip)
+            self.states[i] = self._state(i)
+        self.steps += 1
+        after = np.linalg.norm(self.goals - self.states[:, :2], axis=-1)
+        alive = healthy(self.states)
+        reward = np.where(alive, (before - after) / DT + self.alive_bonus, 0.0) - self.ctrl_cost * (actions ** 2).sum(-1)
+        reward = np.nan_to_num(reward, nan=0.0, posinf=0.0, neginf=0.0)
+        reached = alive & (after <= REACH_RADIUS)
+        next_obs = walker_obs(np.nan_to_num(self.states), self.goals)  # before the goal moves: the step's own target
+        terminated, truncated = ~alive, alive & (self.steps >= self.max_steps)
+        for i in np.flatnonzero(reached & ~truncated):
+            self._new_goal(i)
+        for i in np.flatnonzero(terminated | truncated):
+            self._reset(i)
+        return self.observe(), reward.astype(np.float32), terminated, truncated, reached, next_obs
+
+
+def reach_trials(act, trials: int, seed: int, distance=(4.0, 8.0), steps: int = 100,
+                 batch: Optional[int] = None) -> dict:
+    """The walker's measure (issue 37): from a fresh start (random heading), a goal drawn at a
+    distance in `distance`; reached if the ant gets within REACH_RADIUS in at most `steps` steps
+    without falling. `act(obs (n, 29)) -> actions (n, 8)`. Returns the reach rate, the mean steps
+    of the reached ones, and the fall rate."""
+    batch = batch or trials
+    reached_steps, falls, done_trials = [], 0, 0
+    while done_trials < trials:
+        n = min(batch, trials - done_trials)
+        ants = GoalAnts(n, seed + done_trials, goal_distance=distance, max_steps=steps + 1)
+        goals = ants.goals.copy()
+        first = np.full(n, -1)
+        fell = np.zeros(n, bool)
+        for t in range(steps):
+            _, _, terminated, _, reached, _ = ants.step(act(ants.observe()))
+            ants.goals[:] = goals  # one goal per trial: no new goal after a reach
+            first = np.where((first < 0) & reached & ~fell, t + 1, first)
+            fell |= terminated
+        reached_steps += list(first[first > 0])
+        falls += int(fell.sum())
+        done_trials += n
+    return {"trials": trials, "reach_rate": len(reached_steps) / trials,
+            "mean_steps_to_reach": float(np.mean(reached_steps)) if reached_steps else float("nan"),
+            "fall_rate": falls / trials, "distance": list(distance), "steps": steps}
+
+
+# ============================================================================================
+# The trained walker (written by scripts/train_ant_walker.py)
+# ============================================================================================
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+WALKER_KIND = "ant_walker"
+WALKER_TASK = Task("ant-walker", "ant", WALKER_OBS_DIM, ACT_DIM, 100)  # what its artifacts record
+
+
+def walker_actor(hidden_dims):
+    """The walker's tanh-Gaussian actor: MLP (ReLU) -> (mean, log-std clipped to [-5, 2])."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class WalkerActor(nn.Module):
+        hidden_dims: tuple
+
+        @nn.compact
+        def __call__(self, obs):
+            x = obs
+            for h in self.hidden_dims:
+                x = nn.relu(nn.Dense(h)(x))
+            mean = nn.Dense(ACT_DIM)(x)
+            return mean, jnp.clip(nn.Dense(ACT_DIM)(x), LOG_STD_MIN, LOG_STD_MAX)
+    return WalkerActor(tuple(hidden_dims))
+
+
+def default_walker_path(data_dir=None) -> Path:
+    """Where the generator looks for the walker (scripts/train_ant_walker.py writes it there)."""
+    return Path(data_dir or mazes.DATA_DIR) / "ant_walker.npz"
+
+
+def load_walker(path):
+    """(act(walker obs (n, 29)) -> deterministic actions tanh(mean) (n, 8), the artifact's arrays)."""
+    import jax
+    import jax.numpy as jnp
+    from leq_utils import artifacts
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no trained ant walker at {path}: train it with `python scripts/train_ant_walker.py` "
+                         f"(hours on a CPU), or pass --walker PATH")
+    f = artifacts.load_artifact(path, WALKER_TASK, kinds=(WALKER_KIND,), need="actor")
+    actor = walker_actor(f["meta/config"]["hidden_dims"])
+    template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, WALKER_OBS_DIM)))
+    params = artifacts.tree_from_arrays(template, f, "actor")  # checks every shape
+    fn = jax.jit(lambda obs: jnp.tanh(actor.apply(params, obs)[0]))
+    return (lambda obs: np.asarray(fn(jnp.asarray(obs, jnp.float32)))), f
+
+
+# ============================================================================================
+# The built-in AntMaze tasks
+# ============================================================================================
+
+NAME = r"ant-(umaze|medium|large|ultra)-(diverse|play)"
+SCALE = 4.0            # gymnasium-robotics' AntMaze: 4 units per maze cell, the maze centred at 0
+DATA_SIZE = 1_000_000  # transitions, in 1000-step episodes (D4RL's AntMaze datasets)
+DATA_NOISE = 0.2       # N(0, 0.2^2) on the walker's actions (our choice: D4RL's value is not at hand here)
+DATA_VERSION = 1
+
+
+def describe(name: str) -> Task:
+    """ant-<maze>-<variant>: 29-d states (D4RL's layout), 8 actions, the goal cell's centre,
+    success within 0.5 (inclusive, as D4RL's AntMaze), D4RL's episode limits (ultra: the TAP fork's)."""
+    m = re.fullmatch(NAME, name)
+    if m is None:
+        raise InputError(f"unknown built-in ant task '{name}' (ant-{{umaze,medium,large,ultra}}-{{diverse,play}})")
+    maze = m.group(1)
+    return Task(name, "antmaze", 29, 8, ANTMAZE_LIMITS[maze], maze, tuple(float(x) for x in cell_centre(maze, goal_cell(maze))),
+                REACH_RADIUS, source="builtin", goal_inclusive=True)
+
+
+def is_builtin_ant(task) -> bool:
+    return task.source == "builtin" and task.family == "antmaze"
+
+
+def cell_centre(maze: str, cell) -> np.ndarray:
+    return SCALE * mazes.cell_xy(mazes.MAZES[maze], cell)
+
+
+def goal_cell(maze: str):
+    return mazes.maze_cells(mazes.MAZES[maze], "G")[0]
+
+
+def xy_cell(maze: str, xy) -> tuple:
+    i, j = mazes.xy_cells(mazes.MAZES[maze], np.asarray(xy, float) / SCALE)
+    return int(i), int(j)
+
+
+def play_cells(maze: str) -> list:
+    """The "play" variant's hand-picked places, by one rule: the start and goal cells, the dead
+    ends (one open neighbour) and the junctions (three or more)."""
+    layout = mazes.MAZES[maze]
+    free = mazes.maze_cells(layout, ".RG")
+    def degree(c):
+        i, j = c
+        return sum(layout[a][b] != "#" for a, b in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)))
+    return [c for c in free if layout[c[0]][c[1]] in "RG" or degree(c) != 2]
+
+
+def waypoint(maze: str, dist, target_cell, xy) -> np.ndarray:
+    """The grid planner's next waypoint: the centre of the neighbouring cell closest (BFS) to the
+    target cell, or the target cell's centre once the ant is in it (or off the grid)."""
+    cell = xy_cell(maze, xy)
+    layout = mazes.MAZES[maze]
+    inside = 0 <= cell[0] < len(layout) and 0 <= cell[1] < len(layout[0])
+    if not inside or cell == tuple(target_cell) or not np.isfinite(dist[cell]):
+        return cell_centre(maze, target_cell)
+    i, j = cell
+    return cell_centre(maze, min(((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)), key=lambda c: dist[c]))
+
+
+def make_antmaze(task, max_episode_steps: Optional[int] = None, render_mode=None):
+    """gymnasium-robotics AntMaze_*-v5 on the task's D4RL layout: the ant starts in the start
+    cell (the env's own +-1 position noise from the seed), the goal is the goal cell's exact
+    centre; the observation is D4RL's 29-d state (x, y, then the env's 27-d observation); reward
+    1 and the episode's end when ||xy - goal|| <= 0.5."""
+    gymnasium = mazes.import_gymnasium_robotics()
+    layout = mazes.MAZES[task.maze]
+    maze_map = [[1 if c == "#" else 0 for c in row] for row in layout]
+    inner = gymnasium.make("AntMaze_UMaze-v5", maze_map=maze_map, continuing_task=True, reset_target=False,
+                           include_cfrc_ext_in_observation=False, render_mode=render_mode, max_episode_steps=max_episode_steps or task.max_episode_steps)
+    start, goal = mazes.maze_cells(layout, "R")[0], goal_cell(task.maze)
+
+    class AntMazeTask(gymnasium.Wrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (29,), np.float64)
+            self.goal = np.asarray(task.goal)
+
+        def reset(self, *, seed=None, options=None):
+            obs, info = self.env.reset(seed=seed, options=dict(reset_cell=np.array(start), goal_cell=np.array(goal)))
+            self.env.unwrapped.goal = self.goal.copy()  # no goal noise: the exact cell centre
+            self.env.unwrapped.update_target_site_pos()
+            return np.concatenate([obs["achieved_goal"], obs["observation"]]), info
+
+        def step(self, action):
+            obs, _, _, truncated, info = self.env.step(action)
+            state = np.concatenate([obs["achieved_goal"], obs["observation"]])
+            success = bool(np.linalg.norm(state[:2] - self.goal) <= REACH_RADIUS)
+            info["success"] = success
+            return state, float(success), success, truncated, info
+
+    return AntMazeTask(inner)
+
+
+def controller_success(task, walker_path=None, episodes: int = 20, noise: float = 0.0, seed: int = 0):
+    """The walker steered by the grid planner to the evaluation goal in the evaluation env: the
+    task's "expert" reference (the ceiling). Returns (success rate, mean steps of successes)."""
+    act, _ = load_walker(walker_path or default_walker_path())
+    env, rng = make_antmaze(task), np.random.default_rng(seed)
+    target = goal_cell(task.maze)
+    dist = mazes.bfs_distances(mazes.MAZES[task.maze], target)
+    wins, lengths = 0, []
+    for i in range(episodes):
+        state, _ = env.reset(seed=seed + i)
+        reward = 0.0
+        for step in range(task.max_episode_steps):
+            a = act(walker_obs(state[None], waypoint(task.maze, dist, target, state[:2])))[0]
+            state, reward, terminated, truncated, _ = env.step(np.clip(a + noise * rng.normal(size=ACT_DIM), -1, 1))
+            if terminated or truncated:
+                break
+        wins += reward > 0
+        lengths += [step + 1] if reward > 0 else []
+    return wins / episodes, float(np.mean(lengths)) if lengths else float("nan")
+
+
+def builtin_dataset_path(task, data_dir=None, size=None, seed=0) -> Path:
+    return Path(data_dir or mazes.DATA_DIR) / f"{task.name}_{(size or DATA_SIZE) // 1000}k_seed{seed}_v{DATA_VERSION}.hdf5"
+
+
+def generate(task, path: Path, walker_path=None, size=None, seed: int = 0, noise: float = DATA_NOISE,
+             episode_len: int = 1000, n_ants: int = 16) -> float:
+    """A dataset the way D4RL made its AntMazes: in each `episode_len`-step episode an ant starts
+    in a random cell and is sent to a goal cell, then to the next when it gets within 0.5 of the
+    goal (diverse: any free cells; play: the hand-picked `play_cells`). The grid planner gives the
+    next waypoint, the walker walks to it, N(0, noise^2) is added to its actions. Rewards/terminals
+    are relabelled for the evaluation goal (1 when ||xy' - goal|| <= 0.5; the episode goes on);
+    timeouts end each episode. `n_ants` ants in the same maze model are stepped together (one
+    walker call for all). Deterministic for a seed; written atomically in D4RL's HDF5 format.
+    Returns the seconds it took."""
+    import mujoco
+    from tqdm import tqdm
+    size = size or DATA_SIZE
+    act, walker = load_walker(walker_path or default_walker_path())
+    layout, rng = mazes.MAZES[task.maze], np.random.default_rng(seed)
+    places = mazes.maze_cells(layout, ".RG") if task.name.endswith("diverse") else play_cells(task.maze)
+    dists = {c: mazes.bfs_distances(layout, c) for c in places}
+    env = make_antmaze(task).unwrapped
+    model, ant_env = env.model, env.ant_env
+    init_qpos, init_qvel = ant_env.init_qpos.copy(), ant_env.init_qvel.copy()
+    episodes = -(-size // episode_len)
+    keys = dict(observations=(size, 29), actions=(size, ACT_DIM), rewards=(size,), terminals=(size,),
+                timeouts=(size,), goals=(size, 2))
+    out = {k: np.zeros(shape, np.float32) for k, shape in keys.items()}
+    goal, start_time = np.asarray(task.goal), time.time()
+    with tqdm(total=size, desc=f"generate {task.name}", unit="step", mininterval=1) as bar:
+        for first in range(0, episodes, n_ants):
+            n = min(n_ants, episodes - first)
+            data = [mujoco.MjData(model) for _ in range(n)]
+            targets = []
+            for d in data:  # a random start cell (+-1 position noise, as the env's reset), a random heading
+                qpos = init_qpos.copy()
+                qpos[:2] = cell_centre(task.maze, places[rng.integers(len(places))]) + rng.uniform(-1, 1, 2)
+                yaw = rng.uniform(-np.pi, np.pi)
+                qpos[3:7] = [np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)]
+                d.qpos[:], d.qvel[:] = qpos, init_qvel
+                mujoco.mj_forward(model, d)
+                targets.append(places[rng.integers(len(places))])
+            state = np.stack([ant_state(d) for d in data])
+            for step in range(episode_len):
+                rows = [(first + k) * episode_len + step for k in range(n)]
+                live = [k for k in range(n) if rows[k] < size]
+                if not live:
+                    break
+                for k in range(n):  # a reached goal: the next one
+                    if np.linalg.norm(state[k, :2] - cell_centre(task.maze, targets[k])) <= REACH_RADIUS:
+                        targets[k] = places[rng.integers(len(places))]
+                points = np.stack([waypoint(task.maze, dists[targets[k]], targets[k], state[k, :2]) for k in range(n)])
+                actions = np.clip(act(walker_obs(state, points)) + noise * rng.normal(size=(n, ACT_DIM)), -1.0, 1.0)
+                for k, d in enumerate(data):
+                    d.ctrl[:] = actions[k]
+                    mujoco.mj_step(model, d, nstep=ant_env.frame_skip)
+                next_state = np.stack([ant_state(d) for d in data])
+                reached = np.linalg.norm(next_state[:, :2] - goal, axis=-1) <= REACH_RADIUS
+                for k in live:
+                    t = rows[k]
+                    out["observations"][t], out["actions"][t] = state[k], actions[k]
+                    out["goals"][t] = cell_centre(task.maze, targets[k])
+                    out["rewards"][t] = out["terminals"][t] = float(reached[k])
+                    out["timeouts"][t] = step == episode_len - 1
+                state = next_state
+                bar.update(len(live))
+    out["timeouts"][-1] = 1.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        for k in ("observations", "actions", "rewards"):
+            f.create_dataset(k, data=out[k])
+        f.create_dataset("terminals", data=out["terminals"].astype(bool))
+        f.create_dataset("timeouts", data=out["timeouts"].astype(bool))
+        f.create_dataset("infos/goal", data=out["goals"])
+        f.attrs.update(env=task.name, size=size, seed=seed, noise=noise, episode_len=episode_len,
+                       walker=str(walker["meta/fingerprint"]), generator=f"ant.generate v{DATA_VERSION}")
+    os.replace(tmp, path)
+    return time.time() - start_time

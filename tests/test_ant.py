@@ -1,0 +1,174 @@
+"""The built-in AntMaze tasks and their tools (issue 37): the walker's world and trainer, the
+grid planner, the evaluation env's reward and termination, the dataset generator's format."""
+
+import math
+import subprocess
+import sys
+
+import h5py
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from leq_utils import ant, artifacts, mazes, tasks
+
+
+def test_task_names_cannot_be_mistaken_for_d4rl():
+    task = tasks.get_task("ant-large-diverse")
+    assert (task.family, task.source, task.obs_dim, task.act_dim, task.max_episode_steps) == ("antmaze", "builtin", 29, 8, 1000)
+    # the goal cell's centre, 4 units per cell, gymnasium-robotics' centred coordinates
+    layout = mazes.MAZES["large"]
+    i, j = mazes.maze_cells(layout, "G")[0]
+    assert task.goal == (4 * (j + 0.5 - len(layout[0]) / 2), 4 * (len(layout) / 2 - i - 0.5))
+    assert tasks.get_task("antmaze-large-diverse-v2").source == "d4rl"
+    for bad in ("ant-large", "ant-giant-diverse", "ant-large-diverse-v2"):
+        with pytest.raises(tasks.InputError):
+            tasks.get_task(bad)
+
+
+@pytest.mark.parametrize("maze", ["umaze", "medium", "large", "ultra"])
+def test_planner_leads_from_every_cell_to_every_goal_cell(maze):
+    """Following `waypoint` cell by cell gets one BFS step closer each time, from every free cell to
+    every free target; in the target cell it aims at the target's centre."""
+    layout = mazes.MAZES[maze]
+    free = mazes.maze_cells(layout, ".RG")
+    for target in free:
+        dist = mazes.bfs_distances(layout, target)
+        for cell in free:
+            hops = 0
+            while cell != target:
+                point = ant.waypoint(maze, dist, target, ant.cell_centre(maze, cell) + 0.3)  # off-centre in the cell
+                nxt = ant.xy_cell(maze, point)
+                assert abs(nxt[0] - cell[0]) + abs(nxt[1] - cell[1]) == 1 and dist[nxt] == dist[cell] - 1
+                cell, hops = nxt, hops + 1
+            assert np.allclose(ant.waypoint(maze, dist, target, ant.cell_centre(maze, target) + 0.3),
+                               ant.cell_centre(maze, target))
+
+
+@pytest.mark.parametrize("maze", ["umaze", "medium", "large", "ultra"])
+def test_play_cells_are_the_mazes_landmarks(maze):
+    """Start, goal, dead ends and junctions; the reference counts open neighbours with array shifts."""
+    grid = np.array([[c for c in row] for row in mazes.MAZES[maze]])
+    free = grid != "#"
+    degree = np.zeros(free.shape, int)
+    degree[1:-1, 1:-1] = free[:-2, 1:-1].astype(int) + free[2:, 1:-1] + free[1:-1, :-2] + free[1:-1, 2:]
+    landmark = free & ((degree != 2) | (grid == "R") | (grid == "G"))
+    assert sorted(ant.play_cells(maze)) == sorted(map(tuple, np.argwhere(landmark).tolist()))
+    if maze == "umaze":
+        assert sorted(ant.play_cells(maze)) == [(1, 1), (3, 1)]  # the U's two ends: the start and the goal
+
+
+def test_walker_sees_the_goal_in_its_heading_frame():
+    """The same goal relative to the ant, at any heading and position, looks the same to it."""
+    rng = np.random.default_rng(0)
+    state = np.zeros(29)
+    state[2] = 0.6
+    for _ in range(20):
+        yaw, xy, forward = rng.uniform(-np.pi, np.pi), rng.uniform(-20, 20, 2), rng.uniform(-5, 5, 2)
+        state[:2] = xy
+        state[3:7] = [math.cos(yaw / 2), 0, 0, math.sin(yaw / 2)]
+        c, s = math.cos(yaw), math.sin(yaw)
+        goal = xy + np.array([c * forward[0] - s * forward[1], s * forward[0] + c * forward[1]])
+        obs = ant.walker_obs(state, goal)
+        assert obs.shape == (29,) and np.allclose(obs[-2:], forward, atol=1e-5)
+        assert np.array_equal(obs[:27], state[2:].astype(np.float32))
+    far = ant.walker_obs(np.array(state), state[:2] + 100 * np.array([math.cos(yaw), math.sin(yaw)]))
+    assert np.allclose(far[-2:], [ant.GOAL_VECTOR_CLIP, 0], atol=1e-4)
+
+
+def test_goal_ants_reward_is_the_speed_towards_the_goal():
+    ants = ant.GoalAnts(3, seed=0, alive_bonus=0.5, ctrl_cost=0.1)
+    rng = np.random.default_rng(1)
+    checked = 0
+    for _ in range(30):
+        before, goals = ants.states[:, :2].copy(), ants.goals.copy()
+        a = rng.uniform(-1, 1, (3, 8))
+        _, r, terminated, truncated, reached, next_obs = ants.step(a)
+        after = np.stack([ant.ant_state(d) for d in ants.data])[:, :2] if not (terminated | truncated).any() else None
+        if after is None:
+            continue
+        expected = (np.linalg.norm(goals - before, axis=1) - np.linalg.norm(goals - after, axis=1)) / ant.DT + 0.5 \
+            - 0.1 * (a ** 2).sum(1)
+        assert np.allclose(r, expected, atol=1e-4)
+        assert np.allclose(next_obs, ant.walker_obs(np.stack([ant.ant_state(d) for d in ants.data]), goals), atol=1e-6)
+        checked += 1
+    assert checked >= 25
+
+
+def test_antmaze_env_state_reward_and_termination():
+    """D4RL's 29-d state (qpos, qvel of the env's own MuJoCo data); reward 1 and the end exactly when
+    ||xy - goal|| <= 0.5, which holds whenever gymnasium-robotics' own success (<= 0.45) does; the
+    JAX termination function says the same on the same states."""
+    task = tasks.get_task("ant-umaze-diverse")
+    env = tasks.make_env(task)
+    state, _ = env.reset(seed=0)
+    inner = env.unwrapped
+    assert state.shape == (29,) and np.array_equal(state, np.concatenate([inner.data.qpos, inner.data.qvel]))
+    start = ant.cell_centre("umaze", mazes.maze_cells(mazes.MAZES["umaze"], "R")[0])
+    assert np.abs(state[:2] - start).max() <= 1.0 + 1e-9  # the env's +-0.25 cell noise
+    done_fn = jax.jit(tasks.termination_fn(task))
+    goal = np.asarray(task.goal)
+    seen = set()
+    for offset in (0.0, 0.3, 0.44, 0.47, 0.49, 0.52, 0.6, 2.0):
+        env.reset(seed=1)
+        qpos, qvel = inner.data.qpos.copy(), inner.data.qvel.copy()
+        qpos[:2] = goal + [offset, 0.0]
+        inner.ant_env.set_state(qpos, 0 * qvel)
+        state, r, terminated, truncated, info = env.step(np.zeros(8))
+        d = np.linalg.norm(state[:2] - goal)
+        assert (r == 1.0) == terminated == info["success"] == (d <= 0.5)
+        own = np.linalg.norm(inner.data.qpos[:2] - inner.goal) <= 0.45  # gymnasium-robotics' success rule
+        assert not own or terminated
+        assert bool(done_fn(state[None], np.zeros((1, 8)), state[None])[0]) == terminated
+        seen.add(terminated)
+    assert seen == {True, False}
+
+
+WALKER_FLAGS = ["--eval-every", "24", "--start-steps", "16", "--batch-size", "16", "--buffer-size", "200",
+                "--num-envs", "4", "--hidden-dims", "16", "16", "--eval-trials", "2"]
+
+
+def train_walker(out, run_dir, steps):
+    """The trainer itself, tiny sizes: a real (barely trained) walker artifact."""
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_ant_walker.py"), "--total-steps", str(steps),
+                          *WALKER_FLAGS, "--out", str(out), "--run-dir", str(run_dir)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return artifacts.read_npz(out)
+
+
+@pytest.mark.slow
+def test_walker_training_resumes_exactly_then_generates_d4rl_format(tmp_path):
+    """Trained in one go, or trained to 48 steps and then on to 96 from its checkpoint (a run may
+    be extended): the same walker, bit for bit. Then the generator with it: D4RL's keys and
+    dtypes, 1000-step episodes with timeouts, rewards = terminals = (the next state within 0.5 of
+    the goal), torso positions inside the maze's free cells, deterministic for a seed."""
+    one = train_walker(tmp_path / "one.npz", tmp_path / "a", 96)
+    train_walker(tmp_path / "half.npz", tmp_path / "b", 48)  # leaves its checkpoint of step 24
+    two = train_walker(tmp_path / "two.npz", tmp_path / "b", 96)
+    actor_keys = [k for k in one if k.startswith("actor/")]
+    assert actor_keys and all(np.array_equal(one[k], two[k]) for k in actor_keys)
+    assert int(one["summary/steps"]) == 96
+
+    task = tasks.get_task("ant-medium-diverse")
+    for name in ("g1.hdf5", "g2.hdf5"):
+        ant.generate(task, tmp_path / name, tmp_path / "one.npz", size=2500, seed=3, n_ants=2)
+    with h5py.File(tmp_path / "g1.hdf5") as f, h5py.File(tmp_path / "g2.hdf5") as g:
+        assert f.attrs["env"] == "ant-medium-diverse"
+        for k in ("observations", "actions", "rewards", "terminals", "timeouts", "infos/goal"):
+            assert np.array_equal(f[k][()], g[k][()]), k
+        obs, acts, rew, term, timeouts = (f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts"))
+    assert obs.shape == (2500, 29) and acts.shape == (2500, 8) and obs.dtype == np.float32
+    assert term.dtype == bool and timeouts.dtype == bool and np.abs(acts).max() <= 1.0
+    assert list(np.flatnonzero(timeouts)) == [999, 1999, 2499]
+    goal = np.asarray(task.goal)
+    same_episode = ~timeouts[:-1]
+    next_xy = obs[1:, :2][same_episode]
+    assert np.array_equal(rew[:-1][same_episode] > 0, np.linalg.norm(next_xy - goal, axis=1) <= 0.5)
+    assert np.array_equal(rew > 0, term)
+    layout = mazes.MAZES["medium"]
+    i, j = mazes.xy_cells(layout, obs[:, :2] / ant.SCALE)
+    assert all(layout[a][b] != "#" for a, b in zip(i, j))  # the torso never enters a wall cell
+    ds = tasks.load_dataset(task, str(tmp_path / "g1.hdf5"))  # the stages read it
+    assert ds.observations.shape[1] == 29 and (ds.reward_scale, ds.reward_shift) == (1.0, -1.0)
