@@ -220,7 +220,8 @@ def load_walker(path):
     path = Path(path)
     if not path.exists():
         raise InputError(f"no trained ant walker at {path}: train it with `python scripts/train_ant_walker.py` "
-                         f"(hours on a CPU), or pass --walker PATH")
+                         f"(hours on a CPU), or make the data with another walker: `python scripts/generate_dataset.py --env "
+                         f"ENV --walker PATH`")
     f = artifacts.load_artifact(path, WALKER_TASK, kinds=(WALKER_KIND,), need="actor")
     actor = walker_actor(f["meta/config"]["hidden_dims"])
     template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, WALKER_OBS_DIM)))
