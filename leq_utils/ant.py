@@ -131,7 +131,8 @@ class GoalAnts:
     def step(self, actions):
         """actions (n, 8) in [-1, 1] -> (obs after the step (n, 29), reward (n,), terminated (n,),
         truncated (n,), reached (n,), next_obs_for_bootstrap (n, 29)). An ended ant is reset: obs is
-        its new episode's first observation; next_obs_for_bootstrap is what the step led to."""
+        its new episode's first observation; next_obs_for_bootstrap is what the step led to (with
+        the new goal of an ant that reached its goal). The reward is measured to the old goal."""
         actions = np.clip(actions, -1.0, 1.0)
         before = np.linalg.norm(self.goals - self.states[:, :2], axis=-1)
         for i, d in enumerate(self.data):
@@ -144,10 +145,12 @@ class GoalAnts:
         reward = np.where(alive, (before - after) / DT + self.alive_bonus, 0.0) - self.ctrl_cost * (actions ** 2).sum(-1)
         reward = np.nan_to_num(reward, nan=0.0, posinf=0.0, neginf=0.0)
         reached = alive & (after <= REACH_RADIUS)
-        next_obs = walker_obs(np.nan_to_num(self.states), self.goals)  # before the goal moves: the step's own target
         terminated, truncated = ~alive, alive & (self.steps >= self.max_steps)
         for i in np.flatnonzero(reached & ~truncated):
             self._new_goal(i)
+        # what the ant goes on from (before a reset): a reached goal is already replaced, as the ant
+        # walks on to the new one (the critic never sees a goal vector shorter than the reach radius)
+        next_obs = walker_obs(np.nan_to_num(self.states), self.goals)
         for i in np.flatnonzero(terminated | truncated):
             self._reset(i)
         return self.observe(), reward.astype(np.float32), terminated, truncated, reached, next_obs
@@ -345,6 +348,22 @@ def controller_success(task, walker_path=None, episodes: int = 20, noise: float 
         wins += reward > 0
         lengths += [step + 1] if reward > 0 else []
     return wins / episodes, float(np.mean(lengths)) if lengths else float("nan")
+
+
+def check_walker_of(path: Path, data_dir=None) -> None:
+    """A built-in ant dataset made by another walker than the one now in the data folder (one
+    retrained since): a one-line warning; delete the file to make it again with the new walker."""
+    walker = default_walker_path(data_dir)
+    if not walker.exists():
+        return
+    with np.load(walker, allow_pickle=False) as f:
+        now = str(f["meta/fingerprint"]) if "meta/fingerprint" in f.files else ""
+    with h5py.File(path, "r") as f:
+        made_by = str(f.attrs.get("walker", ""))
+    if made_by != now:
+        from leq_utils.common import warn
+        warn(f"dataset {path.name} was made by another walker than {walker} (retrained since?): delete it to "
+             f"make it again with this one")
 
 
 def builtin_dataset_path(task, data_dir=None, size=None, seed=0) -> Path:

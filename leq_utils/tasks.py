@@ -300,6 +300,8 @@ def d4rl_format_file(task: Task, dataset_path: Optional[str], data_dir: Optional
                 ant.generate(task, path, ant.default_walker_path(data_dir))
             else:
                 mazes.generate_pointmaze(task, path)
+        elif source is ant:
+            ant.check_walker_of(path, data_dir)
     else:
         from leq_utils import d4rl_tasks  # imported only for D4RL tasks (it imports this module)
         path, origin = d4rl_tasks.d4rl_dataset_path(task), "d4rl"

@@ -96,9 +96,14 @@ def report_controller(controller_success: Callable, task: Task, episodes: int, n
 
 def generate_ant(task: Task, args: Args):
     noise = ant.DATA_NOISE if args.noise is None else args.noise
-    if noise != ant.DATA_NOISE and not args.out:
-        raise InputError("--noise makes other data than the task's own: pass --out FILE.hdf5 (and --dataset-path "
-                         "FILE.hdf5 to the stages), so that the default dataset is not replaced")
+    pointmaze_only = [f"--{k}" for k, v, default in (("jitter", args.jitter, mazes.DATA_JITTER),
+                      ("excursion", args.excursion, mazes.DATA_EXCURSION), ("dash", args.dash, mazes.DATA_DASH)) if v != default]
+    if pointmaze_only:
+        raise InputError(f"{' '.join(pointmaze_only)}: built-in PointMaze settings; the ant generator has only --noise and --walker")
+    changed = [flag for flag, differs in (("--noise", noise != ant.DATA_NOISE), ("--walker", args.walker is not None and Path(args.walker).resolve() != ant.default_walker_path(args.data_dir).resolve())) if differs]
+    if changed and not args.out:
+        raise InputError(f"{' '.join(changed)} make other data than the task's own: pass --out FILE.hdf5 (and "
+                         f"--dataset-path FILE.hdf5 to the stages), so that the default dataset is not replaced")
     walker = Path(args.walker) if args.walker else ant.default_walker_path(args.data_dir)
     path = Path(args.out) if args.out else ant.builtin_dataset_path(task, args.data_dir, args.size, args.seed)
     check_writable_folder(path.parent, "the output folder (--out, --data-dir or LEQ_DATA_DIR)")

@@ -1,7 +1,8 @@
 """Train the goal-reaching ant ("walker") that makes the built-in AntMaze data (issue 37).
 
     python scripts/train_ant_walker.py                          # -> data/ant_walker.npz (hours on a CPU)
-    python scripts/train_ant_walker.py --total-steps 20000 --eval-every 10000   # a quick look
+    python scripts/train_ant_walker.py --total-steps 20000 --eval-every 10000 \
+        --run-dir runs/walker_quick --out runs/walker_quick/installed.npz               # a quick look
 
 D4RL made its AntMaze datasets with a goal-reaching ant policy trained by RL and steered along
 waypoints. This is that policy's trainer: soft actor-critic (SAC: two critics with a clipped
@@ -14,8 +15,9 @@ one jitted `lax.scan` on a replay buffer that lives on the device. Every `--eval
 measures the walker the way issue 37 asks (`leq_utils.ant.reach_trials`: from a fresh start, a
 goal 4-8 units away, reached within 100 steps). A run resumes exactly from its newest checkpoint
 in the run folder (networks, optimiser, replay buffer, the ants' MuJoCo states and the random
-generator); the final artifact (`--out`, by default data/ant_walker.npz, where the AntMaze
-generator looks) holds the actor and its measured reach rate.
+generator); a finished run goes on from its last checkpoint when given a larger `--total-steps`.
+The final artifact (`<run dir>/walker.npz`, copied to `--out`, by default data/ant_walker.npz,
+where the AntMaze generator looks) holds the actor and its measured reach rate.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class Args:
     run_dir: Optional[str] = None
     """run folder (default runs/ant_walker__s<seed>): checkpoints and metrics.jsonl"""
     out: Optional[str] = None
-    """the trained walker (default: <$LEQ_DATA_DIR or ./data>/ant_walker.npz, where the AntMaze generator looks)"""
+    """where the finished walker is copied (default: <$LEQ_DATA_DIR or ./data>/ant_walker.npz, where the AntMaze
+    generator looks); the run folder keeps its own walker.npz"""
     total_steps: int = 1_000_000
     """environment steps, all ants together"""
     num_envs: int = 8
@@ -255,6 +258,33 @@ def restore_ants(ants: ant.GoalAnts, f: dict) -> None:
     ants.rng.bit_generator.state = json.loads(str(f["ants/rng"]))
 
 
+ANTS_KEYS = ("ants/mj_state", "ants/goals", "ants/steps", "ants/states", "ants/rng", "step")
+
+
+def read_walker_checkpoint(path, args: Args, st_template, empty: Replay, ants: ant.GoalAnts):
+    """(SAC state, replay buffer, arrays) of a checkpoint, every part checked against this
+    configuration: a damaged one is CorruptArtifact (newest_checkpoint then tries the one before)."""
+    import mujoco
+    f = artifacts.read_checkpoint(path, WALKER, KIND, args, RESUME_IGNORES)
+    missing = [k for k in ANTS_KEYS if k not in f]
+    if missing:
+        raise artifacts.CorruptArtifact(f"checkpoint {path} lacks {', '.join(missing)}")
+    size = mujoco.mj_stateSize(ants.model, mujoco.mjtState.mjSTATE_INTEGRATION)
+    if f["ants/mj_state"].shape != (args.num_envs, size) or f["ants/goals"].shape != (args.num_envs, 2):
+        raise artifacts.CorruptArtifact(f"checkpoint {path}: its ants' states have shape {f['ants/mj_state'].shape}, "
+                                        f"not {(args.num_envs, size)}")
+    artifacts.check_rows(empty, f, path, "replay")
+    return artifacts.tree_from_arrays(st_template, f, "sac"), artifacts.rows_from_arrays(empty, f, "replay"), f
+
+
+def install(final: Path, out: Path) -> None:
+    """Copy the run's walker.npz to --out (atomically), where the AntMaze generator finds it."""
+    if out.resolve() != final.resolve():
+        data = final.read_bytes()
+        artifacts.atomic_write(out, lambda f: f.write(data))
+        print(f"[walker] installed {final} as {out}")
+
+
 def save_walker(path: Path, args: Args, actor_params, summary: dict) -> None:
     arrays = {**artifacts.tree_arrays(actor_params, "actor"),
               **{f"summary/{k}": np.asarray(v) for k, v in summary.items() if np.isfinite(v)}}  # no mean steps if none reached
@@ -279,7 +309,13 @@ def train(args: Args) -> Path:
     iters_per_chunk = max(1, args.eval_every // args.num_envs)
     chunk_steps = iters_per_chunk * args.num_envs   # evaluation and checkpoint boundary, in env steps
     with artifacts.FolderLock(run_dir / "run.lock", f"run folder {run_dir}"):
-        if artifacts.finished_run(out, WALKER, args, (), checkpoint_dir=run_dir):
+        final = run_dir / "walker.npz"  # the run's own artifact; --out gets a copy of it
+        try:  # a finished run of at least these steps; one of fewer steps goes on (the run is extended)
+            done = final.exists() and int(artifacts.recorded_config(final).get("total_steps", 0)) >= args.total_steps
+        except Exception:  # unreadable: finished_run moves it aside (or says what to do)
+            done = True
+        if done and artifacts.finished_run(final, WALKER, args, RESUME_IGNORES, checkpoint_dir=run_dir):
+            install(final, out)
             return run_dir
         init, train_step, explore, deterministic, add = make_sac(args)
         key = jax.random.PRNGKey(args.seed)
@@ -287,11 +323,9 @@ def train(args: Args) -> Path:
         st, buf = init(k_init), empty_replay(args.buffer_size)
         ants = ant.GoalAnts(args.num_envs, args.seed, goal_distance=(args.goal_min, args.goal_max), max_steps=args.max_steps)
         step = 0
-        resume = artifacts.newest_checkpoint(run_dir, lambda p: artifacts.read_checkpoint(p, WALKER, KIND, args, RESUME_IGNORES))
+        resume = artifacts.newest_checkpoint(run_dir, lambda p: read_walker_checkpoint(p, args, st, buf, ants))
         if resume:
-            f = resume[1]
-            st = artifacts.tree_from_arrays(st, f, "sac")
-            buf = artifacts.rows_from_arrays(buf, f, "replay")
+            st, buf, f = resume[1]
             restore_ants(ants, f)
             step = int(f["step"])
             print(f"[walker] resuming {run_dir} from step {step}")
@@ -301,7 +335,7 @@ def train(args: Args) -> Path:
         cli.STOP.armed = True
         result, t0 = {}, time.time()
         while step < args.total_steps:
-            sums, n_updates, episode_reward = {}, 0, []
+            sums, n_updates, episode_reward, step0 = {}, 0, [], step
             for _ in range(iters_per_chunk):
                 if step >= args.total_steps:
                     break
@@ -322,16 +356,16 @@ def train(args: Args) -> Path:
                         sums[name] = sums.get(name, 0.0) + float(v)
                     n_updates += 1
             row = {"step": step, "reward_per_step": float(np.mean(episode_reward)),
-                   **{k: v / max(n_updates, 1) for k, v in sums.items()}, "steps_per_s": chunk_steps / (time.time() - t0)}
+                   **{k: v / max(n_updates, 1) for k, v in sums.items()}, "steps_per_s": (step - step0) / (time.time() - t0)}
             if step % chunk_steps == 0 or step >= args.total_steps:
                 result = measure(deterministic, st.actor, args, seed=10_000 + args.seed)
                 row.update(reach_rate=result["reach_rate"], fall_rate=result["fall_rate"],
                            mean_steps_to_reach=result["mean_steps_to_reach"])
             metrics_log.log(row)
             stop = cli.STOP.signum
-            if step < args.total_steps or stop:
-                artifacts.save_checkpoint(run_dir, step, {**artifacts.tree_arrays(st, "sac"), **artifacts.rows_arrays(buf, "replay"),
-                                                          **ants_arrays(ants), "step": np.asarray(step)}, KIND, WALKER, args)
+            # every chunk, the last one too: a finished run can be extended with a larger --total-steps
+            artifacts.save_checkpoint(run_dir, step, {**artifacts.tree_arrays(st, "sac"), **artifacts.rows_arrays(buf, "replay"),
+                                                      **ants_arrays(ants), "step": np.asarray(step)}, KIND, WALKER, args)
             bar.update(step - bar.n)
             bar.set_postfix_str(f"reach {result.get('reach_rate', float('nan')):.2f} q {row.get('q', float('nan')):.3g}")
             cli.stop_if_requested(f"at step {step}, saved in {artifacts.checkpoints(run_dir)[-1]}", stop)
@@ -339,11 +373,12 @@ def train(args: Args) -> Path:
         cli.STOP.armed = False
         bar.close()
         result = measure(deterministic, st.actor, args, seed=20_000 + args.seed)  # fresh trials for the record
-        save_walker(out, args, st.actor, {"reach_rate": result["reach_rate"], "fall_rate": result["fall_rate"],
+        save_walker(final, args, st.actor, {"reach_rate": result["reach_rate"], "fall_rate": result["fall_rate"],
                                           "mean_steps_to_reach": result["mean_steps_to_reach"], "steps": step,
                                           "final_score": 100 * result["reach_rate"]})
         print(f"[walker] reach rate {result['reach_rate']:.2f} (goals 4-8 units away, <= 100 steps, "
-              f"{args.eval_trials} trials), falls {result['fall_rate']:.2f}; wrote {out}")
+              f"{args.eval_trials} trials), falls {result['fall_rate']:.2f}; wrote {final}")
+        install(final, out)
     return run_dir
 
 
