@@ -243,7 +243,7 @@ def test_bad_names_and_files_give_one_line(tmp_path):
     assert "does not exist" in one_line(e)
     with pytest.raises(tasks.InputError) as e:
         generate_dataset.main(generate_dataset.Args(env="antmaze-large-navigate-singletask-v0"))
-    assert "only built-in pointmaze tasks and OGBench pointmaze" in one_line(e)
+    assert "only built-in pointmaze and ant tasks and OGBench pointmaze" in one_line(e)
 
 
 @pytest.mark.slow
