@@ -28,13 +28,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if not os.environ.get("LEQ_TEST_NO_JAX_CACHE") and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="leq-tests-jax-cache-")
     os.environ["LEQ_TEST_JAX_CACHE_OWNER"] = str(os.getpid())
-    # Every program, the small ones too: with a threshold of 0.2 s a tiny leq.py run whose big
-    # programs were cached took 12.1 s, with 0 it took 10.7 s (most programs recur across processes).
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    # A size limit makes JAX lock the cache folder (the filelock package) while it reads or writes
-    # an entry; without one a process can read an entry another is still writing (a warning,
-    # "Error reading persistent compilation cache entry ... truncated stream", and a recompile).
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")  # not every small op
 
 
 # XLA's cheaper CPU compilation for the tests and every script they start (the flags
