@@ -37,9 +37,10 @@ if not os.environ.get("LEQ_TEST_NO_JAX_CACHE") and "JAX_COMPILATION_CACHE_DIR" n
 # on 2 cores. They change how XLA optimises, not what is computed: every assertion is the same
 # (a comparison across two programs has its tolerance either way), and the project's scripts never
 # set them. LEQ_TEST_FULL_XLA=1 runs the suite with XLA's usual settings.
-if not os.environ.get("LEQ_TEST_FULL_XLA"):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                               " --xla_llvm_disable_expensive_passes=true").strip()
+CHEAP_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if not os.environ.get("LEQ_TEST_FULL_XLA") and CHEAP_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    # (an xdist worker inherits them from the process that started it: added once, not again)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_XLA_FLAGS}".strip()
 
 
 def pytest_sessionfinish(session, exitstatus):
