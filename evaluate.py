@@ -196,4 +196,4 @@ def main(args: Args) -> Optional[dict]:
 
 
 if __name__ == "__main__":
-    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)
+    cli.run_script(main, Args)

@@ -17,7 +17,8 @@ Reading order (one LEQ gradient step, top to bottom): Args -> the model step it 
 -> the critic loss -> the actor surrogate -> the update and its lax.scan -> dataset expansion ->
 main. The actor and the critic are pretrain.py's. The ablations of docs/ALGORITHM.md, section 7
 are small branches at named points; the ones that need more (MOBILE's penalty, N critics, the
-stochastic actor) are the functions of the "Ablations" section. Checkpoints and everything
+stochastic actor) are the functions of the "Ablations" section, plus `Variant` and its noise
+(imagination), `entropy_bonus_loss` (actor surrogate) and `variant_of` (update). Checkpoints and everything
 imported from `leq_utils` are plumbing (TRY NOT TO MODIFY).
 """
 
@@ -203,7 +204,8 @@ def resolve(args: Args) -> Args:
 
 # LEQ imagines with world_model.py's step: (s, a) -> (s', r, done), one uniformly drawn elite per
 # sample, reparameterised (s' and r are differentiable in s and a), done from the task's TRUE
-# termination function (leq_utils/tasks.py) with no gradient. `model_noise` draws the randomness of
+# termination function (tasks.termination_fn; the learned classifier with --learned-termination)
+# with no gradient. `model_noise` draws the randomness of
 # a step (the elite and the Gaussian noise), `model_step_given` is the step for given randomness.
 from world_model import ModelNoise, WorldModel, model_noise, model_step, model_step_given  # noqa: E402,F401
 
@@ -215,7 +217,7 @@ from world_model import ModelNoise, WorldModel, model_noise, model_step, model_s
 class Variant(NamedTuple):
     """What the ablations of Tables 5/6 and 21 change in an imagined step (the defaults: LEQ)."""
     stochastic: bool = False         # a_t = tanh(mu(s_t) + sigma(s_t) eps_t), eps_t ~ N(0, I), not tanh(mu(s_t))
-    penalty: Optional[float] = None  # MOBILE's beta: the reward of a step is r_t - beta u(s_t, a_t)
+    penalty: Optional[float] = None  # MOBILE's beta_M (--mobile-beta): the reward is r_t - beta_M u(s_t, a_t)
 
 
 class Rollout(NamedTuple):
@@ -230,6 +232,7 @@ class Rollout(NamedTuple):
 
 
 def at(x, t):
+    """x[t], or None when that optional noise is absent (no ablation uses it)."""
     return None if x is None else x[t]
 
 
@@ -251,8 +254,8 @@ def variant_noise(wm: WorldModel, key, s0, horizon, act_dim, variant: Variant):
 
 
 def imagined_step(nets: Nets, actor, critic, wm, done_fn, s, a, member, eps, penalty_eps, variant: Variant):
-    """(s', r, done, u) of one model step; with MOBILE's penalty r is r_t - beta u(s, a) (u is
-    None without it)."""
+    """(s', r, done, u) of one model step; with MOBILE's penalty r is r_t - beta_M u(s, a) (u is
+    None without it; mobile_uncertainty is in the "Ablations" section below)."""
     s2, r, done = model_step_given(wm, s, a, member, eps, done_fn)
     if variant.penalty is None:
         return s2, r, done, None
@@ -321,7 +324,9 @@ def returns(q, rewards, masks, coefficients, gamma):
 
 
 def lambda_returns(q, rewards, masks, gamma, lam):
-    """docs/ALGORITHM.md, section 5: G_t = (q_t + lam c_t (m_t r_t + gamma m_{t+1} G_{t+1})) / (1 + lam c_t)."""
+    """docs/ALGORITHM.md, section 5: G_t = (q_t + lam c_t (m_t r_t + gamma m_{t+1} G_{t+1})) / (1 + lam c_t).
+    The equation's own entry point (the tests call it); training calls
+    returns(..., return_coefficients(kind, H, lam), gamma), which is this for kind "lambda"."""
     return returns(q, rewards, masks, return_coefficients("lambda", rewards.shape[0], lam), gamma)
 
 
@@ -344,7 +349,7 @@ def critic_targets(kind, q, rewards, masks, args):
 def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizon, coefficients, gamma,
                          variant: Variant = Variant()):
     """Imagine H steps from s0 and get every D_t = dG_t/da_t in ONE backward sweep (exact; the
-    "O(H) action gradients" of docs/ALGORITHM.md). Write one step of the returns as
+    one-sweep action gradients of docs/ALGORITHM.md, section 5.6). Write one step of the returns as
         G_t = al_t q(s_t, a_t) + bp_t m_t r(s_t, a_t) + be_t G_{t+1},   be_t = bp_t gamma m_{t+1},
     with G_H = q_H (al_H = 1), and carry S_t = dG_t/ds_t, the total derivative when a_t = pi(s_t).
     The recursion, from t = H down to 0:
@@ -395,9 +400,9 @@ def action_grads_adjoint(nets: Nets, actor, critic, wm, done_fn, s0, key, horizo
     S = gq_s[horizon] + pi_vjps[horizon](D[0])[0]               # S_H
     for t in reversed(range(horizon)):
         be_t = bp[t] * gamma * masks[t + 1]
-        g_s, g_a = model_vjps[t]((bp[t] * masks[t], be_t[:, None] * S))  # the r and s' parts
-        D.append(g_a + gq_a[t])                                 # D_t = g_a
-        S = g_s + gq_s[t] + pi_vjps[t](D[-1])[0]                # S_t = g_s + (dpi/ds)^T D_t
+        gm_s, gm_a = model_vjps[t]((bp[t] * masks[t], be_t[:, None] * S))  # the r and s' parts
+        D.append(gm_a + gq_a[t])                                # D_t = g_a (model part + q part)
+        S = gm_s + gq_s[t] + pi_vjps[t](D[-1])[0]               # S_t = g_s + (dpi/ds)^T D_t
     D = jnp.stack(D[::-1])
     penalties = None if variant.penalty is None else jnp.stack(u)
     return D, Rollout(states, actions, r, dones, noise, policy_eps, penalty_eps, penalties), q, masks
@@ -459,9 +464,10 @@ def critic_loss(critic, ema, nets: Nets, data, data_targets, ro: Rollout, masks,
                 G_t the (lambda-)returns of the current critic (constant), w_t = gamma^t m_t
       (deviation, docs/DEVIATIONS.md: L_ema's model part runs over the t < H pairs, as L_model)
       L_ema   = beta mean_t w_t (Q_ema(s_t, a_t) - Q(s_t, a_t))^2 + (1 - beta) mean_data (Q_ema - Q)^2
-    Gradients flow only through Q_phi(s, a). With MOBILE's penalty the model term's weight is 1/2
-    (the penalty is in G_t's rewards). With N critics each has these three terms against the same
-    targets (computed with the ensemble's minimum) and the loss is their sum. Returns (loss, metrics)."""
+    Gradients flow only through Q_phi(s, a). With MOBILE's penalty the model term's expectile is 1/2
+    (plain squared error; model_expectile) and the penalty is in G_t's rewards. With N critics each
+    has these three terms against the same targets (computed with the ensemble's minimum) and the
+    loss is their sum. Returns (loss, metrics)."""
     # one critic call over [data batch; imagined states] (fewer, larger operations)
     n_data, (steps, batch) = data.observations.shape[0], ro.states.shape[:2]
     s = jnp.concatenate([data.observations, ro.states.reshape(steps * batch, -1)])
@@ -508,9 +514,9 @@ def ema_update(ema, params, decay):
 
 def actor_weights(G, q, tau, objective: str):
     """W_t of Eq. 11's surrogate: expectile_weights(G_t, q_t) for t < H and W_H = 1/2. (Deviation,
-    docs: LEQ's rule is tau if G_t > q_t else 1 - tau, the same but at an exact tie G_t == q_t.)
+    docs/DEVIATIONS.md: LEQ's rule is tau if G_t > q_t else 1 - tau, the same but at an exact tie G_t == q_t.)
     For the `q` ablation (plain DDPG on imagined states, no expectile): W_t = 1/2 for every one of
-    the H + 1 terms (deviation, docs: the paper gives no weight for it)."""
+    the H + 1 terms (deviation, docs/DEVIATIONS.md: the paper gives no weight for it)."""
     if objective == "q":
         return jnp.full_like(G, 0.5)
     return jnp.concatenate([expectile_weights(G[:-1], q[:-1], tau), jnp.full_like(G[-1:], 0.5)])
@@ -548,6 +554,7 @@ def make_actor_grads(nets: Nets, wm, done_fn, args: Args):
     """(state, s0, key) -> (actor gradient, metrics): the lower-expectile surrogate of the
     returns of an imagined rollout, with the OLD critic."""
     coefficients = return_coefficients(args.actor_objective, args.horizon, args.lam)
+    # the action-gradient function also imagines the actor's rollout (its forward pass) and returns it
     action_grads = (action_grads_adjoint if args.action_grad == "adjoint" else
                     action_grads_jacobian)
     # the q objective has no reward terms (bp_t = 0), so MOBILE's penalty cannot reach it: not computed
@@ -559,7 +566,7 @@ def make_actor_grads(nets: Nets, wm, done_fn, args: Args):
         G = returns(q, ro.rewards, masks, coefficients, args.gamma)
         W = actor_weights(G, q, model_expectile(args), args.actor_objective)
         states, W, D = jax.lax.stop_gradient((ro.states, W, D))
-        metrics = dict(return_model=G[0].mean(), action_grad_norm=jnp.abs(D).mean())
+        metrics = dict(return_model=G[0].mean(), action_grad_norm=jnp.abs(D).mean())  # mean |entry|
         if not variant.stochastic:
             loss, grads = jax.value_and_grad(actor_surrogate_loss)(st.actor, nets, states, W, D)
             return grads, dict(actor_loss=loss, **metrics)
@@ -604,6 +611,8 @@ def make_update(nets: Nets, wm, done_fn, actor_opt, critic_opt, args: Args):
     critic_grads = make_critic_grads(nets, wm, done_fn, args)
 
     def update(st: LEQState, data, starts, n_starts, key):
+        # data: the dataset on the device; starts[:n_starts]: the states B_M is drawn from (the
+        # expansion buffer's filled rows, or the dataset's states without expansion; start_states)
         k_data, k_start, k_actor, k_critic = jax.random.split(key, 4)
         # B_D: dataset transitions (s, a, r, s', mask), r transformed, mask = 1 - terminal; B_M: start
         # states from the expansion buffer's filled rows; both uniform with replacement, on the device
@@ -638,7 +647,7 @@ def chunk_of(update):
     return chunk
 
 
-def make_train_chunk(update, args: Args):
+def make_train_chunk(update):
     """`chunk_of(update)` in one compiled call."""
     return jax.jit(chunk_of(update), static_argnums=6, donate_argnums=0)
 
@@ -840,7 +849,7 @@ def train(args: Args) -> Path:
 
         # ALGO LOGIC: one LEQ gradient step, K of them per compiled call, and the expansion
         update = make_update(nets, wm, done_fn, actor_opt, critic_opt, args)
-        train_chunk = make_train_chunk(update, args)
+        train_chunk = make_train_chunk(update)
         expand = make_expand(nets, wm, done_fn, args)
 
         bar = tqdm(total=args.total_steps, initial=step, desc=f"LEQ {args.env}", unit="step", mininterval=2)
@@ -880,4 +889,4 @@ def train(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    cli.run_script(train, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)
+    cli.run_script(train, Args)

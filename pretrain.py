@@ -5,7 +5,8 @@
 
 Reads the input statistics from `world_model.npz` (run world_model.py first), clones the
 dataset's actions with a deterministic actor, evaluates that actor with FQE, and writes
-`pretrain.npz` (actor, critic, EMA critic). leq.py starts from it and imports the networks
+`pretrain.npz` (actor, critic, EMA critic). leq.py starts from its actor and critic (its own EMA
+critic starts as a copy of the critic; the saved EMA critic is not used) and imports the networks
 defined here; evaluate.py runs the actor.
 
 Reading order: Args -> networks (actor, critic) -> losses (BC, FQE) -> the update steps and their
@@ -30,7 +31,8 @@ import world_model
 from leq_utils import artifacts, cli, tasks  # support package: data, artifacts, CLI (TRY NOT TO MODIFY)
 
 
-# Per-task defaults for the built-in tasks (D4RL tasks use the paper's 200k + 200k steps).
+# Per-task defaults for the built-in tasks; every other task (D4RL, OGBench, Minari) gets the paper's
+# 200k + 200k steps.
 BUILTIN_STEPS = {"pointmaze-umaze": (20_000, 20_000), "pointmaze-medium": (30_000, 30_000),
                  "pointmaze-large": (40_000, 40_000), "pointmaze-ultra": (50_000, 50_000)}
 
@@ -224,7 +226,8 @@ def bc_loss(actor_params, nets: Nets, s, a):
 
 def fqe_loss(critic_params, ema_params, actor_params, nets: Nets, batch, gamma, ema_weight):
     """y = r + gamma * mask * Q(s', pi(s')) with the CURRENT critic, no gradient through y;
-    loss = mean((Q(s, a) - y)^2) + ema_weight * mean((Q(s, a) - Q_ema(s, a))^2)."""
+    loss = mean((Q(s, a) - y)^2) + ema_weight * mean((Q(s, a) - Q_ema(s, a))^2). The rewards are the
+    task's transformed ones (tasks.device_dataset applies the transform)."""
     s, a, r, s2, mask = batch
     y = jax.lax.stop_gradient(r + gamma * mask * nets.q(critic_params, s2, nets.pi(actor_params, s2)))
     q = nets.q(critic_params, s, a)
@@ -250,7 +253,8 @@ class PretrainState(NamedTuple):
 
 
 def make_chunks(nets: Nets, bc_opt, fqe_opt, data, args: Args):
-    """Two jitted functions (state, keys) -> (state, mean loss), one scan step per key."""
+    """Two jitted functions (state, keys) -> (state, mean loss, index of the first non-finite loss
+    or len(keys)), one scan step per key."""
     def bc_step(st: PretrainState, key):
         batch = tasks.sample(data, key, args.bc_batch_size)
         loss, grads = jax.value_and_grad(bc_loss)(st.actor, nets, batch.observations, batch.actions)

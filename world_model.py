@@ -95,7 +95,8 @@ def resolve(args: Args) -> Args:
 
 
 # ============================================================================================
-# Data: inputs [s, a], targets [s' - s, r] (raw), holdout split, input statistics
+# Data: inputs [s, a], targets [s' - s, r] (the dataset's raw reward: the task's reward transform
+# is applied to the model's sampled reward, in model_step_given), holdout split, input statistics
 # ============================================================================================
 
 def make_training_data(ds: tasks.Dataset, holdout_size: int, rng: np.random.Generator):
@@ -111,7 +112,7 @@ def make_training_data(ds: tasks.Dataset, holdout_size: int, rng: np.random.Gene
 
 
 # ============================================================================================
-# Network: E Gaussian MLPs as one set of stacked weights (leading ensemble axis)
+# Network: E Gaussian MLPs, one parameter dict per member (member_0 .. member_{E-1})
 # ============================================================================================
 
 def init_ensemble(key, in_dim: int, out_dim: int, hidden_dims, ensemble_size: int) -> dict:
@@ -156,9 +157,9 @@ def gaussian_head(params: dict, out):
 
 def ensemble_forward(params: dict, x):
     """Every member on x: (B, in) shared, or (E, B, in) one batch per member -> mean, logvar
-    (E, B, out). The members run one after another as E independent chains of matrix products
-    (the plain form, tests/test_plain_references.py's reference: one jax.vmap of member_forward
-    over the members' stacked parameters). What it buys, measured with
+    (E, B, out). The members run one after another as E independent chains of matrix products.
+    The plain form, its reference in tests/test_plain_references.py, is one jax.vmap of
+    member_forward over the members' parameters stacked on a leading axis. What this form buys, measured with
     benchmarks/plain_vs_tuned.py on the shared 2-core CPU: with the vmap form a world-model epoch
     takes 12.8% more wall time (9.7% more CPU time; medians over 76 paired rounds in 5 runs, run
     medians 5-35%), close to the 10% a kept trick must buy (docs/PERFORMANCE_PLAIN_JAX.md)."""
@@ -296,7 +297,7 @@ def snapshot_improved(state: TrainState, mse, improvement):
 # ============================================================================================
 
 class WorldModel(NamedTuple):
-    params: dict             # the ELITE members only, leading axis num_elites
+    params: dict             # the ELITE members only, renumbered member_0 .. member_{num_elites-1}
     input_mean: jnp.ndarray  # statistics of [s, a] (also used by the actor and critic)
     input_std: jnp.ndarray
     reward_scale: float      # task reward transform: r -> scale * r + shift
@@ -335,7 +336,7 @@ def model_step_given(wm: WorldModel, s, a, member, eps, done_fn):
 
 
 def model_step(wm: WorldModel, s, a, key, done_fn):
-    """The step later stages import: (params, s, a, key) -> (s', r, done) for a batch, one
+    """The step later stages import: (wm, s, a, key, done_fn) -> (s', r, done) for a batch, one
     uniformly chosen elite per sample."""
     member, eps = model_noise(wm, key, s.shape[:-1])
     return model_step_given(wm, s, a, member, eps, done_fn)
@@ -485,7 +486,8 @@ def load_world_model(path, task: tasks.Task) -> WorldModel:
         raise artifacts.CorruptArtifact(f"artifact {path}: input statistics or elites {elites.tolist()} do not fit "
                                         f"its {n_members} members and input size {in_dim}")
     params = {"max_logvar": params["max_logvar"], "min_logvar": params["min_logvar"],
-              **{f"member_{j}": params[f"member_{e}"] for j, e in enumerate(elites)}}  # elites only
+              **{f"member_{j}": params[f"member_{e}"] for j, e in enumerate(elites)}}  # elites only, renumbered
+    # 0 .. num_elites - 1 (ModelNoise.member indexes these); their ids among all members are model/elites
     params = jax.tree.map(jnp.asarray, params)
     return WorldModel(params, jnp.asarray(f["model/input_mean"]), jnp.asarray(f["model/input_std"]),
                       float(f["model/reward_scale"]), float(f["model/reward_shift"]), str(f["model/dataset_path"]))
@@ -610,4 +612,4 @@ def save_checkpoint(path, task, args, state: TrainState, epoch, since, inputs):
 
 
 if __name__ == "__main__":
-    cli.run_script(train, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)
+    cli.run_script(train, Args)

@@ -149,7 +149,7 @@ def bench(action_grad: str, a: Args, k: int, calls: int, out: dict, save=lambda:
     """Fills `out` (calling `save` after each measurement) and returns it."""
     task, args, data, wm, nets, st, done_fn, actor_opt, critic_opt = build(action_grad, a.dataset_size, **sizes_of(a))
     update = leq.make_update(nets, wm, done_fn, actor_opt, critic_opt, args)
-    train_chunk = leq.make_train_chunk(update, args)
+    train_chunk = leq.make_train_chunk(update)
     starts = data.observations[:1_250_000]
     key = jax.random.PRNGKey(3)
 

@@ -87,7 +87,7 @@ def main(a: Args):
 
     t1 = None
     if a.plain:
-        plain = leq.make_train_chunk(leq.make_update(nets, wm, done_fn, actor_opt, critic_opt, args), args)
+        plain = leq.make_train_chunk(leq.make_update(nets, wm, done_fn, actor_opt, critic_opt, args))
         compile_s, ms = time_chunk(lambda s, step: plain(s, data, starts, starts.shape[0], key, step, k),
                                    jax.tree.map(jnp.copy, st), k, a.calls)
         rows.append(dict(n="1 (plain)", ms_per_step=ms, compile_s=compile_s))

@@ -325,4 +325,4 @@ def plot(summary, path):
 
 
 if __name__ == "__main__":
-    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)
+    cli.run_script(main, Args)

@@ -134,4 +134,4 @@ def generate_ogbench(task: Task, args: Args):
 
 
 if __name__ == "__main__":
-    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)
+    cli.run_script(main, Args)

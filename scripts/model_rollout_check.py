@@ -145,4 +145,4 @@ def main(a: Args):
 
 
 if __name__ == "__main__":
-    cli.run_script(main, Args)  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)
+    cli.run_script(main, Args)

@@ -299,4 +299,4 @@ if __name__ == "__main__":
     if "--" in sys.argv:  # leq.py's flags: into --leq-flags, one string
         cut = sys.argv.index("--")
         sys.argv[cut:] = [f"--leq-flags={shlex.join(sys.argv[cut + 1:])}"]
-    cli.run_script(main, Union[Submit, Collect, Prepare])  # with an XLA CPU compiler option (deviation, docs/DEVIATIONS.md)
+    cli.run_script(main, Union[Submit, Collect, Prepare])
