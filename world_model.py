@@ -344,6 +344,7 @@ def model_step(wm: WorldModel, s, a, key, done_fn):
 
 # ============================================================================================
 # Termination classifier (the learned-termination ablation): T_psi(s') -> logit of done
+# (only with --learn-termination: a first reading can skip to the Artifact section)
 # ============================================================================================
 
 class TerminationClassifier(nn.Module):
