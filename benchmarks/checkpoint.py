@@ -57,4 +57,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import tyro
+    tyro.cli(main, description=__doc__)  # no flags; --help prints the docstring

@@ -13,7 +13,7 @@
 #   gpu_check.log           everything printed
 # The parts share one time budget (default 440 s: under 8 minutes in all on one H200, the install
 # included); a part stopped by its limit keeps what it had measured, and the next one runs.
-#
+# Usage:
 #   bash benchmarks/gpu_check.sh                  # GPU: .venv-gpu from requirements-gpu.txt (made if missing)
 #   bash benchmarks/gpu_check.sh --cpu            # the same parts at small sizes on the CPU (.venv), ~3 min
 #   bash benchmarks/gpu_check.sh --python .venv/bin/python --cpu   # an existing interpreter, no install

@@ -38,6 +38,11 @@ die()  { printf '\033[1;31m[install_d4rl] ERROR:\033[0m %s\n' "$*" >&2; exit 1; 
 trap 'die "failed at line $LINENO (exit code $?)"' ERR
 
 # ---------------------------------------------------------------- arguments
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) die "unknown option $1; scripts/install_d4rl.sh --help shows the usage" ;;
+esac
+[[ $# -le 1 ]] || die "one argument at most (the venv folder); scripts/install_d4rl.sh --help shows the usage"
 VENV_DIR="${1:-${D4RL_VENV:-${VIRTUAL_ENV:-$REPO_DIR/.venv}}}"
 VENV_DIR="$(realpath -m "$VENV_DIR")"
 MUJOCO_DIR="${MUJOCO_DIR:-${MUJOCO_PY_MUJOCO_PATH:-$HOME/.mujoco/mujoco210}}"

@@ -72,4 +72,7 @@ def main(extra_leq_flags):
 
 
 if __name__ == "__main__":
-    main(sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else [])
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("leq_flags", nargs="*", help="extra leq.py flags, after a lone -- (e.g. -- --critic-target 1step)")
+    main(parser.parse_args().leq_flags)

@@ -2,7 +2,11 @@
 imports a stage, and no import circle anywhere (imports inside functions count too)."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"world_model", "pretrain", "leq", "evaluate"}
@@ -85,3 +89,18 @@ def test_stages_import_in_pipeline_order():
     assert g["pretrain"] & STAGES == {"world_model"}
     assert g["evaluate"] & STAGES <= {"pretrain", "world_model"}
     assert g["leq"] & STAGES <= {"world_model", "pretrain", "evaluate"}
+
+
+SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for pattern in ("*.py", "scripts/*", "benchmarks/*")
+                 for p in ROOT.glob(pattern) if p.suffix in (".py", ".sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help_and_does_nothing_else(script, tmp_path):
+    """USAGE.md's promise "every script takes --help": exit 0, a usage text, and no file written
+    (install_d4rl.sh once took --help for a venv folder and began to install)."""
+    cmd = ["bash" if script.endswith(".sh") else sys.executable, str(ROOT / script), "--help"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "usage" in p.stdout.lower(), p.stdout
+    assert list(tmp_path.iterdir()) == []
