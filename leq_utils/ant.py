@@ -19,7 +19,6 @@ actions in [-1, 1], 5 physics steps of 0.01 s per step):
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -433,15 +432,6 @@ def generate(task, path: Path, walker_path=None, size=None, seed: int = 0, noise
                 state = next_state
                 bar.update(len(live))
     out["timeouts"][-1] = 1.0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        for k in ("observations", "actions", "rewards"):
-            f.create_dataset(k, data=out[k])
-        f.create_dataset("terminals", data=out["terminals"].astype(bool))
-        f.create_dataset("timeouts", data=out["timeouts"].astype(bool))
-        f.create_dataset("infos/goal", data=out["goals"])
-        f.attrs.update(env=task.name, size=size, seed=seed, noise=noise, episode_len=episode_len,
-                       walker=str(walker["meta/fingerprint"]), generator=f"ant.generate v{DATA_VERSION}")
-    os.replace(tmp, path)
+    mazes.write_d4rl_file(path, out, env=task.name, size=size, seed=seed, noise=noise, episode_len=episode_len,
+                          walker=str(walker["meta/fingerprint"]), generator=f"ant.generate v{DATA_VERSION}")
     return time.time() - start_time

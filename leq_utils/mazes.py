@@ -274,6 +274,16 @@ def generate_pointmaze(task, path: Path, size=None, seed=0, noise=DATA_NOISE, ji
                 obs, t = next_obs, t + 1
             bar.update(step + 1)
     out["timeouts"][-1] = 1.0
+    write_d4rl_file(path, out, env=task.name, size=size, seed=seed, noise=noise, jitter=jitter,
+                    excursion=excursion, episode_len=episode_len, **(dict(dash=dash) if dash > 0 else {}),
+                    generator=f"tasks.generate_pointmaze v{DATA_VERSION}")
+    return time.time() - start_time
+
+
+def write_d4rl_file(path: Path, out: dict, **attrs) -> None:
+    """A generated dataset in D4RL's HDF5 layout (observations, actions, rewards, bool terminals
+    and timeouts, infos/goal), with the generator's settings as attributes; written to a temporary
+    file and renamed, so a killed generator never leaves a half file under the real name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
@@ -282,11 +292,8 @@ def generate_pointmaze(task, path: Path, size=None, seed=0, noise=DATA_NOISE, ji
         f.create_dataset("terminals", data=out["terminals"].astype(bool))
         f.create_dataset("timeouts", data=out["timeouts"].astype(bool))
         f.create_dataset("infos/goal", data=out["goals"])
-        f.attrs.update(env=task.name, size=size, seed=seed, noise=noise, jitter=jitter, excursion=excursion,
-                       episode_len=episode_len, **(dict(dash=dash) if dash > 0 else {}),
-                       generator=f"tasks.generate_pointmaze v{DATA_VERSION}")
+        f.attrs.update(**attrs)
     os.replace(tmp, path)
-    return time.time() - start_time
 
 
 def controller_success(task, episodes=50, noise=0.0, seed=0):
