@@ -132,13 +132,14 @@ def summary(mode: str, out: Path, parts_file: Path, devices_file: Path, budget_s
     epoch = read_json(out / "world_model_epoch.json") or {}
     seeds = read_json(out / "many_seeds.json") or {}
     pipe = read_json(out / "pipeline.json") or {}
+    kept = read_json(out / "plain_vs_kept.json") or {}
     devices = read_json(devices_file) or {}
     adjoint = step.get("adjoint", {})
     rows = {int(str(r["n"]).split()[0]): r for r in seeds.get("rows", [])}  # "1 (plain)": N = 1, the default path
     rows = {n: {"ratio": 1.0, **r} for n, r in sorted(rows.items())}
     result = {
         "mode": mode, "wall_s": wall_s, "budget_s": budget_s, "parts": parts, "devices": devices,
-        "leq_step": step, "world_model_epoch": epoch, "many_seeds": seeds, "pipeline": pipe,
+        "leq_step": step, "world_model_epoch": epoch, "many_seeds": seeds, "pipeline": pipe, "plain_vs_kept": kept,
         "figures": {
             "step_ms": adjoint.get("step_ms"), "compile_s": adjoint.get("compile_s"),
             "actor_ms": adjoint.get("actor_ms"), "critic_ms": adjoint.get("critic_ms"),
@@ -148,6 +149,10 @@ def summary(mode: str, out: Path, parts_file: Path, devices_file: Path, budget_s
             "t8_over_t1": rows[8]["ratio"] if 8 in rows else None,
             "pipeline_stage_s": pipe.get("stage_s"), "leq_steps_per_s": pipe.get("leq_steps_per_s"),
             "final_success_pct": pipe.get("final_success_pct"),
+            # median time of a plain form / the code as it is, in the same round (> 1: the kept form is faster)
+            "plain_over_kept": {f"{part}: {name}": kept[part]["wall"][name]["vs_base"]
+                                for part in ("leq", "epoch") if part in kept
+                                for name in ("all plain", "kept -picked", "kept -ens_fwd") if name in kept[part]["wall"]},
         },
     }
     on_gpu = mode == "gpu" and devices.get("platform") == "gpu"
@@ -186,6 +191,11 @@ def summary(mode: str, out: Path, parts_file: Path, devices_file: Path, budget_s
         ("  LEQ steps/s (after the first chunk)", num(f["leq_steps_per_s"], ".1f"), "", ""),
         ("  final success, %", num(f["final_success_pct"], ".0f"), "", ""),
     ]
+    plain_names = {"leq: all plain": "LEQ step, both plain", "leq: kept -picked": "LEQ step, every_member_then_pick",
+                   "epoch: all plain": "WM minibatch, both plain", "epoch: kept -ens_fwd": "WM minibatch, vmap members"}
+    for k, ratio in f["plain_over_kept"].items():
+        if k in plain_names:
+            table.append((f"plain form / kept form: {plain_names[k]}", num(ratio, ".3f"), "", ""))
     width = max(len(r[0]) for r in table)
     print(f"| {'figure'.ljust(width)} | value | goal (H200) | |")
     print(f"|{'-' * (width + 2)}|---|---|---|")

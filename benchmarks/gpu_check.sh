@@ -9,6 +9,9 @@
 #   world_model_epoch.json  one world-model epoch over 1M transitions
 #   many_seeds.json         --num-seeds N = 1, 2, 4, 8, 16: ms per step and t(N)/t(1) (N = 1: the
 #                           default single-seed path, whose compiled program leq_step left in the cache)
+#   plain_vs_kept.json      the LEQ step and a world-model minibatch with the two formulations the
+#                           code keeps because they are faster on a CPU (picked_forward, the members'
+#                           loop) against their plain forms, on this device
 #   summary.json            all of them merged, with the goals; also printed as a table
 #   gpu_check.log           everything printed
 # The parts share one time budget (default 440 s: under 8 minutes in all on one H200, the install
@@ -151,13 +154,15 @@ if [[ "$MODE" == gpu ]]; then
   STEP=(--steps-per-call 100 --calls 5)
   EPOCH=(--transitions 1000000 --epochs 3)
   SEEDS=(--seeds 2 4 8 16 --steps-per-call 100 --calls 3 --start-rows 1000000)  # N = 1: the plain chunk
-  CAPS=(90 100 60 400)  # leq_step, pipeline, world-model epoch, many seeds (the rest of the budget)
+  KEPT=(--rounds 9 --leq-steps 100 --epoch-minibatches 200)
+  CAPS=(90 100 60 220 300)  # leq_step, pipeline, world-model epoch, many seeds, plain vs kept (the rest)
 else
   SIZES=(--dataset-size 5000 --horizon 3 --batch-size 32 --hidden 32 --model-hidden 32 --expand-size 1000)
   STEP=(--steps-per-call 5 --calls 2)
   EPOCH=(--transitions 10000 --epochs 2)
   SEEDS=(--seeds 2 --steps-per-call 5 --calls 2 --start-rows 5000)
-  CAPS=(150 150 90 150)
+  KEPT=(--small --rounds 2 --leq-steps 2 --epoch-minibatches 2)
+  CAPS=(150 150 90 150 150)
 fi
 run_part leq_step "${CAPS[0]}" "$PY" benchmarks/leq_step.py --no-jacobian "${STEP[@]}" "${SIZES[@]}" \
   --out "$OUT/leq_step.json"
@@ -167,4 +172,9 @@ run_part world_model_epoch "${CAPS[2]}" "$PY" benchmarks/world_model_epoch.py "$
   --out "$OUT/world_model_epoch.json"
 run_part many_seeds "${CAPS[3]}" "$PY" benchmarks/many_seeds.py "${SEEDS[@]}" "${SIZES[@]}" \
   --out "$OUT/many_seeds.json"
+# The two CPU-measured formulations the stage files keep (world_model.picked_forward and the
+# members' loop in ensemble_forward) against their plain forms on this device: the figure that
+# says whether the GPU wants the plain ones.
+run_part plain_vs_kept "${CAPS[4]}" "$PY" benchmarks/plain_vs_tuned.py --base "module (after)" \
+  --variants "all plain" "kept -picked" "kept -ens_fwd" "${KEPT[@]}" --out "$OUT/plain_vs_kept.json"
 finish

@@ -2,6 +2,8 @@
 
     nice -n 5 python benchmarks/plain_vs_tuned.py               # both workloads, 9 rounds
     nice -n 5 python benchmarks/plain_vs_tuned.py --part epoch  # the world-model minibatches only
+    python benchmarks/plain_vs_tuned.py --base "module (after)" --variants "all plain" "kept -picked" "kept -ens_fwd"
+                                        # the code as it is against plain JAX only (what gpu_check.sh runs)
 
 The eight tricks this code carried until commit bda72a6 are re-implemented here ("tuned"), next to
 their plain JAX forms ("plain"):
@@ -47,7 +49,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Sequence
+from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -61,12 +63,21 @@ import leq  # noqa: E402
 import pretrain  # noqa: E402
 import world_model  # noqa: E402
 from leq_utils import tasks  # noqa: E402
+from leq_step import write_json  # noqa: E402  (benchmarks/leq_step.py)
 
 TRICKS = ("layer_norm", "swish", "softplus", "ens_fwd", "ens_loss", "decay_grad", "picked", "xla_flag")
 ON_PATH = {"leq": ("layer_norm", "swish", "softplus", "ens_fwd", "picked", "xla_flag"),
            "epoch": ("swish", "softplus", "ens_fwd", "ens_loss", "decay_grad", "xla_flag")}
 XLA_FLAG = {"xla_cpu_experimental_ynn_fusion_type": ""}
 EPOCH_MINIBATCHES = 1_000_000 // 256
+# The paper's AntMaze sizes; `--small` replaces them (see `use_small_sizes`).
+SIZES = dict(rows=1_000_000, leq={}, world_model={}, hidden=(256, 256, 256))
+
+
+def use_small_sizes():
+    SIZES.update(rows=5000, leq=dict(horizon=3, batch_size=32, model_batch_size=32),
+                 world_model=dict(hidden_dims=(32, 32), weight_decay=(2.5e-5, 5e-5, 1e-4), batch_size=32),
+                 hidden=(32, 32))
 
 
 @dataclasses.dataclass
@@ -83,6 +94,14 @@ class Args:
     """time only these variants (names as in the table; "all tuned (before)" is always timed)"""
     module_xla_flag: bool = False
     """compile the `module` variant with the XLA flag (set when the stage scripts still set it)"""
+    base: str = "all tuned (before)"
+    """the variant every ratio is taken against (always timed); benchmarks/gpu_check.sh uses
+    "module (after)", the stage files as they are"""
+    small: bool = False
+    """tiny sizes (hidden 32, horizon 3, batches of 32, 5000 rows): a check that the script runs
+    (gpu_check.sh --cpu); its figures say nothing"""
+    out: Optional[str] = None
+    """also write the JSON object to this file, again after each workload"""
 
 
 # ============================================================================================
@@ -281,7 +300,8 @@ class Variant:
 # The two workloads: build and compile one variant, return a zero-argument timed call
 # ============================================================================================
 
-def leq_data(n=1_000_000):
+def leq_data():
+    n = SIZES["rows"]
     task = tasks.get_task("antmaze-large-diverse-v2")  # obs 29, action 8
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(n, task.obs_dim)).astype(np.float32)
@@ -293,8 +313,8 @@ def leq_data(n=1_000_000):
 
 def build_leq(variant, task, data, k, module_flag):
     """leq.py's make_update + chunk at AntMaze sizes; `variant` None: the module as it is."""
-    args = leq.resolve(leq.Args(env=task.name))
-    wm_args = world_model.Args()
+    args = leq.resolve(leq.Args(env=task.name, **SIZES["leq"]))
+    wm_args = world_model.Args(**SIZES["world_model"])
     params = world_model.init_ensemble(jax.random.PRNGKey(1), task.obs_dim + task.act_dim,
                                        task.obs_dim + 1, wm_args.hidden_dims, wm_args.ensemble_size)
     for e in range(wm_args.num_elites, wm_args.ensemble_size):  # 5 elites, as loaded for LEQ
@@ -302,7 +322,7 @@ def build_leq(variant, task, data, k, module_flag):
     stats = (jnp.zeros(task.obs_dim + task.act_dim), jnp.ones(task.obs_dim + task.act_dim))
     wm = world_model.WorldModel(params, *stats, 1.0, -1.0)
     with variant.patched() if variant else nullcontext():
-        nets = pretrain.make_nets(task, (256, 256, 256), stats)
+        nets = pretrain.make_nets(task, SIZES["hidden"], stats)
         actor, critic = pretrain.init_params(nets, jax.random.PRNGKey(2), task.obs_dim, task.act_dim)
         actor_opt = optax.adam(optax.cosine_decay_schedule(args.actor_lr, args.total_steps))
         critic_opt = optax.adam(args.critic_lr)
@@ -322,7 +342,8 @@ def build_leq(variant, task, data, k, module_flag):
     return call
 
 
-def epoch_data(n=1_000_000, obs_dim=29, act_dim=8):
+def epoch_data(obs_dim=29, act_dim=8):
+    n = SIZES["rows"]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(n, obs_dim + act_dim)).astype(np.float32))
     y = jnp.asarray(rng.normal(size=(n, obs_dim + 1)).astype(np.float32))
@@ -331,7 +352,7 @@ def epoch_data(n=1_000_000, obs_dim=29, act_dim=8):
 
 def build_epoch(variant, x, y, minibatches, module_flag):
     """`minibatches` steps of world_model.py's epoch; `variant` None: world_model.make_epoch_fn itself."""
-    args = world_model.Args()
+    args = world_model.Args(**SIZES["world_model"])
     params = world_model.init_ensemble(jax.random.PRNGKey(0), x.shape[1], y.shape[1], args.hidden_dims,
                                        args.ensemble_size)
     optimizer = optax.adam(args.lr)
@@ -390,18 +411,18 @@ def variants_for(part):
 
 
 def run_part(part, a: Args):
-    names = {n: v for n, v in variants_for(part).items() if not a.variants or n in a.variants or n == "all tuned (before)"}
+    names = {n: v for n, v in variants_for(part).items() if not a.variants or n in a.variants or n == a.base}
     t0 = time.perf_counter()
     if part == "leq":
         task, data = leq_data()
         calls = {n: build_leq(Variant(v), task, data, a.leq_steps, False) for n, v in names.items()}
-        if not a.variants or "module (after)" in a.variants:
+        if not a.variants or "module (after)" in (*a.variants, a.base):
             calls["module (after)"] = build_leq(None, task, data, a.leq_steps, a.module_xla_flag)
         per_call = a.leq_steps
     else:
         x, y = epoch_data()
         calls = {n: build_epoch(Variant(v), x, y, a.epoch_minibatches, False) for n, v in names.items()}
-        if not a.variants or "module (after)" in a.variants:
+        if not a.variants or "module (after)" in (*a.variants, a.base):
             calls["module (after)"] = build_epoch(None, x, y, a.epoch_minibatches, a.module_xla_flag)
         per_call = a.epoch_minibatches
     compile_s = time.perf_counter() - t0
@@ -418,39 +439,44 @@ def run_part(part, a: Args):
     return wall, cpu, compile_s
 
 
-def summary(times):
-    """Per variant: the median ms, and the median over rounds of its time / all tuned's time in the
-    same round (a round takes well under a minute, so a shared machine's load is much the same in it)."""
-    base = times["all tuned (before)"]
+def summary(times, base_name="all tuned (before)"):
+    """Per variant: the median ms, and the median over rounds of its time / the base variant's time
+    in the same round (a round takes well under a minute, so a shared machine's load is much the
+    same in it)."""
+    base = times[base_name]
     return {n: {"ms": statistics.median(v), "min": min(v),
-                "vs_tuned": statistics.median(x / b for x, b in zip(v, base))} for n, v in times.items()}
+                "vs_base": statistics.median(x / b for x, b in zip(v, base))} for n, v in times.items()}
 
 
-def table(part, wall, cpu):
+def table(part, wall, cpu, base):
     unit = "ms/step" if part == "leq" else "ms/minibatch"
-    lines = [f"## {part} ({unit}, medians; vs all tuned: median over rounds of the ratio to all tuned in the same round)",
-             f"| variant | wall {unit} | wall min | wall vs all tuned | CPU {unit} (both cores) | CPU vs all tuned |",
+    lines = [f"## {part} ({unit}, medians; vs {base}: median over rounds of the ratio to it in the same round)",
+             f"| variant | wall {unit} | wall min | wall vs {base} | CPU {unit} (both cores) | CPU vs {base} |",
              "|---|---|---|---|---|---|"]
     for n in wall:
-        lines.append(f"| {n} | {wall[n]['ms']:.1f} | {wall[n]['min']:.1f} | {100 * (wall[n]['vs_tuned'] - 1):+.1f}% "
-                     f"| {cpu[n]['ms']:.1f} | {100 * (cpu[n]['vs_tuned'] - 1):+.1f}% |")
+        lines.append(f"| {n} | {wall[n]['ms']:.2f} | {wall[n]['min']:.2f} | {100 * (wall[n]['vs_base'] - 1):+.1f}% "
+                     f"| {cpu[n]['ms']:.2f} | {100 * (cpu[n]['vs_base'] - 1):+.1f}% |")
     return "\n".join(lines)
 
 
 def main(a: Args):
     assert "ynn_fusion" not in os.environ.get("XLA_FLAGS", ""), "run without XLA_FLAGS: the flag is varied per variant"
+    if a.small:
+        use_small_sizes()
     result = {"device": str(jax.devices()[0]), "jax": jax.__version__, "cpu_count": os.cpu_count(),
-              "load_avg_start": os.getloadavg(), "rounds": a.rounds}
+              "load_avg_start": os.getloadavg(), "rounds": a.rounds, "base": a.base, "small": a.small}
     for part in (("leq", "epoch") if a.part == "both" else (a.part,)):
         wall, cpu, compile_s = run_part(part, a)
-        sw, sc = summary(wall), summary(cpu)
-        print(table(part, sw, sc), flush=True)
-        if part == "epoch" and "module (after)" in sw:
-            print(f"(a 1M-transition epoch is {EPOCH_MINIBATCHES} minibatches: all tuned "
-                  f"{sw['all tuned (before)']['ms'] * EPOCH_MINIBATCHES / 1000:.0f} s, module "
+        sw, sc = summary(wall, a.base), summary(cpu, a.base)
+        print(table(part, sw, sc, a.base), flush=True)
+        if part == "epoch" and "module (after)" in sw and not a.small:
+            print(f"(a 1M-transition epoch is {EPOCH_MINIBATCHES} minibatches: {a.base} "
+                  f"{sw[a.base]['ms'] * EPOCH_MINIBATCHES / 1000:.0f} s, module "
                   f"{sw['module (after)']['ms'] * EPOCH_MINIBATCHES / 1000:.0f} s wall at this load)", flush=True)
         result[part] = {"wall": sw, "cpu": sc, "wall_all": wall, "cpu_all": cpu, "compile_s": compile_s}
+        write_json(a.out, result)  # after each workload: a run stopped by a time limit keeps the first
     result["load_avg_end"] = os.getloadavg()
+    write_json(a.out, result)
     print(json.dumps(result))
 
 

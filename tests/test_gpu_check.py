@@ -30,7 +30,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     # $OUT holds the JSON of every part and the log, nothing else (the device tool brings back 8 files)
     names = {f.name for f in out.iterdir()}
     assert names == {"leq_step.json", "pipeline.json", "world_model_epoch.json", "many_seeds.json",
-                     "summary.json", "gpu_check.log"}, names
+                     "plain_vs_kept.json", "summary.json", "gpu_check.log"}, names
     load = lambda name: json.loads((out / name).read_text())  # noqa: E731
 
     step = load("leq_step.json")
@@ -56,13 +56,22 @@ def test_gpu_check_cpu_mode(tmp_path):
     assert positive(pipe["leq_steps_per_s"]) and 0 <= pipe["final_success_pct"] <= 100
     assert pipe["final_episodes"] >= 1
 
+    kept = load("plain_vs_kept.json")  # the kept formulations against their plain forms, each workload
+    assert kept["small"] and kept["base"] == "module (after)"
+    assert set(kept["leq"]["wall"]) == {"module (after)", "all plain", "kept -picked"}
+    assert set(kept["epoch"]["wall"]) == {"module (after)", "all plain", "kept -ens_fwd"}
+    assert all(positive(v["ms"]) and positive(v["vs_base"]) for part in ("leq", "epoch") for v in kept[part]["wall"].values())
+    assert kept["leq"]["wall"]["module (after)"]["vs_base"] == 1.0
+
     summary = load("summary.json")
     assert summary["mode"] == "cpu" and "NOT evidence for a GPU" in summary["note"]
     assert {k: v["status"] for k, v in summary["parts"].items()} == {
-        k: "ok" for k in ("devices", "leq_step", "pipeline", "world_model_epoch", "many_seeds")}
+        k: "ok" for k in ("devices", "leq_step", "pipeline", "world_model_epoch", "many_seeds", "plain_vs_kept")}
     assert summary["devices"]["platform"] == "cpu" and summary["devices"]["jax_pinned"]
     f = summary["figures"]
     assert f["step_ms"] == a["step_ms"] and f["epoch_s"] == epoch["epoch_s"]
     assert sorted(f["seeds"], key=int) == ["1", "2"] and f["seeds"]["1"]["ratio"] == 1.0
+    assert f["plain_over_kept"]["leq: kept -picked"] == kept["leq"]["wall"]["kept -picked"]["vs_base"]
+    assert set(f["plain_over_kept"]) == {"leq: all plain", "leq: kept -picked", "epoch: all plain", "epoch: kept -ens_fwd"}
     assert all(v is None for v in summary["goals"].values())  # goals are judged on a GPU only
     assert summary["wall_s"] <= wall + 1
