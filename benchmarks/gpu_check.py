@@ -152,7 +152,7 @@ def summary(mode: str, out: Path, parts_file: Path, devices_file: Path, budget_s
             # median time of a plain form / the code as it is, in the same round (> 1: the kept form is faster)
             "plain_over_kept": {f"{part}: {name}": kept[part]["wall"][name]["vs_base"]
                                 for part in ("leq", "epoch") if part in kept
-                                for name in ("all plain", "kept -picked", "kept -ens_fwd") if name in kept[part]["wall"]},
+                                for name in ("all plain", "kept -picked") if name in kept[part]["wall"]},
         },
     }
     on_gpu = mode == "gpu" and devices.get("platform") == "gpu"
@@ -192,7 +192,7 @@ def summary(mode: str, out: Path, parts_file: Path, devices_file: Path, budget_s
         ("  final success, %", num(f["final_success_pct"], ".0f"), "", ""),
     ]
     plain_names = {"leq: all plain": "LEQ step, both plain", "leq: kept -picked": "LEQ step, every_member_then_pick",
-                   "epoch: all plain": "WM minibatch, both plain", "epoch: kept -ens_fwd": "WM minibatch, vmap members"}
+                   "epoch: all plain": "WM minibatch, vmap members"}
     for k, ratio in f["plain_over_kept"].items():
         if k in plain_names:
             table.append((f"plain form / kept form: {plain_names[k]}", num(ratio, ".3f"), "", ""))

@@ -154,15 +154,15 @@ if [[ "$MODE" == gpu ]]; then
   STEP=(--steps-per-call 100 --calls 5)
   EPOCH=(--transitions 1000000 --epochs 3)
   SEEDS=(--seeds 2 4 8 16 --steps-per-call 100 --calls 3 --start-rows 1000000)  # N = 1: the plain chunk
-  KEPT=(--rounds 9 --leq-steps 100 --epoch-minibatches 200)
-  CAPS=(90 100 60 220 300)  # leq_step, pipeline, world-model epoch, many seeds, plain vs kept (the rest)
+  KEPT=(--rounds 5 --leq-steps 100 --epoch-minibatches 200)
+  CAPS=(90 100 60 150 400)  # leq_step, pipeline, world-model epoch, plain vs kept, many seeds (the rest)
 else
   SIZES=(--dataset-size 5000 --horizon 3 --batch-size 32 --hidden 32 --model-hidden 32 --expand-size 1000)
   STEP=(--steps-per-call 5 --calls 2)
   EPOCH=(--transitions 10000 --epochs 2)
   SEEDS=(--seeds 2 --steps-per-call 5 --calls 2 --start-rows 5000)
   KEPT=(--small --rounds 2 --leq-steps 2 --epoch-minibatches 2)
-  CAPS=(150 150 90 150 150)
+  CAPS=(150 150 90 150 150)  # the same order
 fi
 run_part leq_step "${CAPS[0]}" "$PY" benchmarks/leq_step.py --no-jacobian "${STEP[@]}" "${SIZES[@]}" \
   --out "$OUT/leq_step.json"
@@ -170,11 +170,13 @@ run_part pipeline "${CAPS[1]}" "$PY" benchmarks/gpu_check.py pipeline --mode "$M
   --out "$OUT/pipeline.json"
 run_part world_model_epoch "${CAPS[2]}" "$PY" benchmarks/world_model_epoch.py "${EPOCH[@]}" \
   --out "$OUT/world_model_epoch.json"
-run_part many_seeds "${CAPS[3]}" "$PY" benchmarks/many_seeds.py "${SEEDS[@]}" "${SIZES[@]}" \
-  --out "$OUT/many_seeds.json"
 # The two CPU-measured formulations the stage files keep (world_model.picked_forward and the
 # members' loop in ensemble_forward) against their plain forms on this device: the figure that
-# says whether the GPU wants the plain ones.
-run_part plain_vs_kept "${CAPS[4]}" "$PY" benchmarks/plain_vs_tuned.py --base "module (after)" \
-  --variants "all plain" "kept -picked" "kept -ens_fwd" "${KEPT[@]}" --out "$OUT/plain_vs_kept.json"
+# says whether the GPU wants the plain ones. LEQ step: "all plain" (every_member_then_pick over a
+# vmap of the members) and "kept -picked" (every_member_then_pick over the loop); world-model
+# minibatch: "all plain" (the vmap; "kept -ens_fwd" would compile the same program).
+run_part plain_vs_kept "${CAPS[3]}" "$PY" benchmarks/plain_vs_tuned.py --base "module (after)" \
+  --variants "all plain" "kept -picked" "${KEPT[@]}" --out "$OUT/plain_vs_kept.json"
+run_part many_seeds "${CAPS[4]}" "$PY" benchmarks/many_seeds.py "${SEEDS[@]}" "${SIZES[@]}" \
+  --out "$OUT/many_seeds.json"
 finish

@@ -46,7 +46,8 @@ def check_flags(args, *rules) -> None:
 
 def check_common(args) -> None:
     """The checks every script's flags get, before any work (called by tasks.check_task_args, which
-    every stage calls, by evaluate.py and by scripts/generate_dataset.py; one line each): no flag whose default is None (a path,
+    every stage calls, by evaluate.py, scripts/generate_dataset.py and scripts/train_ant_walker.py;
+    one line each): no flag whose default is None (a path,
     an env) given as an empty string, which would otherwise count as not given and pick the
     default silently (an unset shell variable: --dataset-path "$DATA" would use the built-in
     data); every number finite (--actor-lr inf would otherwise compile and run a step before the

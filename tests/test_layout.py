@@ -2,6 +2,7 @@
 imports a stage, and no import circle anywhere (imports inside functions count too)."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,8 @@ def test_every_script_answers_help_and_does_nothing_else(script, tmp_path):
     """USAGE.md's promise "every script takes --help": exit 0, a usage text, and no file written
     (install_d4rl.sh once took --help for a venv folder and began to install)."""
     cmd = ["bash" if script.endswith(".sh") else sys.executable, str(ROOT / script), "--help"]
-    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}  # nothing in $HOME or /tmp either
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "usage" in p.stdout.lower(), p.stdout
     assert list(tmp_path.iterdir()) == []
