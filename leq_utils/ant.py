@@ -9,7 +9,9 @@ actions in [-1, 1], 5 physics steps of 0.01 s per step):
     ant's heading frame (2), so that one policy walks anywhere in any maze   -> walker_obs
   * N ants on an open floor, each walking to its own goal, with the reward the
     walker trains on (scripts/train_ant_walker.py)                            -> GoalAnts
-  * the trained walker (an .npz artifact of that script)                      -> WalkerActor, load_walker
+  * the trained walker (an .npz artifact of that script; the project ships
+    one, leq_utils/ant_walker.npz, and a walker trained here comes first)     -> load_walker, default_walker_path
+  * an ant turned over (on its back), a figure of the generated data          -> upside_down
   * the built-in AntMaze tasks `ant-{umaze,medium,large,ultra}-{diverse,play}`:
     D4RL's layouts in gymnasium-robotics' AntMaze (MuJoCo), D4RL's success rule
     (reward 1 and the episode's end within 0.5 of the goal) and episode limits -> describe, make_antmaze
@@ -71,6 +73,12 @@ def walker_obs(state, goal):
     norm = np.linalg.norm(v, axis=-1, keepdims=True)
     v = v * np.minimum(1.0, GOAL_VECTOR_CLIP / np.maximum(norm, 1e-8))
     return np.concatenate([state[..., 2:], v], -1).astype(np.float32)
+
+
+def upside_down(state) -> np.ndarray:
+    """The torso's up axis points down: its world z component, 1 - 2 (qx^2 + qy^2), below 0."""
+    state = np.atleast_2d(state)
+    return 1 - 2 * (state[:, 4] ** 2 + state[:, 5] ** 2) < 0
 
 
 def healthy(state) -> np.ndarray:
@@ -209,9 +217,19 @@ def walker_actor(hidden_dims):
     return WalkerActor(tuple(hidden_dims))
 
 
-def default_walker_path(data_dir=None) -> Path:
-    """Where the generator looks for the walker (scripts/train_ant_walker.py writes it there)."""
+SHIPPED_WALKER = Path(__file__).with_name("ant_walker.npz")  # the project's trained walker (docs/TASKS.md says how it was made)
+
+
+def trained_walker_path(data_dir=None) -> Path:
+    """Where scripts/train_ant_walker.py puts the walker it trains: <data dir>/ant_walker.npz."""
     return Path(data_dir or mazes.DATA_DIR) / "ant_walker.npz"
+
+
+def default_walker_path(data_dir=None) -> Path:
+    """The walker the generator uses: one trained here (<data dir>/ant_walker.npz) if there is one,
+    else the one that comes with the project (leq_utils/ant_walker.npz)."""
+    trained = trained_walker_path(data_dir)
+    return trained if trained.exists() or not SHIPPED_WALKER.exists() else SHIPPED_WALKER
 
 
 def load_walker(path):

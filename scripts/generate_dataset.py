@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leq_utils import ant, cli, mazes  # noqa: E402
@@ -54,7 +56,8 @@ class Args:
     expert_episodes: int = 50
     """episodes to measure the controller on the evaluation task (0 to skip)"""
     walker: Optional[str] = None
-    """built-in ant tasks: the trained walker (default: <data_dir>/ant_walker.npz, from scripts/train_ant_walker.py)"""
+    """built-in ant tasks: the walker (default: <data_dir>/ant_walker.npz if scripts/train_ant_walker.py made one there,
+    else the project's own, leq_utils/ant_walker.npz)"""
 
 
 def main(args: Args):
@@ -110,8 +113,11 @@ def generate_ant(task: Task, args: Args):
     seconds = ant.generate(task, path, walker, args.size, args.seed, noise)
     data = read_hdf5(path)
     t = qlearning_transitions(data)
+    obs = data["observations"]
+    unhealthy, flipped = 100 * np.mean(~ant.healthy(obs)), 100 * np.mean(ant.upside_down(obs))
     print(f"wrote {path}: {len(t['rewards'])} transitions, {int(data['timeouts'].sum())} episodes, "
-          f"{int(t['rewards'].sum())} at the goal, in {seconds:.1f} s")
+          f"{int(t['rewards'].sum())} at the goal, in {seconds:.1f} s; states upside down {flipped:.1f}%, "
+          f"with the torso's height outside {ant.HEALTHY_Z} {unhealthy:.1f}%")
     for n in (0.0, noise) if args.expert_episodes else ():
         rate, steps = ant.controller_success(task, walker, args.expert_episodes, n)
         print(f"walker + planner (noise {n}) on the evaluation task: success {100 * rate:.0f}% "

@@ -53,7 +53,7 @@ class Args:
     """run folder (default runs/ant_walker__s<seed>): checkpoints and metrics.jsonl"""
     out: Optional[str] = None
     """where the finished walker is copied (default: <$LEQ_DATA_DIR or ./data>/ant_walker.npz, where the AntMaze
-    generator looks); the run folder keeps its own walker.npz"""
+    generator looks before it takes the project's own, leq_utils/ant_walker.npz); the run folder keeps its own walker.npz"""
     total_steps: int = 1_000_000
     """environment steps, all ants together"""
     num_envs: int = 8
@@ -304,7 +304,7 @@ def train(args: Args) -> Path:
     from tqdm import tqdm
     check_args(args)
     run_dir = Path(args.run_dir or f"runs/ant_walker__s{args.seed}")
-    out = Path(args.out) if args.out else ant.default_walker_path()
+    out = Path(args.out) if args.out else ant.trained_walker_path()
     check_writable_folder(out.parent, "the walker's folder (--out, or $LEQ_DATA_DIR)")
     iters_per_chunk = max(1, args.eval_every // args.num_envs)
     chunk_steps = iters_per_chunk * args.num_envs   # evaluation and checkpoint boundary, in env steps
