@@ -93,17 +93,17 @@ class GoalAnts:
     `goal_distance` in a uniformly random direction; a reached goal (within REACH_RADIUS) is
     replaced by a new one drawn around the ant. Reward per step: the speed towards the goal (units
     per second, so about the ant's speed when it walks straight at it) + `alive_bonus` - ctrl_cost
-    |a|^2; an ant that falls (not `healthy`) ends its episode, one that lives `max_steps` steps is
-    cut off (truncated) and restarts."""
+    |a|^2; an ant that falls (not `healthy`, or with `upside_down_falls` also on its back) ends its
+    episode, one that lives `max_steps` steps is cut off (truncated) and restarts."""
 
     def __init__(self, n: int, seed: int, goal_distance=(1.0, 8.0), max_steps: int = 300,
-                 alive_bonus: float = 0.5, ctrl_cost: float = 0.1):
+                 alive_bonus: float = 0.5, ctrl_cost: float = 0.1, upside_down_falls: bool = False):
         import mujoco
         self._mujoco = mujoco
         self.model, self.init_qpos, self.init_qvel, self.frame_skip = ant_model()
         self.data = [mujoco.MjData(self.model) for _ in range(n)]
         self.n, self.goal_distance, self.max_steps = n, goal_distance, max_steps
-        self.alive_bonus, self.ctrl_cost = alive_bonus, ctrl_cost
+        self.alive_bonus, self.ctrl_cost, self.upside_down_falls = alive_bonus, ctrl_cost, upside_down_falls
         self.rng = np.random.default_rng(seed)
         self.goals = np.zeros((n, 2))
         self.steps = np.zeros(n, np.int64)
@@ -148,7 +148,7 @@ class GoalAnts:
             self.states[i] = self._state(i)
         self.steps += 1
         after = np.linalg.norm(self.goals - self.states[:, :2], axis=-1)
-        alive = healthy(self.states)
+        alive = healthy(self.states) & ~(self.upside_down_falls & upside_down(self.states))
         reward = np.where(alive, (before - after) / DT + self.alive_bonus, 0.0) - self.ctrl_cost * (actions ** 2).sum(-1)
         reward = np.nan_to_num(reward, nan=0.0, posinf=0.0, neginf=0.0)
         reached = alive & (after <= REACH_RADIUS)
@@ -168,26 +168,29 @@ def reach_trials(act, trials: int, seed: int, distance=(4.0, 8.0), steps: int = 
     """The walker's measure (issue 37): from a fresh start (random heading), a goal drawn at a
     distance in `distance`; reached if the ant gets within REACH_RADIUS in at most `steps` steps
     without falling. `act(obs (n, 29)) -> actions (n, 8)`. Returns the reach rate, the mean steps
-    of the reached ones, and the fall rate."""
+    of the reached ones, the fall rate, and the share of trials in which the ant was on its back
+    (`upside_down`) at some step without having fallen (Ant-v5's height rule does not call that a fall)."""
     batch = batch or trials
-    reached_steps, falls, done_trials = [], 0, 0
+    reached_steps, falls, turned_over, done_trials = [], 0, 0, 0
     while done_trials < trials:
         n = min(batch, trials - done_trials)
         ants = GoalAnts(n, seed + done_trials, goal_distance=distance, max_steps=steps + 1)
         goals = ants.goals.copy()
         first = np.full(n, -1)
-        fell = np.zeros(n, bool)
+        fell, turned = np.zeros(n, bool), np.zeros(n, bool)
         for t in range(steps):
             _, _, terminated, _, reached, _ = ants.step(act(ants.observe()))
             ants.goals[:] = goals  # one goal per trial: no new goal after a reach
             first = np.where((first < 0) & reached & ~fell, t + 1, first)
             fell |= terminated
+            turned |= ~fell & upside_down(ants.states)  # a fallen ant is reset: its new state says nothing
         reached_steps += list(first[first > 0])
         falls += int(fell.sum())
+        turned_over += int(turned.sum())
         done_trials += n
     return {"trials": trials, "reach_rate": len(reached_steps) / trials,
             "mean_steps_to_reach": float(np.mean(reached_steps)) if reached_steps else float("nan"),
-            "fall_rate": falls / trials, "distance": list(distance), "steps": steps}
+            "fall_rate": falls / trials, "upside_down_rate": turned_over / trials, "distance": list(distance), "steps": steps}
 
 
 # ============================================================================================

@@ -97,6 +97,22 @@ def test_upside_down_is_the_torso_up_axis_pointing_down():
     assert 20 < sum(expected) < 180  # both kinds are checked
 
 
+def test_an_ant_on_its_back_is_a_fall_only_with_upside_down_falls():
+    """An ant put on its back (rotated by pi about its x axis) at a healthy torso height: Ant-v5's
+    rule lets it go on; with upside_down_falls its episode ends (reward 0 but the control cost)."""
+    import mujoco
+    for flag in (False, True):
+        ants = ant.GoalAnts(1, seed=0, upside_down_falls=flag)
+        d = ants.data[0]
+        d.qpos[2], d.qpos[3:7], d.qvel[:] = 0.4, [0.0, 1.0, 0.0, 0.0], 0.0
+        mujoco.mj_forward(ants.model, d)
+        ants.states[0] = ant.ant_state(d)
+        _, r, terminated, _, _, next_obs = ants.step(np.zeros((1, 8)))
+        on_back = np.concatenate([[0, 0], next_obs[0, :27]])  # next_obs holds qpos[2:] before any reset
+        assert ant.upside_down(on_back)[0] and ant.HEALTHY_Z[0] <= on_back[2] <= ant.HEALTHY_Z[1]
+        assert terminated[0] == flag and (r[0] == 0.0) == flag
+
+
 def test_goal_ants_reward_is_the_speed_towards_the_goal():
     ants = ant.GoalAnts(3, seed=0, alive_bonus=0.5, ctrl_cost=0.1)
     rng = np.random.default_rng(1)
