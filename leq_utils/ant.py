@@ -169,7 +169,7 @@ def reach_trials(act, trials: int, seed: int, distance=(4.0, 8.0), steps: int = 
     distance in `distance`; reached if the ant gets within REACH_RADIUS in at most `steps` steps
     without falling. `act(obs (n, 29)) -> actions (n, 8)`. Returns the reach rate, the mean steps
     of the reached ones, the fall rate, and the share of trials in which the ant was on its back
-    (`upside_down`) at some step without having fallen (Ant-v5's height rule does not call that a fall)."""
+    (`upside_down`) at some step before any fall (Ant-v5's height rule does not call that a fall)."""
     batch = batch or trials
     reached_steps, falls, turned_over, done_trials = [], 0, 0, 0
     while done_trials < trials:
@@ -242,9 +242,8 @@ def load_walker(path):
     from leq_utils import artifacts
     path = Path(path)
     if not path.exists():
-        raise InputError(f"no trained ant walker at {path}: train it with `python scripts/train_ant_walker.py` "
-                         f"(hours on a CPU), or make the data with another walker: `python scripts/generate_dataset.py --env "
-                         f"ENV --walker PATH`")
+        raise InputError(f"no ant walker at {path}: pass an existing one (--walker PATH), train one with `python "
+                         f"scripts/train_ant_walker.py`, or restore the project's leq_utils/ant_walker.npz (git checkout)")
     f = artifacts.load_artifact(path, WALKER_TASK, kinds=(WALKER_KIND,), need="actor")
     actor = walker_actor(f["meta/config"]["hidden_dims"])
     template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, WALKER_OBS_DIM)))
@@ -371,8 +370,9 @@ def controller_success(task, walker_path=None, episodes: int = 20, noise: float 
 
 
 def check_walker_of(path: Path, data_dir=None) -> None:
-    """A built-in ant dataset made by another walker than the one now in the data folder (one
-    retrained since): a one-line warning; delete the file to make it again with the new walker."""
+    """A built-in ant dataset made by another walker than the one the generator would take now (a
+    walker trained into the data folder, or removed from it, since): a one-line warning; delete the
+    file to make it again with that walker."""
     walker = default_walker_path(data_dir)
     if not walker.exists():
         return
@@ -382,7 +382,7 @@ def check_walker_of(path: Path, data_dir=None) -> None:
         made_by = str(f.attrs.get("walker", ""))
     if made_by != now:
         from leq_utils.common import warn
-        warn(f"dataset {path.name} was made by another walker than {walker} (retrained since?): delete it to "
+        warn(f"dataset {path.name} was made by another walker than {walker} (one trained into the data folder or removed from it since?): delete it to "
              f"make it again with this one")
 
 

@@ -282,8 +282,11 @@ def check_inputs(path, recorded: Optional[dict], current: dict, remedy: str) -> 
 
 def config_diff(saved: dict, args, ignore=()) -> str:
     """The settings in which `args` differ from a recorded config, as "k <then> there, <now> now; ...",
-    or "" (paths of inputs are not compared: their fingerprints are, by check_inputs)."""
+    or "" (paths of inputs are not compared: their fingerprints are, by check_inputs). A setting the
+    recorded config lacks (a flag added since) counts as its default: new flags default to the old behaviour."""
     now = json.loads(json.dumps(dataclasses.asdict(args), default=str, sort_keys=True))
+    added = {f.name: f.default for f in dataclasses.fields(args) if f.name not in saved and f.default is not dataclasses.MISSING}
+    saved = {**json.loads(json.dumps(added, default=str)), **saved}
     ignore = (*ignore, "dataset_path", "data_dir", "world_model", "pretrain")
     diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
     shown = "; ".join(f"{k} {json.dumps(saved.get(k))} there, {json.dumps(now.get(k))} now" for k in diff[:4])

@@ -3,7 +3,7 @@
 
     python scripts/generate_dataset.py --env pointmaze-medium
     python scripts/generate_dataset.py --env pointmaze-giant-navigate-singletask-v0
-    python scripts/generate_dataset.py --env ant-large-diverse     # needs a trained walker (scripts/train_ant_walker.py)
+    python scripts/generate_dataset.py --env ant-large-diverse     # with the project's walker (leq_utils/ant_walker.npz)
 
 The stages generate the built-in dataset themselves on first use; this script makes one on
 purpose (another size, seed or noise) and reports the controller's success rate.

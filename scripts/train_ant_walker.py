@@ -1,6 +1,6 @@
 """Train the goal-reaching ant ("walker") that makes the built-in AntMaze data (issue 37).
 
-    python scripts/train_ant_walker.py                          # -> data/ant_walker.npz (hours on a CPU)
+    python scripts/train_ant_walker.py                          # -> data/ant_walker.npz (about 80 min on 2 cores)
     python scripts/train_ant_walker.py --total-steps 20000 --eval-every 10000 \
         --run-dir runs/walker_quick --out runs/walker_quick/installed.npz               # a quick look
 
@@ -17,7 +17,8 @@ goal 4-8 units away, reached within 100 steps). A run resumes exactly from its n
 in the run folder (networks, optimiser, replay buffer, the ants' MuJoCo states and the random
 generator); a finished run goes on from its last checkpoint when given a larger `--total-steps`.
 The final artifact (`<run dir>/walker.npz`, copied to `--out`, by default data/ant_walker.npz,
-where the AntMaze generator looks) holds the actor and its measured reach rate.
+where the AntMaze generator looks before it takes the project's own leq_utils/ant_walker.npz)
+holds the actor and its measured reach rate.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Runs that survive: kill and resume, atomic checkpoints, the NaN guard, reproducibility and
 one-line errors for bad input (the real scripts, in subprocesses)."""
 
+import dataclasses
 import json
 import signal
 
@@ -146,6 +147,18 @@ def test_pretrain_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Atomic writes and the NaN guard
 # --------------------------------------------------------------------------------------------
+
+def test_a_flag_added_since_a_run_was_written_counts_as_its_default():
+    """A run written before a flag existed resumes when the flag is at its default (new flags keep
+    the old behaviour), and is refused with the flag set to anything else."""
+    args = leq.Args(seed=3)
+    saved = json.loads(json.dumps(dataclasses.asdict(args), default=str))
+    del saved["no_expansion"], saved["seed"]  # two settings added since (as far as this config knows)
+    assert artifacts.config_diff(saved, leq.Args(seed=0)) == ""  # seed's default is 0
+    assert artifacts.config_diff(saved, leq.Args(seed=3)) == "seed 0 there, 3 now"
+    assert artifacts.config_diff(saved, dataclasses.replace(args, seed=0, no_expansion=True)) == \
+        "no_expansion false there, true now"
+
 
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     """save_npz writes a temp file and renames it: a kill before the rename changes nothing."""
