@@ -382,8 +382,8 @@ def check_walker_of(path: Path, data_dir=None) -> None:
         made_by = str(f.attrs.get("walker", ""))
     if made_by != now:
         from leq_utils.common import warn
-        warn(f"dataset {path.name} was made by another walker than {walker} (one trained into the data folder or removed from it since?): delete it to "
-             f"make it again with this one")
+        warn(f"dataset {path.name} was made by another walker than {walker} (one trained into the data folder or "
+             f"removed from it since?): delete it to make it again with this one")
 
 
 def builtin_dataset_path(task, data_dir=None, size=None, seed=0) -> Path:

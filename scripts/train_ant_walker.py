@@ -299,9 +299,14 @@ def save_walker(path: Path, args: Args, actor_params, summary: dict) -> None:
 # Main
 # ============================================================================================
 
+MEASURED = ("reach_rate", "fall_rate", "upside_down_rate", "mean_steps_to_reach")  # logged, and stored in the artifact
+
+
 def measure(deterministic, params, args: Args, seed: int) -> dict:
-    return ant.reach_trials(lambda obs: np.asarray(deterministic(params, jnp.asarray(obs))), args.eval_trials,
-                            seed, distance=(4.0, 8.0), steps=100)
+    """Issue 37's measure of the walker (ant.reach_trials), the figures in MEASURED."""
+    result = ant.reach_trials(lambda obs: np.asarray(deterministic(params, jnp.asarray(obs))), args.eval_trials,
+                              seed, distance=(4.0, 8.0), steps=100)
+    return {k: result[k] for k in MEASURED}
 
 
 def train(args: Args) -> Path:
@@ -364,8 +369,7 @@ def train(args: Args) -> Path:
                    **{k: v / max(n_updates, 1) for k, v in sums.items()}, "steps_per_s": (step - step0) / (time.time() - t0)}
             if step % chunk_steps == 0 or step >= args.total_steps:
                 result = measure(deterministic, st.actor, args, seed=10_000 + args.seed)
-                row.update(reach_rate=result["reach_rate"], fall_rate=result["fall_rate"],
-                           upside_down_rate=result["upside_down_rate"], mean_steps_to_reach=result["mean_steps_to_reach"])
+                row.update(result)
             metrics_log.log(row)
             stop = cli.STOP.signum
             # every chunk, the last one too: a finished run can be extended with a larger --total-steps
@@ -378,10 +382,7 @@ def train(args: Args) -> Path:
         cli.STOP.armed = False
         bar.close()
         result = measure(deterministic, st.actor, args, seed=20_000 + args.seed)  # fresh trials for the record
-        save_walker(final, args, st.actor, {"reach_rate": result["reach_rate"], "fall_rate": result["fall_rate"],
-                                          "upside_down_rate": result["upside_down_rate"],
-                                          "mean_steps_to_reach": result["mean_steps_to_reach"], "steps": step,
-                                          "final_score": 100 * result["reach_rate"]})
+        save_walker(final, args, st.actor, {**result, "steps": step, "final_score": 100 * result["reach_rate"]})
         print(f"[walker] reach rate {result['reach_rate']:.2f} (goals 4-8 units away, <= 100 steps, "
               f"{args.eval_trials} trials), falls {result['fall_rate']:.2f}, on its back "
               f"{result['upside_down_rate']:.2f}; wrote {final}")

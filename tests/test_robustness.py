@@ -144,10 +144,6 @@ def test_pretrain_killed_and_resumed(upstream, tiny_maze_file_module, tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-# --------------------------------------------------------------------------------------------
-# Atomic writes and the NaN guard
-# --------------------------------------------------------------------------------------------
-
 def test_a_flag_added_since_a_run_was_written_counts_as_its_default():
     """A run written before a flag existed resumes when the flag is at its default (new flags keep
     the old behaviour), and is refused with the flag set to anything else."""
@@ -159,6 +155,10 @@ def test_a_flag_added_since_a_run_was_written_counts_as_its_default():
     assert artifacts.config_diff(saved, dataclasses.replace(args, seed=0, no_expansion=True)) == \
         "no_expansion false there, true now"
 
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes and the NaN guard
+# --------------------------------------------------------------------------------------------
 
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     """save_npz writes a temp file and renames it: a kill before the rename changes nothing."""
