@@ -1,6 +1,7 @@
 """The built-in AntMaze tasks and their tools (issue 37): the walker's world and trainer, the
 grid planner, the evaluation env's reward and termination, the dataset generator's format."""
 
+import json
 import math
 import subprocess
 import sys
@@ -228,3 +229,28 @@ def test_walker_training_resumes_exactly_then_generates_d4rl_format(tmp_path):
     assert all(layout[a][b] != "#" for a, b in zip(i, j))  # the torso never enters a wall cell
     ds = tasks.load_dataset(task, str(tmp_path / "g1.hdf5"))  # the stages read it
     assert ds.observations.shape[1] == 29 and (ds.reward_scale, ds.reward_shift) == (1.0, -1.0)
+
+
+@pytest.mark.slow
+def test_every_stage_runs_on_a_built_in_ant_maze(tmp_path):
+    """A tiny pipeline on an ant maze as a user runs it: the shipped walker makes the data, then
+    world_model.py, pretrain.py and leq.py (its evaluation in gymnasium-robotics' AntMaze, 29-d
+    states and 8-d actions through every stage), then evaluate.py on LEQ's artifact."""
+    from conftest import TINY_PRETRAIN, TINY_WORLD_MODEL, run
+    env = "ant-umaze-diverse"
+    data = tmp_path / "ant.hdf5"
+    ant.generate(tasks.get_task(env), data, ant.SHIPPED_WALKER, size=3000, seed=1, n_ants=2)
+    common = ["--env", env, "--dataset-path", data]
+    run([ROOT / "world_model.py", *common, "--out", tmp_path / "wm.npz", *TINY_WORLD_MODEL], tmp_path)
+    run([ROOT / "pretrain.py", *common, "--world-model", tmp_path / "wm.npz", "--out", tmp_path / "pt.npz",
+         *TINY_PRETRAIN, "--chunk", 10], tmp_path)
+    run([ROOT / "leq.py", *common, "--world-model", tmp_path / "wm.npz", "--pretrain", tmp_path / "pt.npz",
+         "--run-dir", tmp_path / "leq", "--total-steps", 40, "--chunk", 20, "--eval-every", 40,
+         "--eval-episodes", 1, "--final-eval-rounds", 1, "--expand-every", 20, "--expand-size", 32,
+         "--batch-size", 32, "--model-batch-size", 32, "--horizon", 3], tmp_path)
+    f = artifacts.read_npz(tmp_path / "leq" / "leq.npz")
+    assert any(k.startswith("actor/") for k in f) and 0.0 <= float(f["summary/final_score"]) <= 100.0
+    run([ROOT / "evaluate.py", "--checkpoint", tmp_path / "leq" / "leq.npz", "--episodes", 1], tmp_path)
+    result = json.loads((tmp_path / "leq" / "leq.eval.json").read_text())
+    assert result["env"] == env and result["env_goal"] == list(tasks.get_task(env).goal)
+    assert result["length"] == 700 or (result["success"] == 1.0 and result["length"] < 700)  # D4RL umaze's limit
