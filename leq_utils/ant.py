@@ -193,6 +193,26 @@ def reach_trials(act, trials: int, seed: int, distance=(4.0, 8.0), steps: int = 
             "fall_rate": falls / trials, "upside_down_rate": turned_over / trials, "distance": list(distance), "steps": steps}
 
 
+def long_walks(act, ants: "GoalAnts", steps: int = 1000, noise: float = 0.0, seed: int = 0) -> dict:
+    """What issue 37's 100-step measure cannot see: ants walking as long as a dataset's episode,
+    on an open floor, each to goal after goal (a new one when reached), the actions with
+    N(0, noise^2) added as the generator adds it. Returns the share of ants that lay on their back
+    at some step before any fall by the height rule, the share that fell (an ant that falls is
+    reset and not counted again), and the goals reached per ant. `ants` is a GoalAnts made with
+    max_steps >= steps, so that no ant is restarted by its time limit."""
+    rng = np.random.default_rng(seed)
+    fell, turned, reached_goals = np.zeros(ants.n, bool), np.zeros(ants.n, bool), 0
+    for _ in range(steps):
+        actions = act(ants.observe()) + noise * rng.standard_normal((ants.n, ACT_DIM))
+        _, _, terminated, _, reached, next_obs = ants.step(actions)
+        # next_obs holds the state (qpos[2:], qvel) the step led to, before a fallen ant's reset
+        turned |= ~fell & upside_down(np.concatenate([np.zeros((ants.n, 2)), next_obs[:, :27]], axis=1))
+        reached_goals += int((reached & ~fell).sum())
+        fell |= terminated
+    return {"ants": ants.n, "steps": steps, "noise": noise, "upside_down_rate": float(turned.mean()),
+            "fall_rate": float(fell.mean()), "goals_per_ant": reached_goals / ants.n}
+
+
 # ============================================================================================
 # The trained walker (written by scripts/train_ant_walker.py)
 # ============================================================================================

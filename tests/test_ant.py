@@ -114,6 +114,25 @@ def test_an_ant_on_its_back_is_a_fall_only_with_upside_down_falls():
         assert terminated[0] == flag and (r[0] == 0.0) == flag
 
 
+def test_long_walks_count_an_ant_on_its_back_once_and_its_goals():
+    """ant.long_walks: of two ants standing still, the one put on its back counts, the other
+    does not; standing still reaches no goal. Then scripts/ant_walker_check.py runs on the shipped walker."""
+    import mujoco
+    ants = ant.GoalAnts(2, seed=0, max_steps=100)
+    d = ants.data[0]
+    d.qpos[2], d.qpos[3:7], d.qvel[:] = 0.4, [0.0, 1.0, 0.0, 0.0], 0.0
+    mujoco.mj_forward(ants.model, d)
+    ants.states[0] = ant.ant_state(d)
+    result = ant.long_walks(lambda obs: np.zeros((len(obs), 8)), ants, steps=5)
+    assert (result["upside_down_rate"], result["fall_rate"], result["goals_per_ant"]) == (0.5, 0.0, 0.0)
+    from conftest import run
+    out = run([ROOT / "scripts" / "ant_walker_check.py", "--trials", 2, "--ants", 2, "--steps", 20, "--noises", 0.2],
+              ROOT)
+    checked = json.loads(out.stdout)
+    assert checked["walker"].endswith("ant_walker.npz") and checked["reach"]["trials"] == 2
+    assert [w["noise"] for w in checked["long_walks"]] == [0.2] and checked["long_walks"][0]["steps"] == 20
+
+
 def test_goal_ants_reward_is_the_speed_towards_the_goal():
     ants = ant.GoalAnts(3, seed=0, alive_bonus=0.5, ctrl_cost=0.1)
     rng = np.random.default_rng(1)
