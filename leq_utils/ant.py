@@ -204,11 +204,10 @@ def long_walks(act, ants: "GoalAnts", steps: int = 1000, noise: float = 0.0, see
     fell, turned, reached_goals = np.zeros(ants.n, bool), np.zeros(ants.n, bool), 0
     for _ in range(steps):
         actions = act(ants.observe()) + noise * rng.standard_normal((ants.n, ACT_DIM))
-        _, _, terminated, _, reached, next_obs = ants.step(actions)
-        # next_obs holds the state (qpos[2:], qvel) the step led to, before a fallen ant's reset
-        turned |= ~fell & upside_down(np.concatenate([np.zeros((ants.n, 2)), next_obs[:, :27]], axis=1))
+        _, _, terminated, _, reached, _ = ants.step(actions)
         reached_goals += int((reached & ~fell).sum())
         fell |= terminated
+        turned |= ~fell & upside_down(ants.states)  # as in reach_trials: a fallen ant is reset
     return {"ants": ants.n, "steps": steps, "noise": noise, "upside_down_rate": float(turned.mean()),
             "fall_rate": float(fell.mean()), "goals_per_ant": reached_goals / ants.n}
 

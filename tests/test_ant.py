@@ -98,16 +98,21 @@ def test_upside_down_is_the_torso_up_axis_pointing_down():
     assert 20 < sum(expected) < 180  # both kinds are checked
 
 
+def put_on_its_back(ants, i):
+    """Ant i of a GoalAnts, at rest on its back (rotated by pi about its x axis), torso at a healthy 0.4."""
+    import mujoco
+    d = ants.data[i]
+    d.qpos[2], d.qpos[3:7], d.qvel[:] = 0.4, [0.0, 1.0, 0.0, 0.0], 0.0
+    mujoco.mj_forward(ants.model, d)
+    ants.states[i] = ant.ant_state(d)
+
+
 def test_an_ant_on_its_back_is_a_fall_only_with_upside_down_falls():
     """An ant put on its back (rotated by pi about its x axis) at a healthy torso height: Ant-v5's
     rule lets it go on; with upside_down_falls its episode ends (reward 0 but the control cost)."""
-    import mujoco
     for flag in (False, True):
         ants = ant.GoalAnts(1, seed=0, upside_down_falls=flag)
-        d = ants.data[0]
-        d.qpos[2], d.qpos[3:7], d.qvel[:] = 0.4, [0.0, 1.0, 0.0, 0.0], 0.0
-        mujoco.mj_forward(ants.model, d)
-        ants.states[0] = ant.ant_state(d)
+        put_on_its_back(ants, 0)
         _, r, terminated, _, _, next_obs = ants.step(np.zeros((1, 8)))
         on_back = np.concatenate([[0, 0], next_obs[0, :27]])  # next_obs holds qpos[2:] before any reset
         assert ant.upside_down(on_back)[0] and ant.HEALTHY_Z[0] <= on_back[2] <= ant.HEALTHY_Z[1]
@@ -117,12 +122,8 @@ def test_an_ant_on_its_back_is_a_fall_only_with_upside_down_falls():
 def test_long_walks_count_an_ant_on_its_back_once_and_its_goals():
     """ant.long_walks: of two ants standing still, the one put on its back counts, the other
     does not; standing still reaches no goal. Then scripts/ant_walker_check.py runs on the shipped walker."""
-    import mujoco
     ants = ant.GoalAnts(2, seed=0, max_steps=100)
-    d = ants.data[0]
-    d.qpos[2], d.qpos[3:7], d.qvel[:] = 0.4, [0.0, 1.0, 0.0, 0.0], 0.0
-    mujoco.mj_forward(ants.model, d)
-    ants.states[0] = ant.ant_state(d)
+    put_on_its_back(ants, 0)
     result = ant.long_walks(lambda obs: np.zeros((len(obs), 8)), ants, steps=5)
     assert (result["upside_down_rate"], result["fall_rate"], result["goals_per_ant"]) == (0.5, 0.0, 0.0)
     from conftest import run
