@@ -9,8 +9,8 @@ sampling noise), and prints the xy positions side by side. A policy that exploit
 shows up as elites that all go where the real env does not (e.g. through a wall): then the
 ensemble has no spread there, and the lower expectile cannot be conservative about it.
 
-On the built-in PointMazes it also counts impossible states: positions inside a wall cell
-(marked * in the path table; the real point's centre never enters one), along the path and in
+On the built-in mazes (PointMaze and ant) it also counts impossible states: positions inside a
+wall cell (marked * in the path table; the real point's centre, or the ant's torso's, never enters one), along the path and in
 imagination as LEQ does it (`--imagined N` dataset states, `--horizon` steps under the actor,
 each step from a uniformly drawn elite with its sampling noise, `world_model.model_step`).
 On every task it prints the largest |coordinate| of those imagined states at each step, against
@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from leq_utils import cli  # noqa: E402
+from leq_utils import ant, cli  # noqa: E402
 from leq_utils import mazes  # noqa: E402
 import pretrain  # noqa: E402
 from leq_utils import tasks  # noqa: E402
@@ -55,7 +55,7 @@ class Args:
     every: int = 10
     """print every this many steps"""
     imagined: int = 10_000
-    """imagined rollouts to count states inside walls in (built-in PointMazes) and to measure
+    """imagined rollouts to count states inside walls in (built-in mazes) and to measure
     the largest imagined coordinate in (0: none)"""
     horizon: int = 10
     """steps per imagined rollout (LEQ's H)"""
@@ -65,14 +65,14 @@ class Args:
 
 
 def in_wall_fn(task):
-    """xy (..., 2) -> True where the point's centre is inside a wall cell or outside the maze
-    (built-in PointMazes only; the real env keeps the centre out of walls)."""
-    layout = mazes.MAZES[task.maze]
+    """xy (..., 2) -> True where the point's (the ant's torso's) centre is inside a wall cell or
+    outside the maze (built-in mazes only; the real env keeps the centre out of walls)."""
+    layout, scale = mazes.MAZES[task.maze], ant.SCALE if ant.is_builtin_ant(task) else 1.0
     wall = jnp.asarray([[c == "#" for c in row] for row in layout])
     height, width = wall.shape
 
     def in_wall(xy):
-        i, j = mazes.xy_cells(layout, xy, jnp)
+        i, j = mazes.xy_cells(layout, xy / scale, jnp)
         inside = (i >= 0) & (i < height) & (j >= 0) & (j < width)
         return ~inside | wall[jnp.clip(i, 0, height - 1), jnp.clip(j, 0, width - 1)]
     return in_wall
@@ -105,7 +105,7 @@ def main(a: Args):
     task, nets, actor = pretrain.load_actor(a.checkpoint)
     wm = world_model.load_world_model(a.world_model, task)
     done_fn = tasks.termination_fn(task)
-    walls = task.source == "builtin" and task.family == "pointmaze"
+    walls = task.source == "builtin"
     in_wall = in_wall_fn(task) if walls else (lambda xy: jnp.zeros(xy.shape[:-1], bool))
     env = tasks.make_env(task)
     obs, _ = env.reset(seed=a.seed)

@@ -552,26 +552,27 @@ def test_policy_compiles_once_per_network_shape():
     assert evaluate.deterministic_action._cache_size() == compiled + 1
 
 
-@pytest.mark.parametrize("maze", ["umaze", "large"])
-def test_model_rollout_check_finds_states_inside_walls(maze):
+@pytest.mark.parametrize("env", ["pointmaze-umaze", "pointmaze-large", "ant-umaze-diverse", "ant-large-play"])
+def test_model_rollout_check_finds_states_inside_walls(env):
     """scripts/model_rollout_check.py's wall test against the layout read cell by cell: points near
-    each corner of every cell (placed by mazes.cell_xy) are inside a wall exactly when the cell is
-    '#', and points beyond the maze's edge are too."""
+    each corner of every cell (placed by mazes.cell_xy, times 4 for the ant's 4-unit cells) are
+    inside a wall exactly when the cell is '#', and points beyond the maze's edge are too."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import model_rollout_check
-    task = tasks.get_task(f"pointmaze-{maze}")
+    task = tasks.get_task(env)
     in_wall = model_rollout_check.in_wall_fn(task)
-    layout = mazes.MAZES[maze]
+    layout, unit = mazes.MAZES[task.maze], 4.0 if env.startswith("ant") else 1.0
     points, expected = [], []
     for i, row in enumerate(layout):
         for j, char in enumerate(row):
             centre = mazes.cell_xy(layout, (i, j))
             for dx in (-0.45, 0.45):
                 for dy in (-0.45, 0.45):
-                    points.append(centre + [dx, dy])
+                    points.append(unit * (centre + [dx, dy]))
                     expected.append(char == "#")
     height, width = len(layout), len(layout[0])
-    points += [[-width / 2 - 0.2, 0.0], [width / 2 + 0.2, 0.0], [0.0, height / 2 + 0.2], [0.0, -height / 2 - 0.2]]
+    points += [[unit * (-width / 2 - 0.2), 0.0], [unit * (width / 2 + 0.2), 0.0], [0.0, unit * (height / 2 + 0.2)],
+               [0.0, unit * (-height / 2 - 0.2)]]
     expected += [True] * 4
     assert np.asarray(in_wall(jnp.asarray(np.array(points), jnp.float32))).tolist() == expected
     assert 0 < sum(expected) < len(expected)
