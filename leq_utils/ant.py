@@ -75,9 +75,10 @@ def walker_obs(state, goal):
     return np.concatenate([state[..., 2:], v], -1).astype(np.float32)
 
 
-def upside_down(state) -> np.ndarray:
-    """The torso's up axis points down: its world z component, 1 - 2 (qx^2 + qy^2), below 0."""
-    state = np.atleast_2d(state)
+def upside_down(state, xp=np) -> np.ndarray:
+    """The torso's up axis points down: its world z component, 1 - 2 (qx^2 + qy^2), below 0. xp is
+    numpy or jax.numpy (for jitted code)."""
+    state = xp.atleast_2d(state)
     return 1 - 2 * (state[:, 4] ** 2 + state[:, 5] ** 2) < 0
 
 

@@ -274,3 +274,31 @@ def test_every_stage_runs_on_a_built_in_ant_maze(tmp_path):
     result = json.loads((tmp_path / "leq" / "leq.eval.json").read_text())
     assert result["env"] == env and result["env_goal"] == list(tasks.get_task(env).goal)
     assert result["length"] == 700 or (result["success"] == 1.0 and result["length"] < 700)  # D4RL umaze's limit
+    check_imagined_on_back(env, data, tmp_path / "wm.npz", tmp_path / "leq" / "leq.npz")
+
+
+def check_imagined_on_back(env, data, wm_path, actor_path):
+    """model_rollout_check's share of imagined ants on their backs per step against a plain loop:
+    start states of which every other one is turned on its back (quaternion (0, 1, 0, 0)), the same
+    per-step keys through world_model.model_step, ant.upside_down on each step's live states."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import jax.numpy as jnp
+    import model_rollout_check
+    import pretrain
+    import world_model
+    task, nets, actor = pretrain.load_actor(str(actor_path))
+    wm = world_model.load_world_model(str(wm_path), task)
+    obs = tasks.load_dataset(task, str(data)).observations.copy()
+    obs[::2, 2], obs[::2, 3:7] = 0.4, [0.0, 1.0, 0.0, 0.0]
+    done_fn = tasks.termination_fn(task)
+    a = model_rollout_check.Args(checkpoint="", world_model="", imagined=40, horizon=3, seed=5)
+    *_, back = model_rollout_check.imagined_rollouts(obs, wm, nets, actor, done_fn, model_rollout_check.in_wall_fn(task),
+                                                     a, model_rollout_check.on_back_fn(task))
+    s = obs[np.random.default_rng(5).choice(len(obs), 40)]
+    alive, expected = np.ones(40, bool), [float(np.mean(ant.upside_down(s)))]
+    for k in jax.random.split(jax.random.PRNGKey(5), 3):
+        s2, _, done = world_model.model_step(wm, jnp.asarray(s), nets.pi(actor, jnp.asarray(s)), k, done_fn)
+        s = np.asarray(s2)
+        expected.append(sum(bool(b) for b, live in zip(ant.upside_down(s), alive) if live) / max(alive.sum(), 1))
+        alive = alive & ~np.asarray(done).astype(bool)
+    assert 0.2 < expected[0] < 0.8 and back.tolist() == pytest.approx(expected, abs=1e-6)

@@ -618,7 +618,7 @@ def test_model_rollout_check_largest_imagined_coordinate(upstream, tiny_maze_fil
     done_fn, in_wall = tasks.termination_fn(task), model_rollout_check.in_wall_fn(task)
     obs = tasks.load_dataset(task, str(tiny_maze_file_module)).observations
     a = model_rollout_check.Args(checkpoint="", world_model="", imagined=50, horizon=4, seed=3)
-    rate, largest, data_largest = model_rollout_check.imagined_rollouts(obs, wm, nets, actor, done_fn, in_wall, a)
+    rate, largest, data_largest, back = model_rollout_check.imagined_rollouts(obs, wm, nets, actor, done_fn, in_wall, a)
     s = obs[np.random.default_rng(3).choice(len(obs), 50)]
     alive, expected, bad, counted = np.ones(50, bool), [], 0, 0
     for k in jax.random.split(jax.random.PRNGKey(3), 4):
@@ -631,6 +631,7 @@ def test_model_rollout_check_largest_imagined_coordinate(upstream, tiny_maze_fil
         s = s2
     assert largest.tolist() == pytest.approx(expected, rel=1e-5)
     assert rate == pytest.approx(bad / counted) and data_largest == float(np.abs(obs).max())
+    assert back.tolist() == [0.0] * 5  # no on_back: a point mass never lies on its back
     model_rollout_check.main(model_rollout_check.Args(
         checkpoint=str(upstream / "pt.npz"), world_model=str(upstream / "wm.npz"), steps=2, every=2, imagined=50,
         horizon=4, seed=3, dataset_path=str(tiny_maze_file_module)))
