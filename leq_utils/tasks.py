@@ -265,6 +265,17 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
     return Dataset(**t, reward_scale=scale, reward_shift=shift, path=str(path))
 
 
+def in_wall(task: Task, xy, xp=np):
+    """Built-in mazes: True where xy (..., 2), the point's (the ant's torso's) centre, lies inside
+    a wall cell or outside the maze, where the real env never puts it. xp is numpy or jax.numpy."""
+    layout = mazes.MAZES[task.maze]
+    wall = xp.asarray([[c == "#" for c in row] for row in layout])
+    height, width = wall.shape
+    i, j = mazes.xy_cells(layout, xy / (ant.SCALE if ant.is_builtin_ant(task) else 1.0), xp)
+    inside = (i >= 0) & (i < height) & (j >= 0) & (j < width)
+    return ~inside | wall[xp.clip(i, 0, height - 1), xp.clip(j, 0, width - 1)]
+
+
 def check_states_fit(task: Task, observations: np.ndarray, path) -> None:
     """Data that cannot be a recording of the task, refused in one line: every observation the same
     (all zeros, say). For the built-in mazes, states inside walls or outside the maze (another maze's
@@ -274,12 +285,7 @@ def check_states_fit(task: Task, observations: np.ndarray, path) -> None:
         raise InputError(f"dataset file {path}: every observation is the same ({np.array2string(observations[0], precision=3)})"
                          f": not a recording of {task.name}; check the file")
     if task.source == "builtin":  # the point's (the ant's torso's) centre never enters a wall cell
-        walls = np.array([[c == "#" for c in row] for row in mazes.MAZES[task.maze]])
-        scale = ant.SCALE if ant.is_builtin_ant(task) else 1.0
-        i, j = mazes.xy_cells(mazes.MAZES[task.maze], observations[:, :2] / scale)
-        inside = (i >= 0) & (i < walls.shape[0]) & (j >= 0) & (j < walls.shape[1])
-        wall = ~inside
-        wall[inside] = walls[i[inside], j[inside]]
+        wall = in_wall(task, observations[:, :2])
         if wall.mean() > 0.01:  # the point's centre never enters a wall cell: a warning (synthetic data may)
             warn(f"dataset file {path}: {100 * wall.mean():.0f}% of its states lie inside walls or outside the "
                  f"{task.maze} maze: data of another maze? (pass the --env it was recorded in)")

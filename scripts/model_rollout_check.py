@@ -39,7 +39,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from leq_utils import ant, cli  # noqa: E402
-from leq_utils import mazes  # noqa: E402
 import pretrain  # noqa: E402
 from leq_utils import tasks  # noqa: E402
 import world_model  # noqa: E402
@@ -70,22 +69,12 @@ class Args:
 def in_wall_fn(task):
     """xy (..., 2) -> True where the point's (the ant's torso's) centre is inside a wall cell or
     outside the maze (built-in mazes only; the real env keeps the centre out of walls)."""
-    layout, scale = mazes.MAZES[task.maze], ant.SCALE if ant.is_builtin_ant(task) else 1.0
-    wall = jnp.asarray([[c == "#" for c in row] for row in layout])
-    height, width = wall.shape
-
-    def in_wall(xy):
-        i, j = mazes.xy_cells(layout, xy / scale, jnp)
-        inside = (i >= 0) & (i < height) & (j >= 0) & (j < width)
-        return ~inside | wall[jnp.clip(i, 0, height - 1), jnp.clip(j, 0, width - 1)]
-    return in_wall
+    return lambda xy: tasks.in_wall(task, xy, jnp)
 
 
 def on_back_fn(task):
-    """states (n, d) -> True where a built-in ant lies on its back; all False on other tasks."""
-    if ant.is_builtin_ant(task):
-        return lambda s: ant.upside_down(s, jnp)
-    return lambda s: jnp.zeros(s.shape[0], bool)
+    """states (n, d) -> True where a built-in ant lies on its back; None on other tasks."""
+    return (lambda s: ant.upside_down(s, jnp)) if ant.is_builtin_ant(task) else None
 
 
 def imagined_rollouts(observations: np.ndarray, wm, nets, actor, done_fn, in_wall, a: Args, on_back=None):
