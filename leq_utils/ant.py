@@ -1,9 +1,10 @@
 """The goal-reaching ant: a tool for making built-in AntMaze data (issue 37), not part of LEQ.
 
 D4RL made its AntMaze datasets by steering a goal-reaching ant policy (trained with RL) along
-waypoints through the maze. This module is that ant's world, on MuJoCo's ant of gymnasium's
-`Ant-v5` (the same body gymnasium-robotics' AntMaze puts in a maze: `assets/ant.xml`, gear 150,
-actions in [-1, 1], 5 physics steps of 0.01 s per step):
+waypoints through the maze. This module is that ant's world, on D4RL AntMaze's ant body: gymnasium's
+`Ant-v5` xml (the legs, masses and joints D4RL's has too) with D4RL's motors, time step and contacts
+(torque 30 per unit action, 5 physics steps of 0.02 s per step), put in a maze by gymnasium-robotics:
+  * the body, the xml both the walker's floor and the mazes load                -> ant_xml_path, ant_model
   * the state, D4RL AntMaze's layout: qpos (15, x y first) + qvel (14) = 29    -> ant_state
   * what the walker sees: the state without x, y (27) and the goal in the
     ant's heading frame (2), so that one policy walks anywhere in any maze   -> walker_obs
@@ -34,16 +35,51 @@ from leq_utils.common import ANTMAZE_LIMITS, InputError, Task
 
 WALKER_OBS_DIM = 29   # qpos[2:] (13) + qvel (14) + the goal in the heading frame (2)
 ACT_DIM = 8
-DT = 0.05             # seconds per step: 5 MuJoCo steps of 0.01 s (Ant-v5)
-HEALTHY_Z = (0.2, 1.0)  # Ant-v5's healthy torso heights; outside them the ant has fallen or jumped
+DT = 0.1              # seconds per step: 5 MuJoCo steps of BODY_TIMESTEP (D4RL's ant; Ant-v5's is 0.05)
+HEALTHY_Z = (0.2, 1.0)  # D4RL's (and Ant-v5's) healthy torso heights; outside them the ant has fallen or jumped
 REACH_RADIUS = 0.5    # a goal is reached within 0.5 (D4RL AntMaze's success radius)
 GOAL_VECTOR_CLIP = 8.0  # the goal vector the walker sees is cut to this length
 
 
+# D4RL AntMaze's ant (d4rl/locomotion/assets/ant.xml, stepped through its NormalizedBoxEnv, which maps
+# actions in [-1, 1] onto the motors' control range) differs from gymnasium's Ant-v5 xml in three
+# settings, and nowhere else (geometry, density 5, joint armature and damping 1, RK4 agree):
+BODY_TIMESTEP = 0.02  # MuJoCo's step, 5 per env step (Ant-v5: 0.01)
+BODY_GEAR = 30.0      # torque per unit action: D4RL's motors have gear 1 and range +-30 (Ant-v5: gear 150)
+BODY_CONTACT = {"solref": ".02 1", "solimp": ".8 .8 .01"}  # D4RL's softer geom contacts (Ant-v5: MuJoCo's defaults)
+BODY = "d4rl"         # recorded in the walker's artifacts and the datasets: ants trained on another body are refused
+
+
+def ant_xml_path() -> Path:
+    """The ant body as an xml file (gymnasium's ant.xml with D4RL's BODY_* settings), written once per
+    content into the temp folder (atomically): gymnasium's AntEnv and AntMaze take a file (xml_file)."""
+    import hashlib
+    import os
+    import tempfile
+    import xml.etree.ElementTree as ET
+
+    import gymnasium
+    root = ET.parse(Path(gymnasium.__file__).parent / "envs" / "mujoco" / "assets" / "ant.xml").getroot()
+    root.find("option").set("timestep", str(BODY_TIMESTEP))
+    root.find("default").find("geom").attrib.update(BODY_CONTACT)
+    for motor in root.find("actuator"):
+        motor.set("gear", str(BODY_GEAR))
+    text = ET.tostring(root, encoding="unicode")
+    path = Path(tempfile.gettempdir()) / f"leq_ant_{BODY}_{hashlib.sha256(text.encode()).hexdigest()[:12]}.xml"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".xml")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return path
+
+
 def ant_model():
-    """gymnasium's Ant-v5 MuJoCo model (the xml gymnasium-robotics' AntMaze loads)."""
+    """The ant's MuJoCo model on an open floor (gymnasium's AntEnv on ant_xml_path()): (model,
+    init_qpos, init_qvel, frame_skip)."""
     from gymnasium.envs.mujoco.ant_v5 import AntEnv
-    env = AntEnv(exclude_current_positions_from_observation=False, include_cfrc_ext_in_observation=False)
+    env = AntEnv(xml_file=str(ant_xml_path()), exclude_current_positions_from_observation=False,
+                 include_cfrc_ext_in_observation=False)
     return env.model, env.init_qpos.copy(), env.init_qvel.copy(), env.frame_skip
 
 
@@ -83,14 +119,14 @@ def upside_down(state, xp=np) -> np.ndarray:
 
 
 def healthy(state) -> np.ndarray:
-    """Ant-v5's rule: every number finite and the torso height within HEALTHY_Z."""
+    """D4RL's (and Ant-v5's) rule: every number finite and the torso height within HEALTHY_Z."""
     state = np.atleast_2d(state)
     return np.isfinite(state).all(-1) & (state[:, 2] >= HEALTHY_Z[0]) & (state[:, 2] <= HEALTHY_Z[1])
 
 
 class GoalAnts:
     """N ants on an open floor, each walking to its own goal. An ant starts at the origin with a
-    random heading (and Ant-v5's reset noise); its goal lies at a distance drawn from
+    random heading (and D4RL's reset noise, Ant-v5's too); its goal lies at a distance drawn from
     `goal_distance` in a uniformly random direction; a reached goal (within REACH_RADIUS) is
     replaced by a new one drawn around the ant. Reward per step: the speed towards the goal (units
     per second, so about the ant's speed when it walks straight at it) + `alive_bonus` - ctrl_cost
@@ -170,7 +206,7 @@ def reach_trials(act, trials: int, seed: int, distance=(4.0, 8.0), steps: int = 
     distance in `distance`; reached if the ant gets within REACH_RADIUS in at most `steps` steps
     without falling. `act(obs (n, 29)) -> actions (n, 8)`. Returns the reach rate, the mean steps
     of the reached ones, the fall rate, and the share of trials in which the ant was on its back
-    (`upside_down`) at some step before any fall (Ant-v5's height rule does not call that a fall)."""
+    (`upside_down`) at some step before any fall (the height rule does not call that a fall)."""
     batch = batch or trials
     reached_steps, falls, turned_over, done_trials = [], 0, 0, 0
     while done_trials < trials:
@@ -219,7 +255,7 @@ def long_walks(act, ants: "GoalAnts", steps: int = 1000, noise: float = 0.0, see
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 WALKER_KIND = "ant_walker"
-WALKER_TASK = Task("ant-walker", "ant", WALKER_OBS_DIM, ACT_DIM, 100)  # what its artifacts record
+WALKER_TASK = Task(f"ant-walker-{BODY}-body", "ant", WALKER_OBS_DIM, ACT_DIM, 100)  # what its artifacts record
 
 
 def walker_actor(hidden_dims):
@@ -264,6 +300,12 @@ def load_walker(path):
     if not path.exists():
         raise InputError(f"no ant walker at {path}: pass an existing one (--walker PATH), train one with `python "
                          f"scripts/train_ant_walker.py`, or restore the project's leq_utils/ant_walker.npz (git checkout)")
+    with np.load(path, allow_pickle=False) as raw:
+        body = str(raw["meta/env"]) if "meta/env" in raw.files else WALKER_TASK.name
+    if body == "ant-walker":  # before data version 2 the walkers were trained on Ant-v5's strong-motored body
+        raise InputError(f"{path} is a walker for Ant-v5's body (data version 1), not D4RL's ant that the tasks "
+                         f"use now: train one with `python scripts/train_ant_walker.py` or restore the project's "
+                         f"leq_utils/ant_walker.npz (git checkout)")
     f = artifacts.load_artifact(path, WALKER_TASK, kinds=(WALKER_KIND,), need="actor")
     actor = walker_actor(f["meta/config"]["hidden_dims"])
     template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, WALKER_OBS_DIM)))
@@ -280,7 +322,7 @@ NAME = r"ant-(umaze|medium|large|ultra)-(diverse|play)"
 SCALE = 4.0            # gymnasium-robotics' AntMaze: 4 units per maze cell, the maze centred at 0
 DATA_SIZE = 1_000_000  # transitions, in 1000-step episodes (D4RL's AntMaze datasets)
 DATA_NOISE = 0.2       # N(0, 0.2^2) on the walker's actions (our choice: D4RL's value is not at hand here)
-DATA_VERSION = 1
+DATA_VERSION = 2      # 2: D4RL's ant body (1: Ant-v5's)
 
 
 def describe(name: str) -> Task:
@@ -343,7 +385,7 @@ def make_antmaze(task, max_episode_steps: Optional[int] = None, render_mode=None
     layout = mazes.MAZES[task.maze]
     maze_map = [[1 if c == "#" else 0 for c in row] for row in layout]
     inner = gymnasium.make("AntMaze_UMaze-v5", maze_map=maze_map, continuing_task=True, reset_target=False,
-                           include_cfrc_ext_in_observation=False, render_mode=render_mode, max_episode_steps=max_episode_steps or task.max_episode_steps)
+                           xml_file=str(ant_xml_path()), include_cfrc_ext_in_observation=False, render_mode=render_mode, max_episode_steps=max_episode_steps or task.max_episode_steps)
     start, goal = mazes.maze_cells(layout, "R")[0], goal_cell(task.maze)
 
     class AntMazeTask(gymnasium.Wrapper):

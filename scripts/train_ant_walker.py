@@ -6,9 +6,9 @@
 
 D4RL made its AntMaze datasets with a goal-reaching ant policy trained by RL and steered along
 waypoints. This is that policy's trainer: soft actor-critic (SAC: two critics with a clipped
-double-Q target, a tanh-Gaussian actor, a learned entropy temperature) on N ants of gymnasium's
-`Ant-v5` body walking on an open floor to random goals (leq_utils/ant.py: `GoalAnts`, its
-reward and what the walker sees). It is a tool for making data, not part of LEQ.
+double-Q target, a tanh-Gaussian actor, a learned entropy temperature) on N ants of D4RL AntMaze's
+body (Ant-v5's legs with D4RL's motors and 0.1 s steps) walking on an open floor to random goals
+(leq_utils/ant.py: `GoalAnts`, its reward and what the walker sees). It is a tool for making data, not part of LEQ.
 
 Each iteration steps the N ants once (one jitted actor call) and then does N gradient steps in
 one jitted `lax.scan` on a replay buffer that lives on the device. Every `--eval-every` steps it
@@ -80,9 +80,9 @@ class Args:
     goal_max: float = 8.0
     """farthest training goal (units)"""
     upside_down_falls: bool = False
-    """also end an ant's episode, as a fall, when it turns over on its back (Ant-v5's height rule alone does
-    not). The shipped walker was trained without it and leaves a quarter of the maze data on its back; trained
-    with it (seed 0, 1M steps), a walker left 31%: docs/TASKS.md"""
+    """also end an ant's episode, as a fall, when it turns over on its back (the height rule alone does not).
+    On Ant-v5's strong-motored body (data v1) a walker trained with it left more ants on their backs in the maze
+    data, not fewer (31% against 25%): docs/TASKS.md"""
     eval_every: int = 50_000
     """steps between reach measurements (and checkpoints)"""
     eval_trials: int = 100

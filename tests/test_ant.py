@@ -98,6 +98,43 @@ def test_upside_down_is_the_torso_up_axis_pointing_down():
     assert 20 < sum(expected) < 180  # both kinds are checked
 
 
+def turned_over_share(model, n=8, steps=500, seed=0):
+    """Share of n ants (standing start, reset noise) that lie on their back at some step under
+    uniformly random actions, a new one every step."""
+    import mujoco
+    rng, over = np.random.default_rng(seed), 0
+    for _ in range(n):
+        d = mujoco.MjData(model)
+        d.qpos[:] = d.qpos + rng.uniform(-0.1, 0.1, 15)
+        for _ in range(steps):
+            d.ctrl[:] = rng.uniform(-1, 1, 8)
+            mujoco.mj_step(model, d, nstep=5)
+            if ant.upside_down(np.concatenate([d.qpos, d.qvel]))[0]:
+                over += 1
+                break
+    return over / n
+
+
+def test_the_ant_has_d4rls_motors_time_step_and_contacts_on_ant_v5s_body():
+    """The walker's floor and the evaluation maze both load D4RL AntMaze's ant: torque 30 per unit
+    action, 5 x 0.02 s per step, D4RL's softer contacts; its legs, masses and joints are Ant-v5's.
+    Under random actions none of 8 such ants turns over in 500 steps, while Ant-v5's strong motors
+    turn most of them (the cause of the Ant-v5 data's ants on their backs, docs/TASKS.md)."""
+    from gymnasium.envs.mujoco.ant_v5 import AntEnv
+    v5 = AntEnv().model
+    floor, _, _, frame_skip = ant.ant_model()
+    maze_env = tasks.make_env(tasks.get_task("ant-umaze-diverse")).unwrapped
+    for model, dt in ((floor, frame_skip * floor.opt.timestep), (maze_env.model, maze_env.ant_env.dt)):
+        assert model.opt.timestep == 0.02 and dt == pytest.approx(ant.DT) and ant.DT == 0.1
+        assert np.all(model.actuator_gear[:, 0] == 30.0) and np.all(np.abs(model.actuator_ctrlrange) == 1.0)
+        torso_and_legs = [i for i in range(model.ngeom) if model.geom_bodyid[i] > 0]
+        assert np.allclose(model.geom_solimp[torso_and_legs, :3], [0.8, 0.8, 0.01])
+    for field in ("body_mass", "body_inertia", "geom_size", "geom_friction", "jnt_range", "dof_armature", "dof_damping"):
+        assert np.array_equal(getattr(floor, field), getattr(v5, field)), field
+    assert floor.opt.integrator == v5.opt.integrator and v5.opt.timestep == 0.01 and np.all(v5.actuator_gear[:, 0] == 150)
+    assert turned_over_share(floor) == 0.0 and turned_over_share(v5) >= 0.5
+
+
 def put_on_its_back(ants, i):
     """Ant i of a GoalAnts, at rest on its back (rotated by pi about its x axis), torso at a healthy 0.4."""
     import mujoco
@@ -193,17 +230,25 @@ def test_the_generator_takes_a_walker_trained_here_before_the_shipped_one(tmp_pa
     assert ant.default_walker_path(tmp_path) == tmp_path / "ant_walker.npz"
 
 
+def test_a_walker_for_ant_v5s_body_is_refused(tmp_path):
+    """Walkers of data version 1 (trained on Ant-v5's strong motors, recorded as env 'ant-walker')
+    walk another body: one line that says to train one, and the walker artifacts now record the body."""
+    old = tmp_path / "ant_walker.npz"
+    np.savez(old, **{"meta/env": np.asarray("ant-walker"), "meta/kind": np.asarray(ant.WALKER_KIND)})
+    with pytest.raises(tasks.InputError, match="Ant-v5's body.*train_ant_walker"):
+        ant.load_walker(old)
+    assert ant.WALKER_TASK.name == "ant-walker-d4rl-body"
+
 def test_the_shipped_walker_walks_as_its_recorded_reach_rate_says():
-    """The walker that comes with the project (leq_utils/ant_walker.npz; docs/TASKS.md says how it
-    was trained and measured: 76% of 100 fresh trials, below issue 37's 90%) loads, and on 24
-    trials it was not measured on it reaches goals 4-8 units away within 100 steps about as
-    often as its recorded rate: not below it by more than 3 binomial standard deviations."""
+    """The walker that comes with the project (leq_utils/ant_walker.npz, trained on D4RL's ant body;
+    docs/TASKS.md says how it was trained and measured: 99% of 100 fresh trials, issue 37's target
+    is 90%) loads, and on 24 trials it was not measured on it reaches goals 4-8 units away within
+    100 steps at least 90% of the time (22 of 24), without turning over."""
     act, f = ant.load_walker(ant.SHIPPED_WALKER)
-    recorded = float(f["summary/reach_rate"])
-    assert recorded >= 0.75 and int(f["summary/steps"]) >= 1_000_000
+    assert float(f["summary/reach_rate"]) >= 0.9 and int(f["summary/steps"]) >= 1_000_000
     result = ant.reach_trials(act, 24, seed=777)
-    assert result["reach_rate"] >= recorded - 3 * math.sqrt(recorded * (1 - recorded) / 24), result
-    assert result["fall_rate"] <= 0.15, result
+    assert result["reach_rate"] >= 22 / 24 and result["upside_down_rate"] == 0.0, result
+    assert result["fall_rate"] <= 1 / 24, result
 
 
 def train_walker(out, run_dir, steps):
