@@ -46,7 +46,8 @@ GOAL_VECTOR_CLIP = 8.0  # the goal vector the walker sees is cut to this length
 # settings, and nowhere else (geometry, density 5, joint armature and damping 1, RK4 agree):
 BODY_TIMESTEP = 0.02  # MuJoCo's step, 5 per env step (Ant-v5: 0.01)
 BODY_GEAR = 30.0      # torque per unit action: D4RL's motors have gear 1 and range +-30 (Ant-v5: gear 150)
-BODY_CONTACT = {"solref": ".02 1", "solimp": ".8 .8 .01"}  # D4RL's softer geom contacts (Ant-v5: MuJoCo's defaults)
+BODY_CONTACT = {"solref": ".02 1", "solimp": ".8 .8 .01"}  # D4RL's geom contacts: its solimp is softer than
+#                     MuJoCo's default (.9 .95 .001), which Ant-v5 keeps; its solref is MuJoCo's default, written as D4RL does
 BODY = "d4rl"         # recorded in the walker's artifacts and the datasets: ants trained on another body are refused
 
 
@@ -66,11 +67,16 @@ def ant_xml_path() -> Path:
         motor.set("gear", str(BODY_GEAR))
     text = ET.tostring(root, encoding="unicode")
     path = Path(tempfile.gettempdir()) / f"leq_ant_{BODY}_{hashlib.sha256(text.encode()).hexdigest()[:12]}.xml"
-    if not path.exists():
+    if not path.exists() or path.read_text() != text:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".xml")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)  # readable by every user of a shared temp folder
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return path
 
 
@@ -300,12 +306,15 @@ def load_walker(path):
     if not path.exists():
         raise InputError(f"no ant walker at {path}: pass an existing one (--walker PATH), train one with `python "
                          f"scripts/train_ant_walker.py`, or restore the project's leq_utils/ant_walker.npz (git checkout)")
-    with np.load(path, allow_pickle=False) as raw:
-        body = str(raw["meta/env"]) if "meta/env" in raw.files else WALKER_TASK.name
+    try:
+        with np.load(path, allow_pickle=False) as raw:
+            body = str(raw["meta/env"]) if "meta/env" in raw.files else ""
+    except Exception:  # not a readable npz: load_artifact below says so in one line
+        body = ""
     if body == "ant-walker":  # before data version 2 the walkers were trained on Ant-v5's strong-motored body
         raise InputError(f"{path} is a walker for Ant-v5's body (data version 1), not D4RL's ant that the tasks "
-                         f"use now: train one with `python scripts/train_ant_walker.py` or restore the project's "
-                         f"leq_utils/ant_walker.npz (git checkout)")
+                         f"use now: delete or move it (the project's own leq_utils/ant_walker.npz is taken when the "
+                         f"data folder has none), or train one with `python scripts/train_ant_walker.py --run-dir NEW_FOLDER`")
     f = artifacts.load_artifact(path, WALKER_TASK, kinds=(WALKER_KIND,), need="actor")
     actor = walker_actor(f["meta/config"]["hidden_dims"])
     template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, WALKER_OBS_DIM)))
@@ -446,6 +455,20 @@ def check_walker_of(path: Path, data_dir=None) -> None:
         from leq_utils.common import warn
         warn(f"dataset {path.name} was made by another walker than {walker} (one trained into the data folder or "
              f"removed from it since?): delete it to make it again with this one")
+
+
+def check_data_version(path: Path) -> None:
+    """A built-in ant dataset made by another version of the generator (version 1: Ant-v5's
+    strong-motored body) is refused: its ant is not the one the evaluation mazes hold. A file
+    without the generator's mark (not made here) or that cannot be read passes on to the reader."""
+    try:
+        with h5py.File(path, "r") as f:
+            made = str(f.attrs.get("generator", ""))
+    except OSError:
+        return
+    if made.startswith("ant.generate") and made != f"ant.generate v{DATA_VERSION}":
+        raise InputError(f"dataset {path} was made by {made} (version 1: Ant-v5's body), the tasks now use D4RL's ant "
+                         f"(version {DATA_VERSION}): make it again with `python scripts/generate_dataset.py --env ENV`")
 
 
 def builtin_dataset_path(task, data_dir=None, size=None, seed=0) -> Path:

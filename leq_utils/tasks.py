@@ -311,6 +311,8 @@ def d4rl_format_file(task: Task, dataset_path: Optional[str], data_dir: Optional
     else:
         from leq_utils import d4rl_tasks  # imported only for D4RL tasks (it imports this module)
         path, origin = d4rl_tasks.d4rl_dataset_path(task), "d4rl"
+    if ant.is_builtin_ant(task) and path.exists():
+        ant.check_data_version(path)
     return path, origin
 
 

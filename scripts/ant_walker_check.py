@@ -1,14 +1,14 @@
 """How well does an ant walker walk? Both measures, for any walker artifact:
 
     python scripts/ant_walker_check.py                                   # the walker the generator would take
-    python scripts/ant_walker_check.py --walker runs/ant_walker__s0/walker.npz --out check.json
+    python scripts/ant_walker_check.py --walker runs/ant_walker_d4rl__s0/walker.npz --out check.json
 
 1. Issue 37's measure (`ant.reach_trials`): from a fresh start, a goal 4-8 units away, reached
    within 100 steps; with the falls and the share of ants that lay on their back.
 2. Long walks (`ant.long_walks`): ants walking as long as a dataset's episode (1000 steps) on an
    open floor, goal after goal, without and with the generator's action noise. A walker can pass
    the first and still turn over within a dataset's episode: the 100-step trials do not last long
-   enough to show it (docs/TASKS.md, "The shipped walker and its data").
+   enough to show it (docs/TASKS.md, "The first body: Ant-v5's"; the shipped walker on D4RL's body passes both).
 
 Prints one JSON object (and writes it to --out).
 """

@@ -1,6 +1,6 @@
 """Train the goal-reaching ant ("walker") that makes the built-in AntMaze data (issue 37).
 
-    python scripts/train_ant_walker.py                          # -> data/ant_walker.npz (about 80 min on 2 cores)
+    python scripts/train_ant_walker.py                          # -> data/ant_walker.npz (about 90 min on 2 cores)
     python scripts/train_ant_walker.py --total-steps 20000 --eval-every 10000 \
         --run-dir runs/walker_quick --out runs/walker_quick/installed.npz               # a quick look
 
@@ -51,7 +51,7 @@ class Args:
     seed: int = 0
     """random seed (networks, ants, goals)"""
     run_dir: Optional[str] = None
-    """run folder (default runs/ant_walker__s<seed>): checkpoints and metrics.jsonl"""
+    """run folder (default runs/ant_walker_d4rl__s<seed>, the body in its name): checkpoints and metrics.jsonl"""
     out: Optional[str] = None
     """where the finished walker is copied (default: <$LEQ_DATA_DIR or ./data>/ant_walker.npz, where the AntMaze
     generator looks before it takes the project's own, leq_utils/ant_walker.npz); the run folder keeps its own walker.npz"""
@@ -313,7 +313,7 @@ def measure(deterministic, params, args: Args, seed: int) -> dict:
 def train(args: Args) -> Path:
     from tqdm import tqdm
     check_args(args)
-    run_dir = Path(args.run_dir or f"runs/ant_walker__s{args.seed}")
+    run_dir = Path(args.run_dir or f"runs/ant_walker_{ant.BODY}__s{args.seed}")
     out = Path(args.out) if args.out else ant.trained_walker_path()
     check_writable_folder(out.parent, "the walker's folder (--out, or $LEQ_DATA_DIR)")
     iters_per_chunk = max(1, args.eval_every // args.num_envs)

@@ -145,7 +145,7 @@ def put_on_its_back(ants, i):
 
 
 def test_an_ant_on_its_back_is_a_fall_only_with_upside_down_falls():
-    """An ant put on its back (rotated by pi about its x axis) at a healthy torso height: Ant-v5's
+    """An ant put on its back (rotated by pi about its x axis) at a healthy torso height: the height
     rule lets it go on; with upside_down_falls its episode ends (reward 0 but the control cost)."""
     for flag in (False, True):
         ants = ant.GoalAnts(1, seed=0, upside_down_falls=flag)
@@ -238,8 +238,29 @@ def test_a_walker_for_ant_v5s_body_is_refused(tmp_path):
     with pytest.raises(tasks.InputError, match="Ant-v5's body.*train_ant_walker"):
         ant.load_walker(old)
     assert ant.WALKER_TASK.name == "ant-walker-d4rl-body"
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(ant.SHIPPED_WALKER.read_bytes()[:1000])  # a cut-off copy: still the one-line error
+    with pytest.raises(tasks.InputError):
+        ant.load_walker(broken)
 
-def test_the_shipped_walker_walks_as_its_recorded_reach_rate_says():
+
+def test_a_dataset_of_the_version_1_generator_is_refused(tmp_path):
+    """Data made on Ant-v5's body (generator mark 'ant.generate v1') are refused, also when passed
+    with --dataset-path; this version's mark and files without one pass."""
+    task = tasks.get_task("ant-umaze-diverse")
+    for mark, refused in (("ant.generate v1", True), (f"ant.generate v{ant.DATA_VERSION}", False), (None, False)):
+        path = tmp_path / f"{mark}.hdf5"
+        with h5py.File(path, "w") as f:
+            if mark:
+                f.attrs["generator"] = mark
+        if refused:
+            with pytest.raises(tasks.InputError, match="Ant-v5's body"):
+                tasks.d4rl_format_file(task, str(path), None)
+        else:
+            assert tasks.d4rl_format_file(task, str(path), None)[0] == path
+
+
+def test_the_shipped_walker_reaches_issue_37s_target():
     """The walker that comes with the project (leq_utils/ant_walker.npz, trained on D4RL's ant body;
     docs/TASKS.md says how it was trained and measured: 99% of 100 fresh trials, issue 37's target
     is 90%) loads, and on 24 trials it was not measured on it reaches goals 4-8 units away within
