@@ -35,7 +35,6 @@ from leq_utils.common import ANTMAZE_LIMITS, InputError, Task
 
 WALKER_OBS_DIM = 29   # qpos[2:] (13) + qvel (14) + the goal in the heading frame (2)
 ACT_DIM = 8
-DT = 0.1              # seconds per step: 5 MuJoCo steps of BODY_TIMESTEP (D4RL's ant; Ant-v5's is 0.05)
 HEALTHY_Z = (0.2, 1.0)  # D4RL's (and Ant-v5's) healthy torso heights; outside them the ant has fallen or jumped
 REACH_RADIUS = 0.5    # a goal is reached within 0.5 (D4RL AntMaze's success radius)
 GOAL_VECTOR_CLIP = 8.0  # the goal vector the walker sees is cut to this length
@@ -45,6 +44,7 @@ GOAL_VECTOR_CLIP = 8.0  # the goal vector the walker sees is cut to this length
 # actions in [-1, 1] onto the motors' control range) differs from gymnasium's Ant-v5 xml in three
 # settings, and nowhere else (geometry, density 5, joint armature and damping 1, RK4 agree):
 BODY_TIMESTEP = 0.02  # MuJoCo's step, 5 per env step (Ant-v5: 0.01)
+DT = 5 * BODY_TIMESTEP  # seconds per step (0.1): gymnasium's AntEnv steps MuJoCo 5 times (frame_skip); Ant-v5's 0.05
 BODY_GEAR = 30.0      # torque per unit action: D4RL's motors have gear 1 and range +-30 (Ant-v5: gear 150)
 BODY_CONTACT = {"solref": ".02 1", "solimp": ".8 .8 .01"}  # D4RL's geom contacts: its solimp is softer than
 #                     MuJoCo's default (.9 .95 .001), which Ant-v5 keeps; its solref is MuJoCo's default, written as D4RL does
@@ -307,15 +307,16 @@ def load_walker(path):
         raise InputError(f"no ant walker at {path}: pass an existing one (--walker PATH), train one with `python "
                          f"scripts/train_ant_walker.py`, or restore the project's leq_utils/ant_walker.npz (git checkout)")
     try:
-        with np.load(path, allow_pickle=False) as raw:
-            body = str(raw["meta/env"]) if "meta/env" in raw.files else ""
-    except Exception:  # not a readable npz: load_artifact below says so in one line
-        body = ""
-    if body == "ant-walker":  # before data version 2 the walkers were trained on Ant-v5's strong-motored body
-        raise InputError(f"{path} is a walker for Ant-v5's body (data version 1), not D4RL's ant that the tasks "
-                         f"use now: delete or move it (the project's own leq_utils/ant_walker.npz is taken when the "
-                         f"data folder has none), or train one with `python scripts/train_ant_walker.py --run-dir NEW_FOLDER`")
-    f = artifacts.load_artifact(path, WALKER_TASK, kinds=(WALKER_KIND,), need="actor")
+        f = artifacts.load_artifact(path, WALKER_TASK, kinds=(WALKER_KIND,), need="actor")
+    except artifacts.CorruptArtifact:
+        raise
+    except InputError:  # before data version 2 the walkers were trained on Ant-v5's strong-motored body
+        if str(artifacts.read_npz(path).get("meta/env", "")) == "ant-walker":
+            raise InputError(f"{path} is a walker for Ant-v5's body (data version 1), not D4RL's ant that the tasks "
+                             f"use now: delete or move it (the project's own leq_utils/ant_walker.npz is taken when the "
+                             f"data folder has none), or train one with `python scripts/train_ant_walker.py --run-dir "
+                             f"NEW_FOLDER`") from None
+        raise
     actor = walker_actor(f["meta/config"]["hidden_dims"])
     template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, WALKER_OBS_DIM)))
     params = artifacts.tree_from_arrays(template, f, "actor")  # checks every shape
