@@ -1,0 +1,136 @@
+"""How far along the maze do a policy's episodes get, and where do the failures stop?
+
+    python scripts/route_check.py --checkpoint runs/ant-large-diverse__leq__s0/leq.npz
+
+Built-in mazes only (PointMaze and ant). Runs the checkpoint's deterministic actor for
+`--episodes` episodes in the real env, reset seeds seed, seed + 1, ... (100 from seed 0 are the
+episodes of the final evaluation, `evaluate.paper_protocol`), and prints
+
+  * for every cell on a shortest route of the grid (the start cell 'R' to the goal cell 'G',
+    every cell on ANY shortest route, in order of their distance from the start): in how many
+    episodes the point (the ant's torso) entered it, and the step of its first entry (median,
+    min, max). A policy that finds the route but is slow, or stops, at a corner shows up as a
+    jump in the median step, or a drop in the count, at that corner;
+  * the cells where the failed episodes ended, with how many end there, their grid distance to
+    the goal in cells, and whether they lie on a shortest route (a dead end does not).
+
+It writes the same as JSON (default <checkpoint>.route.json). docs/RESULTS.md uses it on the
+ant-large-diverse runs.
+"""
+
+import collections
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+from leq_utils import ant, artifacts, cli, mazes, tasks  # noqa: E402
+import evaluate  # noqa: E402
+import pretrain  # noqa: E402
+
+
+@dataclasses.dataclass
+class Args:
+    checkpoint: str
+    """artifact with an actor (pretrain.npz, leq.npz, a leq checkpoint) of a built-in maze task"""
+    episodes: int = 100
+    """deterministic episodes (100: as many as the final evaluation)"""
+    seed: int = 0
+    """episode i is reset with seed + i (0: the final evaluation's episodes)"""
+    parallel: int = 10
+    """environments stepped in lockstep"""
+    out: Optional[str] = None
+    """JSON output (default: <checkpoint>.route.json)"""
+
+
+def route_cells(layout) -> list:
+    """The cells on any shortest grid route from 'R' to 'G' (a cell is on one exactly when its
+    distance from the start plus its distance to the goal is the route's length), ordered by
+    their distance from the start, then by (row, column)."""
+    start, goal = mazes.maze_cells(layout, "R")[0], mazes.maze_cells(layout, "G")[0]
+    from_start, to_goal = mazes.bfs_distances(layout, start), mazes.bfs_distances(layout, goal)
+    length = to_goal[start]
+    cells = [c for c in mazes.maze_cells(layout, ".RG") if from_start[c] + to_goal[c] == length]
+    return sorted(cells, key=lambda c: (from_start[c], c))
+
+
+def trajectory_cells(task: tasks.Task, xy) -> list:
+    """The maze cell (row, column) of every point of an xy trajectory (n, 2)."""
+    scale = ant.SCALE if ant.is_builtin_ant(task) else 1.0
+    i, j = mazes.xy_cells(mazes.MAZES[task.maze], np.asarray(xy, float) / scale)
+    return list(zip(i.tolist(), j.tolist()))
+
+
+def route_progress(task: tasks.Task, episodes: list) -> dict:
+    """From episodes recorded by evaluate.run_episodes(..., record=True): per route cell the
+    number of episodes that entered it and the steps of their first entries (step t: the
+    position after t actions; step 0 is the reset state); the end cells of the failures."""
+    layout = mazes.MAZES[task.maze]
+    route = route_cells(layout)
+    from_start = mazes.bfs_distances(layout, route[0])
+    to_goal = mazes.bfs_distances(layout, route[-1])
+    first = {c: [] for c in route}
+    ends = collections.Counter()
+    for e in episodes:
+        cells = trajectory_cells(task, e["xy"])
+        seen = {}
+        for t, c in enumerate(cells):
+            seen.setdefault(c, t)
+        for c in route:
+            if c in seen:
+                first[c].append(seen[c])
+        if not e["success"]:
+            ends[cells[-1]] += 1
+
+    def steps(v):
+        return dict(median=float(np.median(v)), min=int(min(v)), max=int(max(v))) if v else None
+
+    inside = lambda c: 0 <= c[0] < len(layout) and 0 <= c[1] < len(layout[0]) and layout[c[0]][c[1]] != "#"
+    return {
+        "env": task.name, "episodes": len(episodes), "successes": int(sum(e["success"] for e in episodes)),
+        "mean_length": float(np.mean([e["length"] for e in episodes])),
+        "route": [dict(cell=list(c), from_start=int(from_start[c]), entered=len(first[c]), first_step=steps(first[c]))
+                  for c in route],
+        "failure_ends": [dict(cell=list(c), episodes=n, to_goal=int(to_goal[c]) if inside(c) else None,
+                              on_route=c in first) for c, n in sorted(ends.items(), key=lambda x: (-x[1], x[0]))],
+    }
+
+
+def print_report(r: dict) -> None:
+    print(f"{r['env']}: {r['successes']} of {r['episodes']} episodes reach the goal, mean length {r['mean_length']:.1f}")
+    print(f"{'route cell':>11} {'from start':>10} {'entered':>8}   first entry step: median [min, max]")
+    for row in r["route"]:
+        s = row["first_step"]
+        when = f"{s['median']:.0f} [{s['min']}, {s['max']}]" if s else "-"
+        print(f"{str(tuple(row['cell'])):>11} {row['from_start']:>10} {row['entered']:>8}   {when}")
+    print(f"failures' end cells ({r['episodes'] - r['successes']} episodes):")
+    print(f"{'cell':>11} {'episodes':>8} {'to goal':>8}  on a shortest route")
+    for row in r["failure_ends"]:
+        print(f"{str(tuple(row['cell'])):>11} {row['episodes']:>8} {str(row['to_goal']):>8}  "
+              f"{'yes' if row['on_route'] else 'no'}")
+
+
+def main(a: Args) -> dict:
+    tasks.check_common(a)
+    tasks.check_flags(a, (">= 1", "episodes parallel"))
+    task, nets, actor = pretrain.load_actor(a.checkpoint)
+    if task.source != "builtin" or not task.is_maze:
+        raise tasks.InputError(f"{a.checkpoint} is an actor for {task.name}; route_check.py needs a built-in maze "
+                               f"task (pointmaze-*, ant-*)")
+    episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), a.episodes, a.seed, a.parallel,
+                                     record=True)
+    report = {**route_progress(task, episodes), "checkpoint": str(a.checkpoint), "seed": a.seed}
+    print_report(report)
+    out = Path(a.out or str(a.checkpoint).removesuffix(".npz") + ".route.json")
+    artifacts.write_json(out, report)
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    cli.run_script(main, Args)

@@ -1,0 +1,100 @@
+"""scripts/route_check.py: the shortest-route cells against every shortest path enumerated one by
+one, the per-cell counts and first-entry steps on scripted policies with known outcomes, and the
+CLI's report and JSON on a real (tiny) actor."""
+
+import json
+
+import numpy as np
+import pytest
+
+import evaluate
+from leq_utils import mazes, tasks
+import route_check
+from test_evaluate import waypoint_policy, zero_policy
+from conftest import ENV
+
+UMAZE = tasks.get_task("pointmaze-umaze")
+
+
+def all_shortest_paths(layout):
+    """Every shortest path from 'R' to 'G', found by a plain depth-first walk over simple paths
+    that gives up on a path as soon as it is longer than the shortest complete one found so far."""
+    start, goal = mazes.maze_cells(layout, "R")[0], mazes.maze_cells(layout, "G")[0]
+    best, paths = [float("inf")], []
+
+    def walk(path):
+        if len(path) - 1 > best[0]:
+            return
+        if path[-1] == goal:
+            if len(path) - 1 < best[0]:
+                best[0], paths[:] = len(path) - 1, []
+            paths.append(list(path))
+            return
+        i, j = path[-1]
+        for c in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)):
+            if layout[c[0]][c[1]] != "#" and c not in path:
+                walk(path + [c])
+
+    walk([start])
+    return paths
+
+
+@pytest.mark.parametrize("maze", ["umaze", "medium", "large"])
+def test_route_cells_are_the_cells_of_every_shortest_path(maze):
+    layout = mazes.MAZES[maze]
+    paths = all_shortest_paths(layout)
+    route = route_check.route_cells(layout)
+    assert set(route) == {c for p in paths for c in p}
+    assert len(route) == len(set(route))
+    # ordered by distance from the start: position k of every shortest path is a cell k steps out
+    steps = {c: k for p in paths for k, c in enumerate(p)}
+    assert [steps[c] for c in route] == sorted(steps[c] for c in route)
+    assert route[0] == mazes.maze_cells(layout, "R")[0] and route[-1] == mazes.maze_cells(layout, "G")[0]
+    if maze == "large":  # two ways round the first block: the top corridor and the left column
+        assert len(paths) == 2 and {(1, 2), (2, 1)} <= set(route)
+
+
+def test_route_progress_of_the_waypoint_controller():
+    """The controller drives the one shortest route of umaze: every episode succeeds, enters every
+    route cell, in order, and no failure ends anywhere."""
+    episodes = evaluate.run_episodes(UMAZE, waypoint_policy(UMAZE), 3, seed=0, parallel=3, record=True)
+    r = route_check.route_progress(UMAZE, episodes)
+    assert (r["episodes"], r["successes"], r["failure_ends"]) == (3, 3, [])
+    assert [tuple(row["cell"]) for row in r["route"]] == [(1, 1), (1, 2), (1, 3), (2, 3), (3, 3), (3, 2), (3, 1)]
+    assert [row["from_start"] for row in r["route"]] == list(range(7))
+    assert all(row["entered"] == 3 for row in r["route"])
+    medians = [row["first_step"]["median"] for row in r["route"]]
+    assert medians[0] == 0 and all(a < b for a, b in zip(medians, medians[1:]))
+    # the last route cell, the goal's, is first entered no later than the step that ends the episode
+    assert r["route"][-1]["first_step"]["max"] <= max(e["length"] for e in episodes)
+    assert r["mean_length"] == pytest.approx(np.mean([e["length"] for e in episodes]))
+
+
+def test_route_progress_of_a_policy_that_stays_put():
+    episodes = evaluate.run_episodes(UMAZE, zero_policy, 3, seed=0, parallel=3, record=True)
+    r = route_check.route_progress(UMAZE, episodes)
+    assert r["successes"] == 0 and r["mean_length"] == UMAZE.max_episode_steps
+    assert r["route"][0] == dict(cell=[1, 1], from_start=0, entered=3, first_step=dict(median=0.0, min=0, max=0))
+    assert all(row["entered"] == 0 and row["first_step"] is None for row in r["route"][1:])
+    assert r["failure_ends"] == [dict(cell=[1, 1], episodes=3, to_goal=6, on_route=True)]
+
+
+def test_route_check_cli_on_a_tiny_actor(upstream, tmp_path, capsys):
+    out = tmp_path / "route.json"
+    report = route_check.main(route_check.Args(checkpoint=str(upstream / "pt.npz"), episodes=4, parallel=2,
+                                               out=str(out)))
+    assert json.loads(out.read_text()) == report
+    assert report["env"] == ENV and report["episodes"] == 4 and report["seed"] == 0
+    assert report["route"][0]["entered"] == 4 and report["route"][0]["first_step"]["max"] == 0
+    assert sum(row["episodes"] for row in report["failure_ends"]) == 4 - report["successes"]
+    # the same episodes as the evaluation's: success counts agree with evaluate.py's on the same seeds
+    task, nets, actor = route_check.pretrain.load_actor(str(upstream / "pt.npz"))
+    again = evaluate.evaluate(task, nets, actor, episodes=4, seed=0, parallel=2)
+    assert again["success"] * 4 == report["successes"]
+    printed = capsys.readouterr().out
+    assert f"{report['successes']} of 4 episodes reach the goal" in printed and f"wrote {out}" in printed
+
+
+def test_route_check_refuses_zero_episodes(upstream):
+    with pytest.raises(tasks.InputError):
+        route_check.main(route_check.Args(checkpoint=str(upstream / "pt.npz"), episodes=0))
