@@ -3,8 +3,9 @@
     python scripts/route_check.py --checkpoint runs/ant-large-diverse__leq__s0/leq.npz
 
 Built-in mazes only (PointMaze and ant). Runs the checkpoint's deterministic actor for
-`--episodes` episodes in the real env, reset seeds seed, seed + 1, ... (100 from seed 0 are the
-episodes of the final evaluation, `evaluate.paper_protocol`), and prints
+`--episodes` episodes in the real env, reset seeds seed, seed + 1, ... (by default 100 from the
+seed of the run that wrote the checkpoint: the episodes of its final evaluation,
+`evaluate.paper_protocol`), and prints
 
   * for every cell on a shortest route of the grid (the start cell 'R' to the goal cell 'G',
     every cell on ANY shortest route, in order of their distance from the start): in how many
@@ -40,8 +41,9 @@ class Args:
     """artifact with an actor (pretrain.npz, leq.npz, a leq checkpoint) of a built-in maze task"""
     episodes: int = 100
     """deterministic episodes (100: as many as the final evaluation)"""
-    seed: int = 0
-    """episode i is reset with seed + i (0: the final evaluation's episodes)"""
+    seed: Optional[int] = None
+    """episode i is reset with seed + i (default: the seed of the run that wrote the checkpoint,
+    which its final evaluation used)"""
     parallel: int = 10
     """environments stepped in lockstep"""
     out: Optional[str] = None
@@ -70,6 +72,8 @@ def route_progress(task: tasks.Task, episodes: list) -> dict:
     """From episodes recorded by evaluate.run_episodes(..., record=True): per route cell the
     number of episodes that entered it and the steps of their first entries (step t: the
     position after t actions; step 0 is the reset state); the end cells of the failures."""
+    if not episodes:
+        raise ValueError("route_progress needs at least one episode")
     layout = mazes.MAZES[task.maze]
     route = route_cells(layout)
     from_start = mazes.bfs_distances(layout, route[0])
@@ -90,13 +94,15 @@ def route_progress(task: tasks.Task, episodes: list) -> dict:
     def steps(v):
         return dict(median=float(np.median(v)), min=int(min(v)), max=int(max(v))) if v else None
 
-    inside = lambda c: 0 <= c[0] < len(layout) and 0 <= c[1] < len(layout[0]) and layout[c[0]][c[1]] != "#"
+    def reachable(c):  # a free cell of the maze: the point's centre never leaves them in the real env
+        return 0 <= c[0] < len(layout) and 0 <= c[1] < len(layout[0]) and bool(np.isfinite(to_goal[c]))
+
     return {
         "env": task.name, "episodes": len(episodes), "successes": int(sum(e["success"] for e in episodes)),
         "mean_length": float(np.mean([e["length"] for e in episodes])),
         "route": [dict(cell=list(c), from_start=int(from_start[c]), entered=len(first[c]), first_step=steps(first[c]))
                   for c in route],
-        "failure_ends": [dict(cell=list(c), episodes=n, to_goal=int(to_goal[c]) if inside(c) else None,
+        "failure_ends": [dict(cell=list(c), episodes=n, to_goal=int(to_goal[c]) if reachable(c) else None,
                               on_route=c in first) for c, n in sorted(ends.items(), key=lambda x: (-x[1], x[0]))],
     }
 
@@ -118,15 +124,20 @@ def print_report(r: dict) -> None:
 def main(a: Args) -> dict:
     tasks.check_common(a)
     tasks.check_flags(a, (">= 1", "episodes parallel"))
-    task, nets, actor = pretrain.load_actor(a.checkpoint)
-    if task.source != "builtin" or not task.is_maze:
-        raise tasks.InputError(f"{a.checkpoint} is an actor for {task.name}; route_check.py needs a built-in maze "
-                               f"task (pointmaze-*, ant-*)")
-    episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), a.episodes, a.seed, a.parallel,
-                                     record=True)
-    report = {**route_progress(task, episodes), "checkpoint": str(a.checkpoint), "seed": a.seed}
-    print_report(report)
     out = Path(a.out or str(a.checkpoint).removesuffix(".npz") + ".route.json")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before 100 episodes, not after
+        raise tasks.InputError(f"cannot write {out}: the folder {out.parent} "
+                               f"{'is not writable' if out.parent.is_dir() else 'does not exist'}; pass --out")
+    artifact = artifacts.load_artifact(a.checkpoint, None, need="actor")
+    task, nets, actor = pretrain.actor_from_artifact(artifact, path=a.checkpoint)
+    if task.source != "builtin" or not task.is_maze:
+        raise tasks.InputError(f"{a.checkpoint} is an actor for {task.name}; route_check.py needs one of a built-in "
+                               f"maze task (pointmaze-*, ant-*): pass such a checkpoint")
+    seed = a.seed if a.seed is not None else int(artifact["meta/config"].get("seed", 0))
+    episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), a.episodes, seed, a.parallel,
+                                     record=True)
+    report = {**route_progress(task, episodes), "checkpoint": str(a.checkpoint), "seed": seed}
+    print_report(report)
     artifacts.write_json(out, report)
     print(f"wrote {out}")
     return report
