@@ -265,13 +265,19 @@ def load_dataset(task: Task, dataset_path: Optional[str] = None,
     return Dataset(**t, reward_scale=scale, reward_shift=shift, path=str(path))
 
 
+def maze_cells_of(task: Task, xy, xp=np):
+    """Built-in mazes: the cells (rows, columns, integer arrays) of points xy (..., 2) in the env's
+    coordinates (the ant's cells are ant.SCALE units wide, the point's 1). xp is numpy or jax.numpy."""
+    return mazes.xy_cells(mazes.MAZES[task.maze], xy / (ant.SCALE if ant.is_builtin_ant(task) else 1.0), xp)
+
+
 def in_wall(task: Task, xy, xp=np):
     """Built-in mazes: True where xy (..., 2), the point's (the ant's torso's) centre, lies inside
     a wall cell or outside the maze, where the real env never puts it. xp is numpy or jax.numpy."""
     layout = mazes.MAZES[task.maze]
     wall = xp.asarray([[c == "#" for c in row] for row in layout])
     height, width = wall.shape
-    i, j = mazes.xy_cells(layout, xy / (ant.SCALE if ant.is_builtin_ant(task) else 1.0), xp)
+    i, j = maze_cells_of(task, xy, xp)
     inside = (i >= 0) & (i < height) & (j >= 0) & (j < width)
     return ~inside | wall[xp.clip(i, 0, height - 1), xp.clip(j, 0, width - 1)]
 

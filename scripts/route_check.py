@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from leq_utils import ant, artifacts, cli, mazes, tasks  # noqa: E402
+from leq_utils import artifacts, cli, mazes, tasks  # noqa: E402
 import evaluate  # noqa: E402
 import pretrain  # noqa: E402
 
@@ -63,8 +63,7 @@ def route_cells(layout) -> list:
 
 def trajectory_cells(task: tasks.Task, xy) -> list:
     """The maze cell (row, column) of every point of an xy trajectory (n, 2)."""
-    scale = ant.SCALE if ant.is_builtin_ant(task) else 1.0
-    i, j = mazes.xy_cells(mazes.MAZES[task.maze], np.asarray(xy, float) / scale)
+    i, j = tasks.maze_cells_of(task, np.asarray(xy, float))
     return list(zip(i.tolist(), j.tolist()))
 
 
