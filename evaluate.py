@@ -80,9 +80,10 @@ def get_envs(task: tasks.Task, n: int) -> list:
 
 
 def run_episodes(task: tasks.Task, policy: Callable, episodes: int, seed: int = 0, parallel: int = 10,
-                 record: bool = False) -> list:
+                 record: bool = False, record_obs: bool = False) -> list:
     """Run `episodes` seeded episodes; returns per-episode dicts (return, length, success, and
-    the xy trajectory when `record`)."""
+    the xy trajectory when `record`; with `record_obs` the observations the policy acted on, one
+    per action: "obs", (length, obs_dim))."""
     results = []
     for first in range(0, episodes, parallel):
         envs = get_envs(task, min(parallel, episodes - first))
@@ -90,9 +91,12 @@ def run_episodes(task: tasks.Task, policy: Callable, episodes: int, seed: int = 
         alive = np.ones(len(envs), bool)
         eps = [dict(ret=0.0, length=0, success=False, obs0=o.tolist(), xy=[o[:2].tolist()] if record else None)
                for o in obs]
+        acted = [[] for _ in envs]
         while alive.any():
             actions = policy(obs)
             for i in np.flatnonzero(alive):
+                if record_obs:
+                    acted[i].append(obs[i].copy())
                 o, r, terminated, truncated, info = envs[i].step(actions[i])
                 ep = eps[i]
                 ep["ret"] += float(r)
@@ -102,6 +106,9 @@ def run_episodes(task: tasks.Task, policy: Callable, episodes: int, seed: int = 
                     ep["xy"].append(o[:2].tolist())
                 obs[i] = o
                 alive[i] = not (terminated or truncated)
+        if record_obs:
+            for ep, rows in zip(eps, acted):
+                ep["obs"] = np.asarray(rows, np.float32)
         results += eps
     return results
 

@@ -13,7 +13,14 @@ seed of the run that wrote the checkpoint: the episodes of its final evaluation,
     min, max). A policy that finds the route but is slow, or stops, at a corner shows up as a
     jump in the median step, or a drop in the count, at that corner;
   * the cells where the failed episodes ended, with how many end there, their grid distance to
-    the goal in cells, and whether they lie on a shortest route (a dead end does not).
+    the goal in cells, and whether they lie on a shortest route (a dead end does not);
+  * how close each failed episode came to the goal (the closest point of its path): a failure
+    that came within a radius or two of the goal and walked on is a near miss, not a wrong turn;
+  * when the checkpoint has a critic (pretrain.npz, leq.npz): what it says next to the goal. For
+    the episodes that came within two radii of it, successes and failures apart: the critic's
+    Q(s, pi(s)) at the path's state closest to the goal, against that state's Monte-Carlo value
+    (the discounted return the episode got from there under the training rewards, -1 per step
+    and 0 on the step into the goal), and the path's highest Q and how far from the goal it was.
 
 It writes the same as JSON (default <checkpoint>.route.json). docs/RESULTS.md uses it on the
 ant-large-diverse runs.
@@ -28,6 +35,8 @@ from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from leq_utils import artifacts, cli, mazes, tasks  # noqa: E402
@@ -70,7 +79,8 @@ def trajectory_cells(task: tasks.Task, xy) -> list:
 def route_progress(task: tasks.Task, episodes: list) -> dict:
     """From episodes recorded by evaluate.run_episodes(..., record=True): per route cell the
     number of episodes that entered it and the steps of their first entries (step t: the
-    position after t actions; step 0 is the reset state); the end cells of the failures."""
+    position after t actions; step 0 is the reset state); the end cells of the failures and
+    their closest approach to the goal (Euclidean, in the env's xy units)."""
     if not episodes:
         raise ValueError("route_progress needs at least one episode")
     layout = mazes.MAZES[task.maze]
@@ -79,6 +89,7 @@ def route_progress(task: tasks.Task, episodes: list) -> dict:
     to_goal = mazes.bfs_distances(layout, route[-1])
     first = {c: [] for c in route}
     ends = collections.Counter()
+    closest = []
     for e in episodes:
         cells = trajectory_cells(task, e["xy"])
         seen = {}
@@ -89,6 +100,7 @@ def route_progress(task: tasks.Task, episodes: list) -> dict:
                 first[c].append(seen[c])
         if not e["success"]:
             ends[cells[-1]] += 1
+            closest.append(float(np.linalg.norm(np.asarray(e["xy"], float) - np.asarray(task.goal), axis=1).min()))
 
     def steps(v):
         return dict(median=float(np.median(v)), min=int(min(v)), max=int(max(v))) if v else None
@@ -103,7 +115,38 @@ def route_progress(task: tasks.Task, episodes: list) -> dict:
                   for c in route],
         "failure_ends": [dict(cell=list(c), episodes=n, to_goal=int(to_goal[c]) if reachable(c) else None,
                               on_route=c in first) for c, n in sorted(ends.items(), key=lambda x: (-x[1], x[0]))],
+        "failure_closest": dict(goal=list(task.goal), radius=task.goal_radius,
+                                within_2_radii=sum(d <= 2 * task.goal_radius for d in closest),
+                                within_4_radii=sum(d <= 4 * task.goal_radius for d in closest),
+                                distances=sorted(round(d, 3) for d in closest)),
     }
+
+
+def critic_near_goal(task: tasks.Task, episodes: list, q_fn, gamma: float) -> dict:
+    """From episodes recorded with record_obs: for those whose acted states come within two goal
+    radii of the goal, per group (successes, failures): the episodes, the median of Q at the
+    acted state closest to the goal (q_fn: (n, obs_dim) states -> (n,) Q(s, pi(s))), of that
+    state's Monte-Carlo value (a success in L steps from state k: -(1 - gamma^(L-1-k)) / (1 - gamma),
+    the last step's reward being 0; a failure cut at the limit: -(1 - gamma^(L-k)) / (1 - gamma),
+    a truncated value), of the path's highest Q, and of its distance to the goal."""
+    groups = {"successes": [], "failures": []}
+    for e in episodes:
+        obs = np.asarray(e["obs"], np.float32)
+        dist = np.linalg.norm(obs[:, :2] - np.asarray(task.goal), axis=1)
+        k = int(np.argmin(dist))
+        if dist[k] > 2 * task.goal_radius:
+            continue
+        q = np.asarray(q_fn(obs), np.float64).reshape(-1)
+        steps_left = e["length"] - 1 - k if e["success"] else e["length"] - k
+        groups["successes" if e["success"] else "failures"].append(
+            dict(q=q[k], mc=-(1 - gamma ** steps_left) / (1 - gamma), q_max=q.max(), at=dist[int(np.argmax(q))]))
+
+    def summary(rows):
+        med = lambda key: float(np.median([r[key] for r in rows])) if rows else None  # noqa: E731
+        return dict(episodes=len(rows), q_closest=med("q"), mc_closest=med("mc"), q_max=med("q_max"),
+                    q_max_distance=med("at"))
+
+    return dict(within=2 * task.goal_radius, gamma=gamma, **{g: summary(rows) for g, rows in groups.items()})
 
 
 def print_report(r: dict) -> None:
@@ -118,6 +161,20 @@ def print_report(r: dict) -> None:
     for row in r["failure_ends"]:
         print(f"{str(tuple(row['cell'])):>11} {row['episodes']:>8} {str(row['to_goal']):>8}  "
               f"{'yes' if row['on_route'] else 'no'}")
+    c = r["failure_closest"]
+    if c["distances"]:
+        print(f"failures' closest approach to the goal (radius {c['radius']:g}): {c['within_2_radii']} within "
+              f"{2 * c['radius']:g}, {c['within_4_radii']} within {4 * c['radius']:g}, median {np.median(c['distances']):.2f}")
+    if "critic_near_goal" in r:
+        c = r["critic_near_goal"]
+        print(f"critic next to the goal (medians over the episodes whose path came within {c['within']:g} of it; "
+              f"'closest': the acted state nearest the goal):")
+        print(f"{'':>10} {'episodes':>8} {'Q closest':>10} {'its MC value':>12} {'path max Q':>10} {'at distance':>11}")
+        for g in ("successes", "failures"):
+            row = c[g]
+            if row["episodes"]:
+                print(f"{g:>10} {row['episodes']:>8} {row['q_closest']:>10.1f} {row['mc_closest']:>12.1f} "
+                      f"{row['q_max']:>10.1f} {row['q_max_distance']:>11.2f}")
 
 
 def main(a: Args) -> dict:
@@ -133,9 +190,14 @@ def main(a: Args) -> dict:
         raise tasks.InputError(f"{a.checkpoint} is an actor for {task.name}; route_check.py needs one of a built-in "
                                f"maze task (pointmaze-*, ant-*): pass such a checkpoint")
     seed = a.seed if a.seed is not None else int(artifact["meta/config"].get("seed", 0))
+    has_critic = "critic/params/Dense_0/kernel" in artifact
     episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), a.episodes, seed, a.parallel,
-                                     record=True)
+                                     record=True, record_obs=has_critic)
     report = {**route_progress(task, episodes), "checkpoint": str(a.checkpoint), "seed": seed}
+    if has_critic:
+        critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
+        q_fn = lambda s: nets.q(critic, s, nets.pi(actor, s))  # noqa: E731 (not jitted: every length would compile)
+        report["critic_near_goal"] = critic_near_goal(task, episodes, q_fn, float(artifact["meta/config"]["gamma"]))
     print_report(report)
     artifacts.write_json(out, report)
     print(f"wrote {out}")

@@ -68,6 +68,15 @@ def test_route_progress_of_the_waypoint_controller():
     assert r["mean_length"] == pytest.approx(np.mean([e["length"] for e in episodes]))
 
 
+def test_run_episodes_records_the_observations_acted_on():
+    """record_obs: one observation per action, the first the reset's, their xy the path's points
+    before each step (the path has one more point: the state after the last action)."""
+    episodes = evaluate.run_episodes(UMAZE, waypoint_policy(UMAZE), 3, seed=0, parallel=2, record=True, record_obs=True)
+    for e in episodes:
+        assert e["obs"].shape == (e["length"], UMAZE.obs_dim) and e["obs"].dtype == np.float32
+        assert np.allclose(e["obs"][0], e["obs0"]) and np.allclose(e["obs"][:, :2], np.asarray(e["xy"])[:-1])
+
+
 def test_route_progress_of_a_policy_that_stays_put():
     episodes = evaluate.run_episodes(UMAZE, zero_policy, 3, seed=0, parallel=3, record=True)
     r = route_check.route_progress(UMAZE, episodes)
@@ -85,6 +94,8 @@ def test_route_check_cli_on_a_tiny_actor(upstream, tmp_path, capsys):
     assert report["env"] == ENV and report["episodes"] == 4 and report["seed"] == 0
     assert report["route"][0]["entered"] == 4 and report["route"][0]["first_step"]["max"] == 0
     assert sum(row["episodes"] for row in report["failure_ends"]) == 4 - report["successes"]
+    near = report["critic_near_goal"]  # pt.npz has a critic
+    assert near["within"] == 2 * tasks.get_task(ENV).goal_radius and near["gamma"] > 0
     # the same episodes as the evaluation's: success counts agree with evaluate.py's on the same seeds
     task, nets, actor = route_check.pretrain.load_actor(str(upstream / "pt.npz"))
     again = evaluate.evaluate(task, nets, actor, episodes=4, seed=0, parallel=2)
@@ -117,6 +128,55 @@ def test_route_progress_on_hand_made_ant_episodes():
                                  dict(cell=[7, 6], episodes=1, to_goal=7, on_route=False)]
     with pytest.raises(ValueError):
         route_check.route_progress(task, [])
+
+
+def test_closest_approach_of_failures_on_hand_made_ant_episodes():
+    """Failures' closest approach to the goal, ant-large (4-unit cells, radius 0.5): a near miss
+    that passes 0.8 from the goal and walks on into (7, 10); one that passes 1.5 from it; a wrong
+    turn into the dead end (7, 6), three cells (12 units) left of the goal at its closest; a
+    success through the goal, which is not a failure and is not counted."""
+    task = tasks.get_task("ant-large-diverse")
+    centre = lambda c: ant.SCALE * mazes.cell_xy(mazes.MAZES["large"], c)  # noqa: E731
+    goal = np.asarray(task.goal)
+    assert np.allclose(goal, centre((7, 9))) and task.goal_radius == 0.5
+    episodes = [dict(xy=[centre((7, 8)), goal + [0.0, 0.8], centre((7, 10))], success=False, length=1000),
+                dict(xy=[centre((7, 8)), goal + [1.5, 0.0], centre((7, 8))], success=False, length=1000),
+                dict(xy=[centre((5, 6)), centre((6, 6)), centre((7, 6))], success=False, length=1000),
+                dict(xy=[centre((7, 8)), goal], success=True, length=1)]
+    c = route_check.route_progress(task, episodes)["failure_closest"]
+    assert c["goal"] == pytest.approx(goal.tolist()) and c["radius"] == 0.5
+    assert c["distances"] == pytest.approx([0.8, 1.5, 12.0])
+    assert (c["within_2_radii"], c["within_4_radii"]) == (1, 2)
+
+
+def test_critic_near_goal_on_hand_made_ant_episodes():
+    """A hand-made critic, Q = -10 x the distance to the goal, on ant-large episodes written by
+    hand (only xy is filled in): a success whose last acted state is 0.6 from the goal (its
+    Monte-Carlo value 0: the next step enters the goal); a failure that passes 0.8 from it and
+    has two steps left to the limit (value -(1 + gamma)); a failure whose closest acted state is
+    1.5 from it, beyond two radii, and one that never comes near: both left out."""
+    task = tasks.get_task("ant-large-diverse")
+    centre = lambda c: ant.SCALE * mazes.cell_xy(mazes.MAZES["large"], c)  # noqa: E731
+    goal, gamma = np.asarray(task.goal), 0.99
+
+    def states(*xy):
+        obs = np.zeros((len(xy), 29), np.float32)
+        obs[:, :2] = xy
+        return obs
+
+    episodes = [dict(obs=states(centre((7, 8)), goal + [0.9, 0.0], goal + [0.6, 0.0]), success=True, length=3),
+                dict(obs=states(centre((7, 8)), goal + [0.0, 0.8], centre((7, 10))), success=False, length=3),
+                dict(obs=states(centre((7, 8)), goal + [1.5, 0.0]), success=False, length=2),
+                dict(obs=states(centre((5, 6))), success=False, length=1)]
+    q_fn = lambda s: -10 * np.linalg.norm(s[:, :2] - goal, axis=1)  # noqa: E731
+    c = route_check.critic_near_goal(task, episodes, q_fn, gamma)
+    assert c["within"] == 1.0 and c["gamma"] == gamma
+    assert c["successes"] == pytest.approx(dict(episodes=1, q_closest=-6.0, mc_closest=0.0, q_max=-6.0,
+                                                q_max_distance=0.6), abs=1e-5)
+    assert c["failures"] == pytest.approx(dict(episodes=1, q_closest=-8.0, mc_closest=-(1 + gamma), q_max=-8.0,
+                                               q_max_distance=0.8), abs=1e-5)
+    none = route_check.critic_near_goal(task, episodes[2:], q_fn, gamma)
+    assert none["successes"]["episodes"] == 0 and none["successes"]["q_closest"] is None
 
 
 def test_route_check_refuses_bad_flags_before_any_episode(upstream, tmp_path):
