@@ -1,4 +1,5 @@
-"""How far along the maze do a policy's episodes get, and where do the failures stop?
+"""How far along the maze do a policy's episodes get, where do the failures stop, and what does
+the critic say next to the goal?
 
     python scripts/route_check.py --checkpoint runs/ant-large-diverse__leq__s0/leq.npz
 
@@ -14,8 +15,10 @@ seed of the run that wrote the checkpoint: the episodes of its final evaluation,
     jump in the median step, or a drop in the count, at that corner;
   * the cells where the failed episodes ended, with how many end there, their grid distance to
     the goal in cells, and whether they lie on a shortest route (a dead end does not);
-  * how close each failed episode came to the goal (the closest point of its path): a failure
-    that came within a radius or two of the goal and walked on is a near miss, not a wrong turn;
+  * how close each failed episode came to the goal (the closest point of its path, the state
+    after its last step included): how many came within two and within four goal radii, and the
+    median. A failure that came within a radius or two of the goal and walked on is a near miss,
+    not a wrong turn;
   * when the checkpoint has a critic (pretrain.npz, leq.npz): what it says next to the goal. For
     the episodes that came within two radii of it, successes and failures apart: the critic's
     Q(s, pi(s)) at the path's state closest to the goal, against that state's Monte-Carlo value
@@ -23,7 +26,7 @@ seed of the run that wrote the checkpoint: the episodes of its final evaluation,
     and 0 on the step into the goal), and the path's highest Q and how far from the goal it was.
 
 It writes the same as JSON (default <checkpoint>.route.json). docs/RESULTS.md uses it on the
-ant-large-diverse runs.
+ant-umaze-diverse and ant-large-diverse runs.
 """
 
 import collections
@@ -80,7 +83,8 @@ def route_progress(task: tasks.Task, episodes: list) -> dict:
     """From episodes recorded by evaluate.run_episodes(..., record=True): per route cell the
     number of episodes that entered it and the steps of their first entries (step t: the
     position after t actions; step 0 is the reset state); the end cells of the failures and
-    their closest approach to the goal (Euclidean, in the env's xy units)."""
+    their closest approach to the goal (Euclidean, in the env's xy units; how many within two
+    and within four radii, and every distance, sorted)."""
     if not episodes:
         raise ValueError("route_progress needs at least one episode")
     layout = mazes.MAZES[task.maze]
@@ -149,6 +153,13 @@ def critic_near_goal(task: tasks.Task, episodes: list, q_fn, gamma: float) -> di
     return dict(within=2 * task.goal_radius, gamma=gamma, **{g: summary(rows) for g, rows in groups.items()})
 
 
+def critic_q_fn(artifact: dict, nets: pretrain.Nets, actor):
+    """The artifact's critic as states (n, obs_dim) -> Q(s, pi(s)) (n,) (an ensemble's minimum).
+    Not jitted: every episode length would compile anew."""
+    critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
+    return lambda s: np.asarray(nets.q(critic, jnp.asarray(s), nets.pi(actor, jnp.asarray(s))))
+
+
 def print_report(r: dict) -> None:
     print(f"{r['env']}: {r['successes']} of {r['episodes']} episodes reach the goal, mean length {r['mean_length']:.1f}")
     print(f"{'route cell':>11} {'from start':>10} {'entered':>8}   first entry step: median [min, max]")
@@ -161,19 +172,21 @@ def print_report(r: dict) -> None:
     for row in r["failure_ends"]:
         print(f"{str(tuple(row['cell'])):>11} {row['episodes']:>8} {str(row['to_goal']):>8}  "
               f"{'yes' if row['on_route'] else 'no'}")
-    c = r["failure_closest"]
-    if c["distances"]:
-        print(f"failures' closest approach to the goal (radius {c['radius']:g}): {c['within_2_radii']} within "
-              f"{2 * c['radius']:g}, {c['within_4_radii']} within {4 * c['radius']:g}, median {np.median(c['distances']):.2f}")
+    near = r["failure_closest"]
+    if near["distances"]:
+        print(f"failures' closest approach to the goal (radius {near['radius']:g}): {near['within_2_radii']} within "
+              f"{2 * near['radius']:g}, {near['within_4_radii']} within {4 * near['radius']:g}, "
+              f"median {np.median(near['distances']):.2f}")
     if "critic_near_goal" in r:
-        c = r["critic_near_goal"]
-        print(f"critic next to the goal (medians over the episodes whose path came within {c['within']:g} of it; "
-              f"'closest': the acted state nearest the goal):")
-        print(f"{'':>10} {'episodes':>8} {'Q closest':>10} {'its MC value':>12} {'path max Q':>10} {'at distance':>11}")
+        critic = r["critic_near_goal"]
+        print(f"critic next to the goal (medians over the episodes whose path came within {critic['within']:g} of "
+              f"it; 'closest': the acted state nearest the goal):")
+        print(f"{'':>22} {'episodes':>8} {'Q closest':>10} {'its MC value':>12} {'path max Q':>10} {'at distance':>11}")
         for g in ("successes", "failures"):
-            row = c[g]
+            row = critic[g]
             if row["episodes"]:
-                print(f"{g:>10} {row['episodes']:>8} {row['q_closest']:>10.1f} {row['mc_closest']:>12.1f} "
+                label = f"{g} within {critic['within']:g}"
+                print(f"{label:>22} {row['episodes']:>8} {row['q_closest']:>10.1f} {row['mc_closest']:>12.1f} "
                       f"{row['q_max']:>10.1f} {row['q_max_distance']:>11.2f}")
 
 
@@ -195,9 +208,8 @@ def main(a: Args) -> dict:
                                      record=True, record_obs=has_critic)
     report = {**route_progress(task, episodes), "checkpoint": str(a.checkpoint), "seed": seed}
     if has_critic:
-        critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
-        q_fn = lambda s: nets.q(critic, s, nets.pi(actor, s))  # noqa: E731 (not jitted: every length would compile)
-        report["critic_near_goal"] = critic_near_goal(task, episodes, q_fn, float(artifact["meta/config"]["gamma"]))
+        report["critic_near_goal"] = critic_near_goal(task, episodes, critic_q_fn(artifact, nets, actor),
+                                                      float(artifact["meta/config"]["gamma"]))
     print_report(report)
     artifacts.write_json(out, report)
     print(f"wrote {out}")

@@ -150,11 +150,12 @@ def test_closest_approach_of_failures_on_hand_made_ant_episodes():
 
 
 def test_critic_near_goal_on_hand_made_ant_episodes():
-    """A hand-made critic, Q = -10 x the distance to the goal, on ant-large episodes written by
-    hand (only xy is filled in): a success whose last acted state is 0.6 from the goal (its
-    Monte-Carlo value 0: the next step enters the goal); a failure that passes 0.8 from it and
-    has two steps left to the limit (value -(1 + gamma)); a failure whose closest acted state is
-    1.5 from it, beyond two radii, and one that never comes near: both left out."""
+    """A hand-made critic, Q = -10 x |distance to the goal - 0.9| (highest 0.9 from the goal), on
+    ant-large episodes written by hand (only xy is filled in): a success through a state 0.9
+    from the goal (its highest Q, 0) whose last acted state is 0.6 from it (Q -3, Monte-Carlo
+    value 0: the next step enters the goal); a failure that passes 0.8 from it and has two steps
+    left to the limit (Q -1, value -(1 + gamma)); a failure whose closest acted state is 1.5 from
+    it, beyond two radii, and one that never comes near: both left out."""
     task = tasks.get_task("ant-large-diverse")
     centre = lambda c: ant.SCALE * mazes.cell_xy(mazes.MAZES["large"], c)  # noqa: E731
     goal, gamma = np.asarray(task.goal), 0.99
@@ -168,15 +169,37 @@ def test_critic_near_goal_on_hand_made_ant_episodes():
                 dict(obs=states(centre((7, 8)), goal + [0.0, 0.8], centre((7, 10))), success=False, length=3),
                 dict(obs=states(centre((7, 8)), goal + [1.5, 0.0]), success=False, length=2),
                 dict(obs=states(centre((5, 6))), success=False, length=1)]
-    q_fn = lambda s: -10 * np.linalg.norm(s[:, :2] - goal, axis=1)  # noqa: E731
+    q_fn = lambda s: -10 * np.abs(np.linalg.norm(s[:, :2] - goal, axis=1) - 0.9)  # noqa: E731
     c = route_check.critic_near_goal(task, episodes, q_fn, gamma)
     assert c["within"] == 1.0 and c["gamma"] == gamma
-    assert c["successes"] == pytest.approx(dict(episodes=1, q_closest=-6.0, mc_closest=0.0, q_max=-6.0,
-                                                q_max_distance=0.6), abs=1e-5)
-    assert c["failures"] == pytest.approx(dict(episodes=1, q_closest=-8.0, mc_closest=-(1 + gamma), q_max=-8.0,
+    assert c["successes"] == pytest.approx(dict(episodes=1, q_closest=-3.0, mc_closest=0.0, q_max=0.0,
+                                                q_max_distance=0.9), abs=1e-5)
+    assert c["failures"] == pytest.approx(dict(episodes=1, q_closest=-1.0, mc_closest=-(1 + gamma), q_max=-1.0,
                                                q_max_distance=0.8), abs=1e-5)
     none = route_check.critic_near_goal(task, episodes[2:], q_fn, gamma)
     assert none["successes"]["episodes"] == 0 and none["successes"]["q_closest"] is None
+
+
+def test_critic_near_goal_with_a_real_critic(upstream):
+    """The artifact's own critic (critic_q_fn: its input statistics, Q(s, pi(s)) of its actor) on
+    the waypoint controller's umaze episodes, all successes: each median equals one computed state
+    by state, one network call per state, from the artifact's arrays."""
+    artifact = route_check.artifacts.load_artifact(upstream / "pt.npz", None, need="actor")
+    task, nets, actor = route_check.pretrain.actor_from_artifact(artifact)
+    episodes = evaluate.run_episodes(task, waypoint_policy(task), 3, seed=0, parallel=3, record=True, record_obs=True)
+    gamma = float(artifact["meta/config"]["gamma"])
+    c = route_check.critic_near_goal(task, episodes, route_check.critic_q_fn(artifact, nets, actor), gamma)
+    critic = route_check.artifacts.unflatten(artifact, "critic")
+    q_one = lambda o: float(nets.q(critic, o[None], nets.pi(actor, o[None]))[0])  # noqa: E731
+    rows = []
+    for e in episodes:
+        dist = np.linalg.norm(e["obs"][:, :2] - np.asarray(task.goal), axis=1)
+        k, qs = int(np.argmin(dist)), [q_one(o) for o in e["obs"]]
+        rows.append((qs[k], -(1 - gamma ** (e["length"] - 1 - k)) / (1 - gamma), max(qs), dist[int(np.argmax(qs))]))
+    assert all(e["success"] for e in episodes) and c["failures"]["episodes"] == 0
+    want = dict(episodes=3, **{key: float(np.median([r[i] for r in rows]))
+                               for i, key in enumerate(("q_closest", "mc_closest", "q_max", "q_max_distance"))})
+    assert c["successes"] == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
 def test_route_check_refuses_bad_flags_before_any_episode(upstream, tmp_path):
