@@ -1,0 +1,148 @@
+"""What do the critic and the world model make of the dataset's own goal reaches?
+
+    python scripts/goal_check.py --checkpoint runs/ant-large-diverse__leq__s0/leq.npz \
+        --world-model runs/ant-large-diverse__world_model__s0/world_model.npz
+
+Maze tasks with a fixed goal (built-in PointMaze and ant, D4RL AntMaze). On a step that ends the
+episode (a terminal transition: the next state is in the goal) the Bellman target is the
+transformed reward alone, whatever the policy: 0 on AntMaze and the PointMazes (r - 1, docs/
+ALGORITHM.md, section 2). So there the critic's right answer is known. The script counts the
+dataset's terminal transitions, the ones among them that ENTER the goal (their state is outside
+the radius), and the near misses (non-terminal steps that end within two radii of the goal), and
+prints:
+
+  * the checkpoint's critic on the entering transitions and on all terminal ones: Q(s, a) of the
+    data's action and Q(s, pi(s)) of the checkpoint's actor (median, 10th and 90th percentile),
+    against the target;
+  * with --world-model: for each elite, the share of entering transitions whose predicted next
+    state (from the real state and action) the task's true termination marks done, from the
+    mean prediction and from a sampled one (as in imagination), and the same share on the near
+    misses, where it should be 0. An imagination that does not see the goal reached where the
+    data does would make the critic pessimistic there.
+
+It writes the same as JSON (default <checkpoint>.goal.json). docs/RESULTS.md uses it on the
+ant-umaze-diverse and ant-large-diverse runs.
+"""
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from leq_utils import artifacts, cli, tasks  # noqa: E402
+import pretrain  # noqa: E402
+import world_model  # noqa: E402
+
+
+@dataclasses.dataclass
+class Args:
+    checkpoint: str
+    """artifact with an actor and a critic (pretrain.npz, leq.npz, a leq checkpoint) of a maze task"""
+    world_model: Optional[str] = None
+    """world_model.npz of the same task: also check its predictions on the goal reaches"""
+    dataset_path: Optional[str] = None
+    """a D4RL-format HDF5 file to use instead of the task's own dataset"""
+    data_dir: Optional[str] = None
+    """folder of the built-in datasets (default: $LEQ_DATA_DIR or ./data)"""
+    seed: int = 0
+    """seed of the sampled predictions' noise"""
+    out: Optional[str] = None
+    """JSON output (default: <checkpoint>.goal.json)"""
+
+
+def goal_transitions(task: tasks.Task, ds: tasks.Dataset) -> dict:
+    """Indices of the dataset's terminal transitions, of those entering the goal (their state
+    outside the radius), and of the near misses (not terminal, next state within two radii)."""
+    goal = np.asarray(task.goal)
+    now = np.linalg.norm(ds.observations[:, :2] - goal, axis=1)
+    after = np.linalg.norm(ds.next_observations[:, :2] - goal, axis=1)
+    terminal = ds.terminals > 0
+    outside = now > task.goal_radius if task.goal_inclusive else now >= task.goal_radius  # not already in the goal
+    return {"terminal": np.flatnonzero(terminal), "entering": np.flatnonzero(terminal & outside),
+            "near misses": np.flatnonzero(~terminal & (after <= 2 * task.goal_radius))}
+
+
+def spread(x) -> Optional[dict]:
+    x = np.asarray(x, np.float64)
+    return dict(median=float(np.median(x)), p10=float(np.percentile(x, 10)), p90=float(np.percentile(x, 90))) \
+        if x.size else None
+
+
+def critic_on(nets: pretrain.Nets, actor, critic, ds: tasks.Dataset, idx) -> dict:
+    """The critic's Q(s, a_data) and Q(s, pi(s)) on transitions idx, with their targets
+    (the transformed rewards: these transitions are terminal)."""
+    s, a = jnp.asarray(ds.observations[idx]), jnp.asarray(ds.actions[idx])
+    return dict(transitions=int(len(idx)), target=spread(ds.reward_scale * ds.rewards[idx] + ds.reward_shift),
+                q_data_action=spread(nets.q(critic, s, a)), q_actor=spread(nets.q(critic, s, nets.pi(actor, s))))
+
+
+def model_done_shares(wm: world_model.WorldModel, done_fn, ds: tasks.Dataset, idx, key) -> dict:
+    """Per elite, the share of transitions idx whose predicted next state (from the real state
+    and action) done_fn marks done: from the mean prediction and from one sampled prediction."""
+    if len(idx) == 0:
+        return dict(transitions=0, mean_prediction=[], sampled=[])
+    s, a = jnp.asarray(ds.observations[idx]), jnp.asarray(ds.actions[idx])
+    mean, sampled = [], []
+    for e in range(len(world_model.members(wm.params))):
+        member = jnp.full((len(idx),), e)
+        for eps, out in ((jnp.zeros((len(idx), s.shape[1] + 1)), mean),
+                         (jax.random.normal(jax.random.fold_in(key, e), (len(idx), s.shape[1] + 1)), sampled)):
+            out.append(float(np.mean(np.asarray(world_model.model_step_given(wm, s, a, member, eps, done_fn)[2]))))
+    return dict(transitions=int(len(idx)), mean_prediction=mean, sampled=sampled)
+
+
+def print_report(r: dict) -> None:
+    n = r["transitions"]
+    print(f"{r['env']}: {n:,} transitions; {r['terminal']:,} terminal ({100 * r['terminal'] / n:.2f}%), "
+          f"{r['entering']:,} of them entering the goal; {r['near_misses']:,} near misses (within "
+          f"{2 * r['radius']:g} of the goal, not in it)")
+    print(f"{'critic on':>22} {'n':>7} {'target':>7} {'Q(s, a_data) median [p10, p90]':>32} {'Q(s, pi(s)) median':>19}")
+    for name, c in r["critic"].items():
+        if c["transitions"]:
+            qd, qa = c["q_data_action"], c["q_actor"]
+            print(f"{name + ' transitions':>22} {c['transitions']:>7} {c['target']['median']:>7.2f} "
+                  f"{qd['median']:>14.2f} [{qd['p10']:.2f}, {qd['p90']:.2f}]{'':>4} {qa['median']:>19.2f}")
+    for name, m in r.get("model", {}).items():
+        label = {"entering": "entering", "near misses": "near-miss"}[name]
+        print(f"world model on the {m['transitions']} {label} transitions, share done per elite: mean prediction "
+              f"{np.round(m['mean_prediction'], 3).tolist()}, sampled {np.round(m['sampled'], 3).tolist()}")
+
+
+def main(a: Args) -> dict:
+    tasks.check_common(a)
+    out = Path(a.out or str(a.checkpoint).removesuffix(".npz") + ".goal.json")
+    artifact = artifacts.load_artifact(a.checkpoint, None, need="actor")
+    task, nets, actor = pretrain.actor_from_artifact(artifact, path=a.checkpoint)
+    if not task.is_maze or not task.goal or task.source not in ("builtin", "d4rl"):
+        raise tasks.InputError(f"{a.checkpoint} is for {task.name}; goal_check.py needs a maze task with a fixed goal "
+                               f"(pointmaze-*, ant-*, antmaze-*)")
+    if "critic/params/Dense_0/kernel" not in artifact:
+        raise tasks.InputError(f"{a.checkpoint} has no critic; pass pretrain.npz, leq.npz or a leq checkpoint")
+    wm = world_model.load_world_model(a.world_model, task) if a.world_model else None
+    ds = tasks.load_dataset(task, a.dataset_path, a.data_dir)
+    idx = goal_transitions(task, ds)
+    critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
+    report = {"env": task.name, "checkpoint": str(a.checkpoint), "dataset": ds.path, "radius": task.goal_radius,
+              "transitions": int(len(ds.rewards)), "terminal": int(len(idx["terminal"])),
+              "entering": int(len(idx["entering"])), "near_misses": int(len(idx["near misses"])),
+              "critic": {name: critic_on(nets, actor, critic, ds, idx[name]) for name in ("entering", "terminal")}}
+    if wm is not None:
+        done_fn, key = tasks.termination_fn(task), jax.random.PRNGKey(a.seed)
+        report.update(world_model=str(a.world_model), model={
+            name: model_done_shares(wm, done_fn, ds, idx[name], jax.random.fold_in(key, i))
+            for i, name in enumerate(("entering", "near misses"))})
+    print_report(report)
+    artifacts.write_json(out, report)
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    cli.run_script(main, Args)
