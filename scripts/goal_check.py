@@ -18,7 +18,13 @@ prints:
     state (from the real state and action) the task's true termination marks done, from the
     mean prediction and from a sampled one (as in imagination), and the same share on the near
     misses, where it should be 0. An imagination that does not see the goal reached where the
-    data does would make the critic pessimistic there.
+    data does would make the critic pessimistic there;
+  * with --world-model, LEQ's imagination from the data's states k steps before each goal entry
+    (k in --before; `leq.imagine`, the checkpoint's actor, H, lambda, gamma and tau of the run
+    that wrote it, or leq.py's defaults and tau 0.1), --rollouts rollouts from each: the share
+    that reach the goal within H steps, the lambda-returns G_0 (median, and the median over the
+    start states of each one's tau-expectile of its rollouts' G_0: what LEQ's model loss pulls
+    Q(s_0, a_0) towards if only these rollouts trained it), against the critic's Q(s, pi(s)).
 
 It writes the same as JSON (default <checkpoint>.goal.json). docs/RESULTS.md uses it on the
 ant-umaze-diverse and ant-large-diverse runs.
@@ -37,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from leq_utils import artifacts, cli, tasks  # noqa: E402
+import leq  # noqa: E402
 import pretrain  # noqa: E402
 import world_model  # noqa: E402
 
@@ -52,7 +59,11 @@ class Args:
     data_dir: Optional[str] = None
     """folder of the built-in datasets (default: $LEQ_DATA_DIR or ./data)"""
     seed: int = 0
-    """seed of the sampled predictions' noise"""
+    """seed of the sampled predictions' and the imagined rollouts' noise"""
+    before: tuple[int, ...] = (0, 5, 20)
+    """with --world-model: imagine from the data's states this many steps before each goal entry"""
+    rollouts: int = 8
+    """with --world-model: imagined rollouts from each start state"""
     out: Optional[str] = None
     """JSON output (default: <checkpoint>.goal.json)"""
 
@@ -98,6 +109,48 @@ def model_done_shares(wm: world_model.WorldModel, done_fn, ds: tasks.Dataset, id
     return dict(transitions=int(len(idx)), mean_prediction=mean, sampled=sampled)
 
 
+def expectile(x, tau: float, axis: int = -1):
+    """The tau-expectile of samples x along `axis`: the m with tau sum (x - m)_+ = (1 - tau) sum (m - x)_+
+    (the minimiser of sum |tau - 1(x < m)| (x - m)^2), by 60 bisection steps."""
+    x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+    lo, hi = x.min(-1), x.max(-1)
+    for _ in range(60):
+        m = (lo + hi) / 2
+        above = tau * np.clip(x - m[..., None], 0, None).sum(-1) > (1 - tau) * np.clip(m[..., None] - x, 0, None).sum(-1)
+        lo, hi = np.where(above, m, lo), np.where(above, hi, m)
+    return (lo + hi) / 2
+
+
+def starts_before(ds: tasks.Dataset, entering, k: int):
+    """The transitions k steps before each entering one, where the k steps in between are one
+    chain (each step's next state is the following step's state: the same episode)."""
+    chain = np.all(ds.next_observations[:-1] == ds.observations[1:], axis=1)  # i -> i + 1 continues
+    broken = np.concatenate([[0], np.cumsum(~chain)])  # breaks among the links before i
+    j = entering - k
+    ok = (j >= 0) & (broken[np.maximum(j, 0)] == broken[entering])
+    return j[ok]
+
+
+def imagination_from(nets, actor, critic, wm, done_fn, ds, starts, goal, key, rollouts, horizon, lam, gamma,
+                     tau) -> dict:
+    """LEQ's imagination (leq.imagine) from ds states `starts`, `rollouts` each: their median
+    distance to `goal`, the share of rollouts reaching the goal within `horizon` steps, G_0's
+    median, the median of each start's tau-expectile of its G_0, and Q(s, pi(s))'s median."""
+    if len(starts) == 0:
+        return dict(starts=0)
+    s0 = jnp.asarray(np.repeat(ds.observations[starts], rollouts, 0))
+    ro = leq.imagine(nets, actor, wm, done_fn, s0, key, horizon)
+    masks = leq.alive_masks(ro.dones)
+    q = nets.q(critic, ro.states.reshape(-1, s0.shape[1]), ro.actions.reshape(-1, ro.actions.shape[-1]))
+    q = q.reshape(horizon + 1, -1)
+    g0 = np.asarray(leq.lambda_returns(q, ro.rewards, masks, gamma, lam)[0]).reshape(len(starts), rollouts)
+    return dict(starts=int(len(starts)),
+                distance=float(np.median(np.linalg.norm(ds.observations[starts, :2] - goal, axis=1))),
+                reach=float(1 - np.asarray(masks[-1]).mean()), g0_median=float(np.median(g0)),
+                g0_expectile=float(np.median(expectile(g0, tau))),
+                q_start=float(np.median(np.asarray(q[0]).reshape(len(starts), rollouts)[:, 0])))
+
+
 def print_report(r: dict) -> None:
     n = r["transitions"]
     print(f"{r['env']}: {n:,} transitions; {r['terminal']:,} terminal ({100 * r['terminal'] / n:.2f}%), "
@@ -113,6 +166,16 @@ def print_report(r: dict) -> None:
         label = {"entering": "entering", "near misses": "near-miss"}[name]
         print(f"world model on the {m['transitions']} {label} transitions, share done per elite: mean prediction "
               f"{np.round(m['mean_prediction'], 3).tolist()}, sampled {np.round(m['sampled'], 3).tolist()}")
+    if "imagination" in r:
+        im = r["imagination"]
+        print(f"LEQ's imagination (H {im['horizon']}, lambda {im['lam']}, "
+              f"tau {im['tau']}, {im['rollouts']} rollouts each) from the data's states k steps before a goal entry:")
+        print(f"{'k':>4} {'starts':>7} {'distance':>8} {'reach goal':>10} {'G_0 median':>10} "
+              f"{'tau-expectile of G_0':>20} {'Q(s, pi(s))':>11}")
+        for k, row in im["before"].items():
+            if row["starts"]:
+                print(f"{k:>4} {row['starts']:>7} {row['distance']:>8.2f} {row['reach']:>10.3f} {row['g0_median']:>10.1f} "
+                      f"{row['g0_expectile']:>20.1f} {row['q_start']:>11.1f}")
 
 
 def main(a: Args) -> dict:
@@ -138,6 +201,13 @@ def main(a: Args) -> dict:
         report.update(world_model=str(a.world_model), model={
             name: model_done_shares(wm, done_fn, ds, idx[name], jax.random.fold_in(key, i))
             for i, name in enumerate(("entering", "near misses"))})
+        config, defaults = artifact["meta/config"], leq.Args()
+        horizon, lam, gamma = (config.get(k, getattr(defaults, k)) for k in ("horizon", "lam", "gamma"))
+        tau = config.get("expectile") or 0.1
+        report["imagination"] = dict(horizon=horizon, lam=lam, gamma=gamma, tau=tau, rollouts=a.rollouts, before={
+            str(k): imagination_from(nets, actor, critic, wm, done_fn, ds, starts_before(ds, idx["entering"], k),
+                                     np.asarray(task.goal), jax.random.fold_in(key, 100 + k), a.rollouts, horizon,
+                                     lam, gamma, tau) for k in a.before})
     print_report(report)
     artifacts.write_json(out, report)
     print(f"wrote {out}")
