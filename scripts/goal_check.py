@@ -181,6 +181,9 @@ def print_report(r: dict) -> None:
 def main(a: Args) -> dict:
     tasks.check_common(a)
     out = Path(a.out or str(a.checkpoint).removesuffix(".npz") + ".goal.json")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before the work, as route_check.py
+        raise tasks.InputError(f"cannot write {out}: the folder {out.parent} "
+                               f"{'is not writable' if out.parent.is_dir() else 'does not exist'}; pass --out")
     artifact = artifacts.load_artifact(a.checkpoint, None, need="actor")
     task, nets, actor = pretrain.actor_from_artifact(artifact, path=a.checkpoint)
     if not task.is_maze or not task.goal or task.source not in ("builtin", "d4rl"):

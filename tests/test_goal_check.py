@@ -101,6 +101,9 @@ def test_goal_check_refuses_an_artifact_without_a_critic_or_actor(upstream, tmp_
     with pytest.raises(tasks.InputError, match="has no critic") as e:
         goal_check.main(goal_check.Args(checkpoint=str(path)))
     assert "\n" not in str(e.value)
+    with pytest.raises(tasks.InputError, match="does not exist") as e:
+        goal_check.main(goal_check.Args(checkpoint=str(upstream / "pt.npz"), out=str(tmp_path / "no" / "g.json")))
+    assert "\n" not in str(e.value)
 
 
 def brute_expectile(x, tau):
