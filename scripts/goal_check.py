@@ -77,7 +77,7 @@ def goal_transitions(task: tasks.Task, ds: tasks.Dataset) -> dict:
     terminal = ds.terminals > 0
     outside = now > task.goal_radius if task.goal_inclusive else now >= task.goal_radius  # not already in the goal
     return {"terminal": np.flatnonzero(terminal), "entering": np.flatnonzero(terminal & outside),
-            "near misses": np.flatnonzero(~terminal & (after <= 2 * task.goal_radius))}
+            "near_misses": np.flatnonzero(~terminal & (after <= 2 * task.goal_radius))}
 
 
 def spread(x) -> Optional[dict]:
@@ -123,7 +123,8 @@ def expectile(x, tau: float, axis: int = -1):
 
 def starts_before(ds: tasks.Dataset, entering, k: int):
     """The transitions k steps before each entering one, where the k steps in between are one
-    chain (each step's next state is the following step's state: the same episode)."""
+    chain (each step's next state is the following step's state: the same recorded episode; the
+    built-in data go on after a goal reach, so a chain may pass through an earlier one)."""
     chain = np.all(ds.next_observations[:-1] == ds.observations[1:], axis=1)  # i -> i + 1 continues
     broken = np.concatenate([[0], np.cumsum(~chain)])  # breaks among the links before i
     j = entering - k
@@ -134,8 +135,11 @@ def starts_before(ds: tasks.Dataset, entering, k: int):
 def imagination_from(nets, actor, critic, wm, done_fn, ds, starts, goal, key, rollouts, horizon, lam, gamma,
                      tau) -> dict:
     """LEQ's imagination (leq.imagine) from ds states `starts`, `rollouts` each: their median
-    distance to `goal`, the share of rollouts reaching the goal within `horizon` steps, G_0's
-    median, the median of each start's tau-expectile of its G_0, and Q(s, pi(s))'s median."""
+    distance to `goal`, the share of rollouts reaching the goal within `horizon` steps (ended by
+    done_fn: in the goal, or a non-finite state), G_0's median, the median of each start's
+    tau-expectile of its G_0, and Q(s, pi(s))'s median. The default LEQ path's imagination and
+    returns (deterministic actor, lambda-returns, no MOBILE penalty), whatever variant the
+    checkpoint's run used."""
     if len(starts) == 0:
         return dict(starts=0)
     s0 = jnp.asarray(np.repeat(ds.observations[starts], rollouts, 0))
@@ -163,7 +167,7 @@ def print_report(r: dict) -> None:
             print(f"{name + ' transitions':>22} {c['transitions']:>7} {c['target']['median']:>7.2f} "
                   f"{qd['median']:>14.2f} [{qd['p10']:.2f}, {qd['p90']:.2f}]{'':>4} {qa['median']:>19.2f}")
     for name, m in r.get("model", {}).items():
-        label = {"entering": "entering", "near misses": "near-miss"}[name]
+        label = {"entering": "entering", "near_misses": "near-miss"}[name]
         print(f"world model on the {m['transitions']} {label} transitions, share done per elite: mean prediction "
               f"{np.round(m['mean_prediction'], 3).tolist()}, sampled {np.round(m['sampled'], 3).tolist()}")
     if "imagination" in r:
@@ -197,13 +201,13 @@ def main(a: Args) -> dict:
     critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
     report = {"env": task.name, "checkpoint": str(a.checkpoint), "dataset": ds.path, "radius": task.goal_radius,
               "transitions": int(len(ds.rewards)), "terminal": int(len(idx["terminal"])),
-              "entering": int(len(idx["entering"])), "near_misses": int(len(idx["near misses"])),
+              "entering": int(len(idx["entering"])), "near_misses": int(len(idx["near_misses"])),
               "critic": {name: critic_on(nets, actor, critic, ds, idx[name]) for name in ("entering", "terminal")}}
     if wm is not None:
         done_fn, key = tasks.termination_fn(task), jax.random.PRNGKey(a.seed)
         report.update(world_model=str(a.world_model), model={
             name: model_done_shares(wm, done_fn, ds, idx[name], jax.random.fold_in(key, i))
-            for i, name in enumerate(("entering", "near misses"))})
+            for i, name in enumerate(("entering", "near_misses"))})
         config, defaults = artifact["meta/config"], leq.Args()
         horizon, lam, gamma = (config.get(k, getattr(defaults, k)) for k in ("horizon", "lam", "gamma"))
         tau = config.get("expectile") or 0.1

@@ -41,7 +41,7 @@ def test_goal_transitions_on_hand_made_rows(task):
     idx = goal_check.goal_transitions(task, hand_made(task, rows))
     assert idx["terminal"].tolist() == [0, 1, 2]
     assert idx["entering"].tolist() == ([0] if task.goal_inclusive else [0, 2])
-    assert idx["near misses"].tolist() == [3]
+    assert idx["near_misses"].tolist() == [3]
 
 
 def test_goal_check_cli_against_state_by_state_references(upstream, tiny_maze_file_module, tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_goal_check_cli_against_state_by_state_references(upstream, tiny_maze_fi
     assert c["q_actor"]["median"] == pytest.approx(float(np.median(q_actor)), rel=1e-4, abs=1e-4)
 
     wm = world_model.load_world_model(str(upstream / "wm.npz"), task)
-    for name, rows in (("entering", entering), ("near misses", near)):
+    for name, rows in (("entering", entering), ("near_misses", near)):
         s, a = ds.observations[rows], ds.actions[rows]
         x = (np.concatenate([s, a], 1) - np.asarray(wm.input_mean)) / np.asarray(wm.input_std)
         mean = np.asarray(world_model.ensemble_forward(wm.params, x)[0])  # (elites, n, obs_dim + 1): every elite
@@ -82,7 +82,7 @@ def test_goal_check_cli_against_state_by_state_references(upstream, tiny_maze_fi
                 for e in range(mean.shape[0])]
         assert r["model"][name]["mean_prediction"] == pytest.approx(want)
         assert all(0.0 <= x <= 1.0 for x in r["model"][name]["sampled"])
-    assert r["model"]["entering"]["mean_prediction"] != r["model"]["near misses"]["mean_prediction"]
+    assert r["model"]["entering"]["mean_prediction"] != r["model"]["near_misses"]["mean_prediction"]
     im = r["imagination"]  # pt.npz's config has no H, lambda or tau: leq.py's defaults and tau 0.1
     assert (im["horizon"], im["lam"], im["tau"], im["rollouts"]) == (leq.Args().horizon, leq.Args().lam, 0.1, 8)
     assert im["before"]["0"]["starts"] == len(entering) and 0 <= im["before"]["5"]["reach"] <= 1
@@ -167,7 +167,7 @@ def test_imagination_from_against_a_plain_loop(upstream, tiny_maze_file_module, 
                   for k in range(horizon + 1)]
         g0.append(sum(lam ** k * n_step[k] for k in range(horizon + 1)) / sum(lam ** k for k in range(horizon + 1)))
         reached.append(any(inside))
-        q0.append(q[0])
+        q0.append(float(nets.q(critic, states[0, b][None], nets.pi(actor, states[0, b][None]))[0]))  # Q(s0, pi(s0))
     g0 = np.asarray(g0).reshape(len(starts), n)
     assert 0 < np.mean(reached) < 1  # some rollouts reach the goal (with H 1: on their only step), some do not
     assert got["starts"] == 5 and got["reach"] == pytest.approx(np.mean(reached))
