@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -151,10 +150,8 @@ def check_outputs(args: Args) -> None:
     tasks.check_flags(args, (">= 1", "episodes parallel"))
     stem = Path(str(args.checkpoint).removesuffix(".npz"))
     outs = [Path(args.out or f"{stem}.eval.json")] + [stem] * (args.plot or args.video)
-    for folder in {out.parent for out in outs}:
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise tasks.InputError(f"cannot write {next(o for o in outs if o.parent == folder)}: the folder {folder} "
-                                   f"{'is not writable' if folder.is_dir() else 'does not exist'}")
+    for out in outs:
+        tasks.check_output_folder(out)
 
 
 def main(args: Args) -> Optional[dict]:
@@ -177,8 +174,8 @@ def main(args: Args) -> Optional[dict]:
     summary.update(checkpoint=str(args.checkpoint), seed=args.seed)
     if maze:  # the goal the env used (the first env's last episode) beside the one imagination uses
         summary.update(env_goal=tasks.env_goal(get_envs(task, 1)[0]).tolist(), termination_centre=list(task.goal))
-    if any(k.startswith("critic/") for k in artifact):  # pretrain.npz, leq.npz: Q of the start states
-        critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
+    critic = pretrain.critic_from_artifact(artifact)
+    if critic is not None:  # pretrain.npz, leq.npz: Q of the start states
         s0 = jnp.asarray([e["obs0"] for e in episodes], jnp.float32)
         summary["q_start"] = float(jnp.mean(nets.q(critic, s0, nets.pi(params, s0))))
     stem = str(args.checkpoint).removesuffix(".npz")

@@ -330,7 +330,8 @@ def actor_from_artifact(f: dict, task: Optional[tasks.Task] = None, path="artifa
         hidden = hidden_dims_of(actor)
     except (KeyError, IndexError):
         raise artifacts.CorruptArtifact(f"artifact {path}: its actor has no Dense layers") from None
-    critics = num_critics_of(artifacts.unflatten(f, "critic")) if "critic/params/Dense_0/kernel" in f else 1
+    critic = critic_from_artifact(f)
+    critics = 1 if critic is None else num_critics_of(critic)
     nets = make_nets(task, hidden, (f["stats/mean"], f["stats/std"]), critics)
     if f["stats/mean"].shape != (task.obs_dim + task.act_dim,) or f["stats/std"].shape != f["stats/mean"].shape:
         raise artifacts.CorruptArtifact(f"artifact {path}: input statistics of shape {f['stats/mean'].shape}, "
@@ -340,6 +341,14 @@ def actor_from_artifact(f: dict, task: Optional[tasks.Task] = None, path="artifa
                                                       nets.stats, stochastic))
     artifacts.check_shapes(actor, template, path, "actor")
     return task, nets, actor
+
+
+def critic_from_artifact(f: dict):
+    """The critic's parameters of an artifact already read with artifacts.load_artifact
+    (pretrain.npz, leq.npz, a LEQ checkpoint), as device arrays; None when it has no critic."""
+    if "critic/params/Dense_0/kernel" not in f:
+        return None
+    return jax.tree.map(jnp.asarray, artifacts.unflatten(f, "critic"))
 
 
 def load_pretrained(path, task: tasks.Task):

@@ -114,6 +114,16 @@ def check_writable_folder(folder, what: str) -> None:
         raise InputError(f"{what} {folder}: {existing} is not writable; point it at a folder you can write")
 
 
+def check_output_folder(out, advice: str = "") -> None:
+    """Before the work whose result is the file `out` (a report, an evaluation): refuse in one
+    line when its folder does not exist or cannot be written (not create it: a mistyped --out
+    should not leave folders behind). advice ends the message, e.g. "; pass --out"."""
+    folder = Path(out).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise InputError(f"cannot write {out}: the folder {folder} "
+                         f"{'is not writable' if folder.is_dir() else 'does not exist'}{advice}")
+
+
 # ============================================================================================
 # Task descriptions
 # ============================================================================================

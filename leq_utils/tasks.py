@@ -42,8 +42,8 @@ from leq_utils import ant, mazes
 
 from leq_utils.common import (  # noqa: F401  (re-exported: tasks.InputError, tasks.Task, ...)
     ANTMAZE_CENTRES, ANTMAZE_LIMITS, ANTMAZE_RADIUS, LOCOMOTION_DIMS, MAZE_FAMILIES, NAME_PATTERNS, RULES,
-    SEED_LIMIT, SUPPORTED, InputError, Task, check_common, check_flags, check_input_file, check_writable_folder, family_termination,
-    termination_fn, warn)
+    SEED_LIMIT, SUPPORTED, InputError, Task, check_common, check_flags, check_input_file, check_output_folder,
+    check_writable_folder, family_termination, termination_fn, warn)
 
 
 @dataclasses.dataclass

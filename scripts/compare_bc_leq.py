@@ -35,7 +35,6 @@ from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
@@ -188,7 +187,7 @@ def run_one(a: Args, task, seed: int, label: str = "", flags: str = ""):
     config = json.loads((run_dir / "config.json").read_text())
     f = artifacts.load_artifact(run_dir / "leq.npz", task, kinds=("leq",))
     _, nets, actor = pretrain.actor_from_artifact(f, task)
-    critic = jax.tree.map(jnp.asarray, artifacts.unflatten(f, "critic"))
+    critic = pretrain.critic_from_artifact(f)
     leq_eval, leq_eps = protocol(task, nets, actor, critic, config, record=True)
     bc_nets, bc_actor, bc_critic, _ = pretrain.load_pretrained(config["pretrain"] or pt_path, task)
     bc_eval, bc_eps = protocol(task, bc_nets, bc_actor, bc_critic, config, record=True)

@@ -185,20 +185,18 @@ def print_report(r: dict) -> None:
 def main(a: Args) -> dict:
     tasks.check_common(a)
     out = Path(a.out or str(a.checkpoint).removesuffix(".npz") + ".goal.json")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before the work, as route_check.py
-        raise tasks.InputError(f"cannot write {out}: the folder {out.parent} "
-                               f"{'is not writable' if out.parent.is_dir() else 'does not exist'}; pass --out")
+    tasks.check_output_folder(out, "; pass --out")  # before the work, as route_check.py
     artifact = artifacts.load_artifact(a.checkpoint, None, need="actor")
     task, nets, actor = pretrain.actor_from_artifact(artifact, path=a.checkpoint)
     if not task.is_maze or not task.goal or task.source not in ("builtin", "d4rl"):
         raise tasks.InputError(f"{a.checkpoint} is for {task.name}; goal_check.py needs a maze task with a fixed goal "
                                f"(pointmaze-*, ant-*, antmaze-*)")
-    if "critic/params/Dense_0/kernel" not in artifact:
+    critic = pretrain.critic_from_artifact(artifact)
+    if critic is None:
         raise tasks.InputError(f"{a.checkpoint} has no critic; pass pretrain.npz, leq.npz or a leq checkpoint")
     wm = world_model.load_world_model(a.world_model, task) if a.world_model else None
     ds = tasks.load_dataset(task, a.dataset_path, a.data_dir)
     idx = goal_transitions(task, ds)
-    critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
     report = {"env": task.name, "checkpoint": str(a.checkpoint), "dataset": ds.path, "radius": task.goal_radius,
               "transitions": int(len(ds.rewards)), "terminal": int(len(idx["terminal"])),
               "entering": int(len(idx["entering"])), "near_misses": int(len(idx["near_misses"])),

@@ -38,7 +38,6 @@ from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -153,10 +152,9 @@ def critic_near_goal(task: tasks.Task, episodes: list, q_fn, gamma: float) -> di
     return dict(within=2 * task.goal_radius, gamma=gamma, **{g: summary(rows) for g, rows in groups.items()})
 
 
-def critic_q_fn(artifact: dict, nets: pretrain.Nets, actor):
-    """The artifact's critic as states (n, obs_dim) -> Q(s, pi(s)) (n,) (an ensemble's minimum).
-    Not jitted: every episode length would compile anew."""
-    critic = jax.tree.map(jnp.asarray, artifacts.unflatten(artifact, "critic"))
+def critic_q_fn(critic, nets: pretrain.Nets, actor):
+    """A critic (pretrain.critic_from_artifact) as states (n, obs_dim) -> Q(s, pi(s)) (n,) (an
+    ensemble's minimum). Not jitted: every episode length would compile anew."""
     return lambda s: np.asarray(nets.q(critic, jnp.asarray(s), nets.pi(actor, jnp.asarray(s))))
 
 
@@ -194,21 +192,20 @@ def main(a: Args) -> dict:
     tasks.check_common(a)
     tasks.check_flags(a, (">= 1", "episodes parallel"))
     out = Path(a.out or str(a.checkpoint).removesuffix(".npz") + ".route.json")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before 100 episodes, not after
-        raise tasks.InputError(f"cannot write {out}: the folder {out.parent} "
-                               f"{'is not writable' if out.parent.is_dir() else 'does not exist'}; pass --out")
+    tasks.check_output_folder(out, "; pass --out")  # before 100 episodes, not after
     artifact = artifacts.load_artifact(a.checkpoint, None, need="actor")
     task, nets, actor = pretrain.actor_from_artifact(artifact, path=a.checkpoint)
     if task.source != "builtin" or not task.is_maze:
         raise tasks.InputError(f"{a.checkpoint} is an actor for {task.name}; route_check.py needs one of a built-in "
                                f"maze task (pointmaze-*, ant-*): pass such a checkpoint")
     seed = a.seed if a.seed is not None else int(artifact["meta/config"].get("seed", 0))
-    has_critic = "critic/params/Dense_0/kernel" in artifact
+    critic = pretrain.critic_from_artifact(artifact)
+    has_critic = critic is not None
     episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), a.episodes, seed, a.parallel,
                                      record=True, record_obs=has_critic)
     report = {**route_progress(task, episodes), "checkpoint": str(a.checkpoint), "seed": seed}
     if has_critic:
-        report["critic_near_goal"] = critic_near_goal(task, episodes, critic_q_fn(artifact, nets, actor),
+        report["critic_near_goal"] = critic_near_goal(task, episodes, critic_q_fn(critic, nets, actor),
                                                       float(artifact["meta/config"]["gamma"]))
     print_report(report)
     artifacts.write_json(out, report)

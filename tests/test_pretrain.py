@@ -460,6 +460,11 @@ def test_train_writes_a_loadable_artifact_that_round_trips(trained):
     for x, y in zip(jax.tree.leaves(actor3), jax.tree.leaves(actor)):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(nets3.stats[0], nets.stats[0])
+    # critic_from_artifact (evaluate.py and the scripts) gives the saved critic, and None without one
+    f = artifacts.load_artifact(out, TASK, kinds=("pretrain",))
+    for x, y in zip(jax.tree.leaves(pretrain.critic_from_artifact(f)), jax.tree.leaves(critic), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert pretrain.critic_from_artifact({k: v for k, v in f.items() if not k.startswith("critic/")}) is None
     # the config is kept: the hidden sizes saved are the ones asked for
     assert tuple(json.loads(str(raw["meta/config"]))["hidden_dims"]) == HIDDEN
 

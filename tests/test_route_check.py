@@ -181,14 +181,16 @@ def test_critic_near_goal_on_hand_made_ant_episodes():
 
 
 def test_critic_near_goal_with_a_real_critic(upstream):
-    """The artifact's own critic (critic_q_fn: its input statistics, Q(s, pi(s)) of its actor) on
-    the waypoint controller's umaze episodes, all successes: each median equals one computed state
-    by state, one network call per state, from the artifact's arrays."""
+    """The artifact's own critic (critic_from_artifact, critic_q_fn: its input statistics,
+    Q(s, pi(s)) of its actor) on the waypoint controller's umaze episodes, all successes: each
+    median equals one computed state by state, one network call per state, from the artifact's
+    arrays."""
     artifact = route_check.artifacts.load_artifact(upstream / "pt.npz", None, need="actor")
     task, nets, actor = route_check.pretrain.actor_from_artifact(artifact)
     episodes = evaluate.run_episodes(task, waypoint_policy(task), 3, seed=0, parallel=3, record=True, record_obs=True)
     gamma = float(artifact["meta/config"]["gamma"])
-    c = route_check.critic_near_goal(task, episodes, route_check.critic_q_fn(artifact, nets, actor), gamma)
+    q_fn = route_check.critic_q_fn(route_check.pretrain.critic_from_artifact(artifact), nets, actor)
+    c = route_check.critic_near_goal(task, episodes, q_fn, gamma)
     critic = route_check.artifacts.unflatten(artifact, "critic")
     q_one = lambda o: float(nets.q(critic, o[None], nets.pi(actor, o[None]))[0])  # noqa: E731
     rows = []
