@@ -25,6 +25,22 @@ seed of the run that wrote the checkpoint: the episodes of its final evaluation,
     (the discounted return the episode got from there under the training rewards, -1 per step
     and 0 on the step into the goal), and the path's highest Q and how far from the goal it was.
 
+On the built-in ant mazes it also counts the ants that turned over (the torso's up axis pointing
+down, `ant.upside_down`, at some acted state): per group (successes, failures) how many, how many
+lie on their backs at their last step (an ant on its back rarely gets up again: it cannot reach
+the goal any more), the median step of the first turn-over and the cells where it happened; and,
+for a checkpoint with a critic, Q(s, pi(s)) from 30 steps before the first turn-over to 10 after
+it. With `--world-model` (the run's world_model.npz) it asks whether the model foresees those
+turn-overs: from each failure's real state k steps before its first turn-over (k = `--before`),
+  * each elite's mean prediction (no sampling noise) under the episode's own next k actions
+    (open loop): the share of elites whose ant is on its back after k steps, as the real one is;
+  * LEQ's imagination (`leq.imagine`: the actor acting on the model's states, a random elite and
+    its sampling noise per step) for k steps, `--rollouts` per start: the share on their backs
+    at step k among those not ended before;
+and how many transitions of the model's training data turn an ant over (upright at s, on its
+back at s'). A model that sees turn-overs coming only a step or two ahead gives an actor trained
+on its H-step imagination no reason to avoid the gait that leads to them.
+
 It writes the same as JSON (default <checkpoint>.route.json). docs/RESULTS.md uses it on the
 ant-umaze-diverse and ant-large-diverse runs.
 """
@@ -38,12 +54,15 @@ from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from leq_utils import artifacts, cli, mazes, tasks  # noqa: E402
+from leq_utils import ant, artifacts, cli, mazes, tasks  # noqa: E402
 import evaluate  # noqa: E402
+import leq  # noqa: E402
 import pretrain  # noqa: E402
+import world_model  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -59,6 +78,14 @@ class Args:
     """environments stepped in lockstep"""
     out: Optional[str] = None
     """JSON output (default: <checkpoint>.route.json)"""
+    world_model: Optional[str] = None
+    """built-in ant mazes: the run's world_model.npz, to ask whether it foresees the failures'
+    turn-overs (none: not asked)"""
+    before: tuple[int, ...] = (1, 3, 10)
+    """with --world-model: the model is started this many steps before each first turn-over
+    (LEQ imagines H = 10 steps)"""
+    rollouts: int = 8
+    """with --world-model: LEQ imaginations per start"""
 
 
 def route_cells(layout) -> list:
@@ -152,6 +179,87 @@ def critic_near_goal(task: tasks.Task, episodes: list, q_fn, gamma: float) -> di
     return dict(within=2 * task.goal_radius, gamma=gamma, **{g: summary(rows) for g, rows in groups.items()})
 
 
+OFFSETS = (-30, -10, -3, -1, 0, 10)  # steps around the first turn-over at which the critic is read
+
+
+def first_turn_over(e: dict) -> Optional[int]:
+    """The first acted step at which the ant lies on its back (episodes with record_obs), or None."""
+    back = ant.upside_down(np.asarray(e["obs"]))
+    return int(np.argmax(back)) if back.any() else None
+
+
+def turn_overs(task: tasks.Task, episodes: list, q_fn=None) -> dict:
+    """From ant episodes recorded with record and record_obs, per group (successes, failures):
+    the episodes, how many turned over at some acted step, how many were on their backs at the
+    last one, the median step of the first turn-over, the cells where it happened (most first);
+    with q_fn (states -> Q(s, pi(s))) the median Q at each of OFFSETS steps from it (over the
+    episodes whose path has that step)."""
+    groups = {}
+    for g, want in (("successes", True), ("failures", False)):
+        rows = [e for e in episodes if bool(e["success"]) == want]
+        firsts, cells, at_end, q_at = [], collections.Counter(), 0, {o: [] for o in OFFSETS}
+        for e in rows:
+            t = first_turn_over(e)
+            if t is None:
+                continue
+            firsts.append(t)
+            cells[trajectory_cells(task, np.asarray(e["xy"])[t:t + 1])[0]] += 1
+            at_end += bool(ant.upside_down(np.asarray(e["obs"])[-1])[0])
+            if q_fn is not None:
+                q = np.asarray(q_fn(np.asarray(e["obs"], np.float32)), np.float64).reshape(-1)
+                for o in OFFSETS:
+                    if 0 <= t + o < len(q):
+                        q_at[o].append(q[t + o])
+        groups[g] = dict(episodes=len(rows), turned_over=len(firsts), on_back_at_end=at_end,
+                         first_step=float(np.median(firsts)) if firsts else None,
+                         cells=[dict(cell=list(c), episodes=n) for c, n in sorted(cells.items(),
+                                                                                  key=lambda x: (-x[1], x[0]))])
+        if q_fn is not None:
+            groups[g]["critic"] = {str(o): float(np.median(v)) if v else None for o, v in q_at.items()}
+    return groups
+
+
+def data_turn_overs(ds: tasks.Dataset) -> dict:
+    """Transitions of a dataset that turn an ant over (upright at s, on its back at s'), that
+    right it, and the share of states on their backs."""
+    back, back2 = ant.upside_down(ds.observations), ant.upside_down(ds.next_observations)
+    return dict(transitions=int(len(back)), on_back=float(back.mean()), turning_over=int((~back & back2).sum()),
+                righting=int((back & ~back2).sum()))
+
+
+def model_foresight(task: tasks.Task, wm, nets: pretrain.Nets, actor, episodes: list, before, rollouts: int,
+                    key) -> dict:
+    """For the failed episodes (recorded with record_obs) whose ant turned over at acted step t,
+    per k in `before` (starts with t - k >= 0 only): the share of (start, elite) pairs whose
+    elite's mean prediction, from the real state s_{t-k} under the episode's actions
+    pi(s_{t-k}) .. pi(s_{t-1}), lies on its back after k steps; and the share of LEQ's imagined
+    rollouts (leq.imagine, `rollouts` per start) on their backs at step k among those not ended
+    (done) before it."""
+    done_fn, n_el = tasks.termination_fn(task), len(world_model.members(wm.params))
+    paths = [(np.asarray(e["obs"], np.float32), first_turn_over(e)) for e in episodes if not e["success"]]
+    paths = [(obs, t) for obs, t in paths if t is not None]
+    result = {}
+    for k in before:
+        starts = [(obs, t) for obs, t in paths if t - k >= 0]
+        if not starts:
+            result[str(k)] = dict(starts=0)
+            continue
+        s0 = jnp.asarray(np.stack([obs[t - k] for obs, t in starts]))                    # (n, d)
+        acts = jnp.asarray(np.stack([np.asarray(nets.pi(actor, jnp.asarray(obs[t - k:t]))) for obs, t in starts]))
+        s = jnp.broadcast_to(s0, (n_el, *s0.shape))                                       # (elites, n, d)
+        member = jnp.broadcast_to(jnp.arange(n_el)[:, None], s.shape[:2])
+        no_noise = jnp.zeros((*s.shape[:2], task.obs_dim + 1))
+        for j in range(k):
+            a = jnp.broadcast_to(acts[:, j], (n_el, *acts[:, j].shape))
+            s = world_model.model_step_given(wm, s, a, member, no_noise, done_fn)[0]
+        ro = leq.imagine(nets, actor, wm, done_fn, jnp.repeat(s0, rollouts, 0), jax.random.fold_in(key, k), k)
+        alive = np.asarray(leq.alive_masks(ro.dones)[k]) > 0
+        back = ant.upside_down(np.asarray(ro.states[k]))
+        result[str(k)] = dict(starts=len(starts), elites_on_back=float(ant.upside_down(np.asarray(s).reshape(
+            -1, task.obs_dim)).mean()), imagined_on_back=float(back[alive].mean()) if alive.any() else None)
+    return result
+
+
 def critic_q_fn(critic, nets: pretrain.Nets, actor):
     """A critic (pretrain.critic_from_artifact) as states (n, obs_dim) -> Q(s, pi(s)) (n,) (an
     ensemble's minimum). Not jitted: every episode length would compile anew."""
@@ -188,6 +296,30 @@ def print_report(r: dict) -> None:
                       f"{row['q_max']:>10.1f} {row['q_max_distance']:>11.2f}")
 
 
+def print_turn_overs(r: dict) -> None:
+    print("ants that turned over (on their backs at some step; 'at the end': still on their backs at the last step):")
+    print(f"{'':>10} {'episodes':>8} {'turned over':>11} {'at the end':>10} {'first step':>10}  where (cell: episodes)")
+    for g in ("successes", "failures"):
+        row = r["turn_overs"][g]
+        first = f"{row['first_step']:.0f}" if row["first_step"] is not None else "-"
+        where = ", ".join(f"{tuple(c['cell'])}: {c['episodes']}" for c in row["cells"][:6])
+        print(f"{g:>10} {row['episodes']:>8} {row['turned_over']:>11} {row['on_back_at_end']:>10} {first:>10}  {where}")
+    critic = r["turn_overs"]["failures"].get("critic")
+    if critic and r["turn_overs"]["failures"]["turned_over"]:
+        print("critic's Q(s, pi(s)) around the failures' first turn-over (median; step 0: first on its back): "
+              + ", ".join(f"{int(o):+d}: {q:.1f}" for o, q in critic.items() if q is not None))
+    if "model_foresight" in r:
+        d = r["data_turn_overs"]
+        print(f"the world model's data: {d['transitions']:,} transitions, {100 * d['on_back']:.2f}% of states on "
+              f"their backs, {d['turning_over']} transitions turn an ant over, {d['righting']} right one")
+        print("does the world model foresee the failures' turn-overs? From the real state k steps before:")
+        print(f"{'k':>4} {'starts':>7} {'elites on back (real actions)':>30} {'imagined on back (actor)':>25}")
+        for k, row in r["model_foresight"].items():
+            if row["starts"]:
+                im = f"{row['imagined_on_back']:.3f}" if row["imagined_on_back"] is not None else "-"
+                print(f"{k:>4} {row['starts']:>7} {row['elites_on_back']:>30.3f} {im:>25}")
+
+
 def main(a: Args) -> dict:
     tasks.check_common(a)
     tasks.check_flags(a, (">= 1", "episodes parallel"))
@@ -199,15 +331,30 @@ def main(a: Args) -> dict:
         raise tasks.InputError(f"{a.checkpoint} is an actor for {task.name}; route_check.py needs one of a built-in "
                                f"maze task (pointmaze-*, ant-*): pass such a checkpoint")
     seed = a.seed if a.seed is not None else int(artifact["meta/config"].get("seed", 0))
+    is_ant = ant.is_builtin_ant(task)
+    if a.world_model and not is_ant:
+        raise tasks.InputError(f"--world-model asks about ants turning over; {task.name} is not a built-in ant maze: "
+                               f"leave it out")
+    if any(k < 1 for k in a.before) or a.rollouts < 1:
+        raise tasks.InputError("--before needs steps >= 1 and --rollouts >= 1")
+    wm = world_model.load_world_model(a.world_model, task) if a.world_model else None
     critic = pretrain.critic_from_artifact(artifact)
-    has_critic = critic is not None
+    q_fn = critic_q_fn(critic, nets, actor) if critic is not None else None
     episodes = evaluate.run_episodes(task, evaluate.actor_policy(nets, actor), a.episodes, seed, a.parallel,
-                                     record=True, record_obs=has_critic)
+                                     record=True, record_obs=critic is not None or is_ant)
     report = {**route_progress(task, episodes), "checkpoint": str(a.checkpoint), "seed": seed}
-    if has_critic:
-        report["critic_near_goal"] = critic_near_goal(task, episodes, critic_q_fn(critic, nets, actor),
-                                                      float(artifact["meta/config"]["gamma"]))
+    if critic is not None:
+        report["critic_near_goal"] = critic_near_goal(task, episodes, q_fn, float(artifact["meta/config"]["gamma"]))
+    if is_ant:
+        report["turn_overs"] = turn_overs(task, episodes, q_fn)
+    if wm is not None:
+        report.update(world_model=str(a.world_model),
+                      data_turn_overs=data_turn_overs(tasks.load_dataset(task, wm.dataset)),
+                      model_foresight=model_foresight(task, wm, nets, actor, episodes, a.before, a.rollouts,
+                                                      jax.random.PRNGKey(seed)))
     print_report(report)
+    if is_ant:
+        print_turn_overs(report)
     artifacts.write_json(out, report)
     print(f"wrote {out}")
     return report

@@ -341,6 +341,7 @@ def test_every_stage_runs_on_a_built_in_ant_maze(tmp_path):
     assert result["env"] == env and result["env_goal"] == list(tasks.get_task(env).goal)
     assert result["length"] == 700 or (result["success"] == 1.0 and result["length"] < 700)  # D4RL umaze's limit
     check_imagined_on_back(env, data, tmp_path / "wm.npz", tmp_path / "leq" / "leq.npz")
+    check_model_foresight(data, tmp_path / "wm.npz", tmp_path / "leq" / "leq.npz", tmp_path)
 
 
 def check_imagined_on_back(env, data, wm_path, actor_path):
@@ -368,3 +369,61 @@ def check_imagined_on_back(env, data, wm_path, actor_path):
         expected.append(sum(bool(b) for b, live in zip(ant.upside_down(s), alive) if live) / max(alive.sum(), 1))
         alive = alive & ~np.asarray(done).astype(bool)
     assert 0.2 < expected[0] < 0.8 and back.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def check_model_foresight(data, wm_path, actor_path, tmp_path):
+    """route_check.model_foresight against plain loops, on the tiny model made to turn ants over:
+    elite e's mean step adds 0.2 (e + 1) to qx (its output bias for that coordinate), so that
+    after 1, 3 and 10 steps some, not all, of its predictions lie on their backs. Hand-made failed
+    episodes (the data's states, on their backs from step t on) give the starts; a success and a
+    failure that never turns over are left out. Then the CLI with --world-model on 2 episodes."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import jax.numpy as jnp
+    import pretrain
+    import route_check
+    import world_model
+    task, nets, actor = pretrain.load_actor(str(actor_path))
+    wm = world_model.load_world_model(str(wm_path), task)
+    n_el = len(world_model.members(wm.params))
+    last = f"layer_{len(wm.params['member_0']) - 1}"
+    params = {k: v for k, v in wm.params.items()}
+    for e in range(n_el):
+        layer = dict(params[f"member_{e}"][last])
+        layer["bias"] = layer["bias"].at[4].add(0.2 * (e + 1))
+        params[f"member_{e}"] = {**params[f"member_{e}"], last: layer}
+    wm = wm._replace(params=params)
+    obs = tasks.load_dataset(task, str(data)).observations
+    episodes = []
+    for i, t in enumerate((12, 20, 2, 30)):
+        o = obs[40 * i:40 * i + 40].copy()
+        o[t:, 3:7] = [0.0, 1.0, 0.0, 0.0]
+        episodes.append(dict(obs=o, success=False))
+    episodes += [dict(obs=obs[200:240], success=False), dict(obs=episodes[0]["obs"], success=True)]
+    key, rollouts, done_fn = jax.random.PRNGKey(3), 4, tasks.termination_fn(task)
+    got = route_check.model_foresight(task, wm, nets, actor, episodes, (1, 3, 10), rollouts, key)
+    paths = [(e["obs"], t) for e, t in zip(episodes[:4], (12, 20, 2, 30))]
+    for k in (1, 3, 10):
+        starts = [(o, t) for o, t in paths if t >= k]
+        elites = []
+        for o, t in starts:
+            for e in range(n_el):
+                s = jnp.asarray(o[t - k][None])
+                for j in range(k):
+                    a = nets.pi(actor, jnp.asarray(o[t - k + j][None]))
+                    s = world_model.model_step_given(wm, s, a, jnp.asarray([e]), jnp.zeros((1, 30)), done_fn)[0]
+                elites.append(bool(ant.upside_down(np.asarray(s))[0]))
+        s = jnp.asarray(np.repeat(np.stack([o[t - k] for o, t in starts]), rollouts, 0))
+        noise, alive = world_model.model_noise(wm, jax.random.fold_in(key, k), (k, s.shape[0])), np.ones(s.shape[0], bool)
+        for j in range(k):
+            s, _, done = world_model.model_step_given(wm, s, nets.pi(actor, s), noise.member[j], noise.eps[j], done_fn)
+            alive &= ~np.asarray(done).astype(bool)
+        imagined = ant.upside_down(np.asarray(s))[alive]
+        assert got[str(k)]["starts"] == len(starts) == (4 if k == 1 else 3)
+        assert got[str(k)]["elites_on_back"] == pytest.approx(np.mean(elites), abs=1e-9)
+        assert got[str(k)]["imagined_on_back"] == pytest.approx(np.mean(imagined), abs=1e-9)
+    assert 0 < got["3"]["elites_on_back"] < 1 and got["1"]["elites_on_back"] < got["10"]["elites_on_back"]
+    out = tmp_path / "route.json"
+    report = route_check.main(route_check.Args(checkpoint=str(actor_path), world_model=str(wm_path), episodes=2,
+                                               parallel=2, out=str(out)))
+    assert report["data_turn_overs"]["transitions"] == len(obs) and set(report["model_foresight"]) == {"1", "3", "10"}
+    assert report["turn_overs"]["failures"]["episodes"] + report["turn_overs"]["successes"]["episodes"] == 2

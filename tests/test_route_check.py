@@ -204,8 +204,57 @@ def test_critic_near_goal_with_a_real_critic(upstream):
     assert c["successes"] == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
+def ant_states(xy, on_back=()):
+    """(len(xy), 29) ant states at the given positions: upright (quaternion (1, 0, 0, 0)), and on
+    their backs (quaternion (0, 1, 0, 0)) at the rows in on_back."""
+    obs = np.zeros((len(xy), 29), np.float32)
+    obs[:, :2], obs[:, 2], obs[:, 3] = xy, 0.55, 1.0
+    obs[list(on_back), 3:7] = [0.0, 1.0, 0.0, 0.0]
+    return obs
+
+
+def test_turn_overs_on_hand_made_ant_episodes():
+    """ant-umaze episodes written by hand: a success that stays upright; a failure on its back from
+    acted step 3, in cell (1, 2), to its end; one on its back at step 1 only, in (1, 1), upright
+    again at its end; one that never turns over. A hand-made critic Q = x (the torso's x) gives
+    the medians around each first turn-over that the path has."""
+    task = tasks.get_task("ant-umaze-diverse")
+    centre = lambda c: ant.SCALE * mazes.cell_xy(mazes.MAZES["umaze"], c)  # noqa: E731
+    cells = lambda *cs: [centre(c) for c in cs]  # noqa: E731
+    f1 = [centre((1, 1)), centre((1, 1)) + [1.0, 0.0], centre((1, 2)) - [1.0, 0.0], centre((1, 2)),
+          centre((1, 2)) + [1.0, 0.0], centre((1, 3))]
+    f2 = [centre((1, 1)), centre((1, 1)) + [0.5, 0.0], centre((1, 2))]
+    episodes = [dict(obs=ant_states(cells((1, 1), (1, 2), (1, 3))), xy=cells((1, 1), (1, 2), (1, 3), (2, 3)),
+                     success=True, length=3),
+                dict(obs=ant_states(f1, on_back=(3, 4, 5)), xy=f1 + [centre((1, 3))], success=False, length=6),
+                dict(obs=ant_states(f2, on_back=(1,)), xy=f2 + [centre((1, 2))], success=False, length=3),
+                dict(obs=ant_states(cells((1, 1), (1, 2))), xy=cells((1, 1), (1, 2), (1, 2)), success=False, length=2)]
+    r = route_check.turn_overs(task, episodes, q_fn=lambda s: s[:, 0])
+    assert r["successes"] == dict(episodes=1, turned_over=0, on_back_at_end=0, first_step=None, cells=[],
+                                  critic={str(o): None for o in route_check.OFFSETS})
+    f = r["failures"]
+    assert (f["episodes"], f["turned_over"], f["on_back_at_end"], f["first_step"]) == (3, 2, 1, 2.0)
+    assert f["cells"] == [dict(cell=[1, 1], episodes=1), dict(cell=[1, 2], episodes=1)]
+    x = lambda xy: float(xy[0])  # noqa: E731
+    assert f["critic"] == pytest.approx({"-30": None, "-10": None, "-3": x(f1[0]),
+                                         "-1": np.median([x(f1[2]), x(f2[0])]), "0": np.median([x(f1[3]), x(f2[1])]),
+                                         "10": None})
+    assert "critic" not in route_check.turn_overs(task, episodes)["failures"]
+
+
+def test_data_turn_overs_counts_transitions():
+    """Four hand-made transitions: upright to on its back, on its back twice, back upright, upright twice."""
+    up, back = ant_states([[0.0, 0.0]])[0], ant_states([[0.0, 0.0]], on_back=(0,))[0]
+    s, s2 = np.stack([up, back, back, up]), np.stack([back, back, up, up])
+    ds = tasks.Dataset(s, np.zeros((4, 8), np.float32), np.zeros(4, np.float32), s2, np.zeros(4, np.float32),
+                       1.0, -1.0, "hand-made")
+    assert route_check.data_turn_overs(ds) == dict(transitions=4, on_back=0.5, turning_over=1, righting=1)
+
+
 def test_route_check_refuses_bad_flags_before_any_episode(upstream, tmp_path):
-    for args, words in ((dict(episodes=0), "--episodes"), (dict(out=str(tmp_path / "no" / "r.json")), "does not exist")):
+    for args, words in ((dict(episodes=0), "--episodes"), (dict(out=str(tmp_path / "no" / "r.json")), "does not exist"),
+                        (dict(world_model=str(upstream / "wm.npz")), "not a built-in ant maze"),
+                        (dict(before=(0,)), "--before")):
         with pytest.raises(tasks.InputError, match=words) as e:
             route_check.main(route_check.Args(checkpoint=str(upstream / "pt.npz"), **args))
         assert "\n" not in str(e.value)
