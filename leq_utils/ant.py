@@ -117,11 +117,16 @@ def walker_obs(state, goal):
     return np.concatenate([state[..., 2:], v], -1).astype(np.float32)
 
 
+def up_axis_z(state):
+    """The world z component of the torso's up axis, 1 - 2 (qx^2 + qy^2) from its unit quaternion
+    qpos[3:7] = (w, x, y, z): 1 upright, -1 on its back; any leading shape, numpy or jax arrays."""
+    return 1 - 2 * (state[..., 4] ** 2 + state[..., 5] ** 2)
+
+
 def upside_down(state, xp=np) -> np.ndarray:
-    """The torso's up axis points down: its world z component, 1 - 2 (qx^2 + qy^2), below 0. xp is
-    numpy or jax.numpy (for jitted code)."""
-    state = xp.atleast_2d(state)
-    return 1 - 2 * (state[:, 4] ** 2 + state[:, 5] ** 2) < 0
+    """The torso's up axis points down: `up_axis_z` below 0. xp is numpy or jax.numpy (for jitted
+    code)."""
+    return up_axis_z(xp.atleast_2d(state)) < 0
 
 
 def healthy(state) -> np.ndarray:

@@ -36,9 +36,9 @@ turn-overs: from each failure's real state k steps before its first turn-over (k
     (open loop): the share of elites whose ant is on its back after k steps, as the real one is;
   * LEQ's imagination (`leq.imagine`: the actor acting on the model's states, a random elite and
     its sampling noise per step) for k steps, `--rollouts` per start: the share on their backs
-    at step k among those not ended before;
-and how many transitions of the model's training data turn an ant over (upright at s, on its
-back at s'). A model that sees turn-overs coming only a step or two ahead gives an actor trained
+    at step k among those not ended (done) on the way;
+how many transitions of the model's training data turn an ant over (upright at s, on its back at
+s'), and whether the elites' mean paths foresee those k steps ahead under the data's actions. A model that sees turn-overs coming only a step or two ahead gives an actor trained
 on its H-step imagination no reason to avoid the gait that leads to them.
 
 It writes the same as JSON (default <checkpoint>.route.json). docs/RESULTS.md uses it on the
@@ -227,15 +227,29 @@ def data_turn_overs(ds: tasks.Dataset) -> dict:
                 righting=int((back & ~back2).sum()))
 
 
+def elites_open_loop(wm, done_fn, s0, actions):
+    """Each elite's mean prediction (no sampling noise) from states s0 (n, d) under given actions
+    (n, k, act), step by step: the states after k steps, (elites, n, d)."""
+    n_el = len(world_model.members(wm.params))
+    s = jnp.broadcast_to(jnp.asarray(s0), (n_el, *s0.shape))
+    member = jnp.broadcast_to(jnp.arange(n_el)[:, None], s.shape[:2])
+    no_noise = jnp.zeros((*s.shape[:2], wm.params["max_logvar"].shape[0]))
+    for j in range(actions.shape[1]):
+        a = jnp.broadcast_to(jnp.asarray(actions[:, j]), (n_el, *actions[:, j].shape))
+        s = world_model.model_step_given(wm, s, a, member, no_noise, done_fn)[0]
+    return np.asarray(s)
+
+
 def model_foresight(task: tasks.Task, wm, nets: pretrain.Nets, actor, episodes: list, before, rollouts: int,
-                    key) -> dict:
+                    key, done_fn=None) -> dict:
     """For the failed episodes (recorded with record_obs) whose ant turned over at acted step t,
     per k in `before` (starts with t - k >= 0 only): the share of (start, elite) pairs whose
-    elite's mean prediction, from the real state s_{t-k} under the episode's actions
-    pi(s_{t-k}) .. pi(s_{t-1}), lies on its back after k steps; and the share of LEQ's imagined
-    rollouts (leq.imagine, `rollouts` per start) on their backs at step k among those not ended
-    (done) before it."""
-    done_fn, n_el = tasks.termination_fn(task), len(world_model.members(wm.params))
+    elite's mean prediction (`elites_open_loop`), from the real state s_{t-k} under the episode's
+    actions pi(s_{t-k}) .. pi(s_{t-1}), lies on its back after k steps, and the median of their
+    `ant.up_axis_z`; and for LEQ's imagination (leq.imagine, `rollouts` per start) the rollouts
+    not ended by a done on any of their k steps ('alive'), the share of them on their backs at
+    step k and the median of their up_axis_z. done_fn: the termination (default: the task's)."""
+    done_fn = done_fn or tasks.termination_fn(task)
     paths = [(np.asarray(e["obs"], np.float32), first_turn_over(e)) for e in episodes if not e["success"]]
     paths = [(obs, t) for obs, t in paths if t is not None]
     result = {}
@@ -244,19 +258,42 @@ def model_foresight(task: tasks.Task, wm, nets: pretrain.Nets, actor, episodes: 
         if not starts:
             result[str(k)] = dict(starts=0)
             continue
-        s0 = jnp.asarray(np.stack([obs[t - k] for obs, t in starts]))                    # (n, d)
-        acts = jnp.asarray(np.stack([np.asarray(nets.pi(actor, jnp.asarray(obs[t - k:t]))) for obs, t in starts]))
-        s = jnp.broadcast_to(s0, (n_el, *s0.shape))                                       # (elites, n, d)
-        member = jnp.broadcast_to(jnp.arange(n_el)[:, None], s.shape[:2])
-        no_noise = jnp.zeros((*s.shape[:2], task.obs_dim + 1))
-        for j in range(k):
-            a = jnp.broadcast_to(acts[:, j], (n_el, *acts[:, j].shape))
-            s = world_model.model_step_given(wm, s, a, member, no_noise, done_fn)[0]
-        ro = leq.imagine(nets, actor, wm, done_fn, jnp.repeat(s0, rollouts, 0), jax.random.fold_in(key, k), k)
+        s0 = np.stack([obs[t - k] for obs, t in starts])                                   # (n, d)
+        acts = np.stack([np.asarray(nets.pi(actor, jnp.asarray(obs[t - k:t]))) for obs, t in starts])  # (n, k, act)
+        s = elites_open_loop(wm, done_fn, s0, acts).reshape(-1, task.obs_dim)
+        ro = leq.imagine(nets, actor, wm, done_fn, jnp.repeat(jnp.asarray(s0), rollouts, 0),
+                         jax.random.fold_in(key, k), k)
         alive = np.asarray(leq.alive_masks(ro.dones)[k]) > 0
-        back = ant.upside_down(np.asarray(ro.states[k]))
-        result[str(k)] = dict(starts=len(starts), elites_on_back=float(ant.upside_down(np.asarray(s).reshape(
-            -1, task.obs_dim)).mean()), imagined_on_back=float(back[alive].mean()) if alive.any() else None)
+        imagined = np.asarray(ro.states[k])[alive]
+        result[str(k)] = dict(starts=len(starts), elites_on_back=float(ant.upside_down(s).mean()),
+                              elites_up_z=float(np.median(ant.up_axis_z(s))), rollouts=int(alive.size),
+                              alive=int(alive.sum()),
+                              imagined_on_back=float(ant.upside_down(imagined).mean()) if alive.any() else None,
+                              imagined_up_z=float(np.median(ant.up_axis_z(imagined))) if alive.any() else None)
+    return result
+
+
+def data_foresight(task: tasks.Task, wm, ds: tasks.Dataset, before) -> dict:
+    """The same question on the model's own training data: for each transition i that turns an
+    ant over (upright at s_i, on its back at s'_i) and each k in `before`, from the row k - 1
+    before it (when rows i - k + 1 .. i are one chain: s' of each row is the next row's s),
+    each elite's mean prediction under the data's own k actions: the starts, the share of
+    (start, elite) pairs on their backs after k steps, the median of their up_axis_z."""
+    done_fn = tasks.termination_fn(task)
+    back, back2 = ant.upside_down(ds.observations), ant.upside_down(ds.next_observations)
+    flips = np.flatnonzero(~back & back2)
+    result = {}
+    for k in before:
+        firsts = [i - k + 1 for i in flips if i - k + 1 >= 0 and np.array_equal(
+            ds.next_observations[i - k + 1:i], ds.observations[i - k + 2:i + 1])]
+        if not firsts:
+            result[str(k)] = dict(starts=0)
+            continue
+        s0 = ds.observations[firsts]
+        acts = np.stack([ds.actions[j:j + k] for j in firsts])
+        s = elites_open_loop(wm, done_fn, s0, acts).reshape(-1, task.obs_dim)
+        result[str(k)] = dict(starts=len(firsts), elites_on_back=float(ant.upside_down(s).mean()),
+                              elites_up_z=float(np.median(ant.up_axis_z(s))))
     return result
 
 
@@ -312,12 +349,18 @@ def print_turn_overs(r: dict) -> None:
         d = r["data_turn_overs"]
         print(f"the world model's data: {d['transitions']:,} transitions, {100 * d['on_back']:.2f}% of states on "
               f"their backs, {d['turning_over']} transitions turn an ant over, {d['righting']} right one")
-        print("does the world model foresee the failures' turn-overs? From the real state k steps before:")
-        print(f"{'k':>4} {'starts':>7} {'elites on back (real actions)':>30} {'imagined on back (actor)':>25}")
+        print("does the world model foresee the failures' turn-overs? From the real state k steps before "
+              "(share on their backs after k steps; median up-axis z, 1 upright, -1 on the back):")
+        print(f"{'k':>4} {'starts':>7} {'elites, real actions':>21} {'up z':>6} {'imagined, actor':>16} {'up z':>6} "
+              f"{'alive':>11}   " + "the data's own turn-overs: starts, elites, up z".rjust(47))
         for k, row in r["model_foresight"].items():
             if row["starts"]:
-                im = f"{row['imagined_on_back']:.3f}" if row["imagined_on_back"] is not None else "-"
-                print(f"{k:>4} {row['starts']:>7} {row['elites_on_back']:>30.3f} {im:>25}")
+                d = r["data_foresight"][k]
+                im = (f"{row['imagined_on_back']:>16.3f} {row['imagined_up_z']:>6.2f}"
+                      if row["imagined_on_back"] is not None else f"{'-':>16} {'-':>6}")
+                own = f"{d['starts']:>5} {d['elites_on_back']:>6.3f} {d['elites_up_z']:>6.2f}" if d["starts"] else "-"
+                print(f"{k:>4} {row['starts']:>7} {row['elites_on_back']:>21.3f} {row['elites_up_z']:>6.2f} {im} "
+                      f"{row['alive']:>5}/{row['rollouts']:<5}   {own:>47}")
 
 
 def main(a: Args) -> dict:
@@ -335,7 +378,7 @@ def main(a: Args) -> dict:
     if a.world_model and not is_ant:
         raise tasks.InputError(f"--world-model asks about ants turning over; {task.name} is not a built-in ant maze: "
                                f"leave it out")
-    if any(k < 1 for k in a.before) or a.rollouts < 1:
+    if not a.before or any(k < 1 for k in a.before) or a.rollouts < 1:
         raise tasks.InputError("--before needs steps >= 1 and --rollouts >= 1")
     wm = world_model.load_world_model(a.world_model, task) if a.world_model else None
     critic = pretrain.critic_from_artifact(artifact)
@@ -348,8 +391,9 @@ def main(a: Args) -> dict:
     if is_ant:
         report["turn_overs"] = turn_overs(task, episodes, q_fn)
     if wm is not None:
-        report.update(world_model=str(a.world_model),
-                      data_turn_overs=data_turn_overs(tasks.load_dataset(task, wm.dataset)),
+        ds = tasks.load_dataset(task, wm.dataset)
+        report.update(world_model=str(a.world_model), data_turn_overs=data_turn_overs(ds),
+                      data_foresight=data_foresight(task, wm, ds, a.before),
                       model_foresight=model_foresight(task, wm, nets, actor, episodes, a.before, a.rollouts,
                                                       jax.random.PRNGKey(seed)))
     print_report(report)

@@ -79,7 +79,8 @@ def test_walker_sees_the_goal_in_its_heading_frame():
 
 
 def test_upside_down_is_the_torso_up_axis_pointing_down():
-    """Checked against MuJoCo's own rotation matrix of the torso quaternion (its z axis' z)."""
+    """up_axis_z and upside_down checked against MuJoCo's own rotation matrix of the torso
+    quaternion (its z axis' z)."""
     import mujoco
     rng = np.random.default_rng(0)
     q = rng.normal(size=(200, 4))
@@ -93,7 +94,9 @@ def test_upside_down_is_the_torso_up_axis_pointing_down():
     for quat in q:
         m = np.zeros(9)
         mujoco.mju_quat2Mat(m, quat)
-        expected.append(m[8] < 0)  # row-major 3x3: element (2, 2), the body z axis' world z
+        expected.append(m[8])  # row-major 3x3: element (2, 2), the body z axis' world z
+    np.testing.assert_allclose(ant.up_axis_z(state), expected, atol=1e-12)
+    expected = [z < 0 for z in expected]
     assert np.array_equal(ant.upside_down(state), expected)
     assert 20 < sum(expected) < 180  # both kinds are checked
 
@@ -372,11 +375,14 @@ def check_imagined_on_back(env, data, wm_path, actor_path):
 
 
 def check_model_foresight(data, wm_path, actor_path, tmp_path):
-    """route_check.model_foresight against plain loops, on the tiny model made to turn ants over:
-    elite e's mean step adds 0.2 (e + 1) to qx (its output bias for that coordinate), so that
-    after 1, 3 and 10 steps some, not all, of its predictions lie on their backs. Hand-made failed
-    episodes (the data's states, on their backs from step t on) give the starts; a success and a
-    failure that never turns over are left out. Then the CLI with --world-model on 2 episodes."""
+    """route_check.model_foresight and data_foresight against plain loops, on the tiny model made
+    to turn ants over: elite e's mean step adds 0.2 (e + 1) to qx (its output bias for that
+    coordinate), so that after 1, 3 and 10 steps some, not all, of its predictions lie on their
+    backs. Hand-made failed episodes (the data's states, on their backs from step t on) give the
+    starts; a success and a failure that never turns over are left out. Imagination ends by a
+    hand-made done (an up-axis z below -15: qx above 2.8, after about 10 tilted steps), so that
+    some rollouts end on the way. Shares, the continuous up-axis medians and the rollouts left are
+    compared. Then the CLI with --world-model on 2 episodes."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import jax.numpy as jnp
     import pretrain
@@ -392,38 +398,66 @@ def check_model_foresight(data, wm_path, actor_path, tmp_path):
         layer["bias"] = layer["bias"].at[4].add(0.2 * (e + 1))
         params[f"member_{e}"] = {**params[f"member_{e}"], last: layer}
     wm = wm._replace(params=params)
-    obs = tasks.load_dataset(task, str(data)).observations
+    ds = tasks.load_dataset(task, str(data))
+    obs, done_fn = ds.observations, tasks.termination_fn(task)
+    tipped = lambda s, a, s2: ant.up_axis_z(s2) < -15  # noqa: E731
+    firsts = (12, 20, 2, 30)
     episodes = []
-    for i, t in enumerate((12, 20, 2, 30)):
+    for i, t in enumerate(firsts):
         o = obs[40 * i:40 * i + 40].copy()
         o[t:, 3:7] = [0.0, 1.0, 0.0, 0.0]
         episodes.append(dict(obs=o, success=False))
     episodes += [dict(obs=obs[200:240], success=False), dict(obs=episodes[0]["obs"], success=True)]
-    key, rollouts, done_fn = jax.random.PRNGKey(3), 4, tasks.termination_fn(task)
-    got = route_check.model_foresight(task, wm, nets, actor, episodes, (1, 3, 10), rollouts, key)
-    paths = [(e["obs"], t) for e, t in zip(episodes[:4], (12, 20, 2, 30))]
-    for k in (1, 3, 10):
-        starts = [(o, t) for o, t in paths if t >= k]
-        elites = []
-        for o, t in starts:
+    key, rollouts = jax.random.PRNGKey(3), 4
+    got = route_check.model_foresight(task, wm, nets, actor, episodes, (1, 3, 10), rollouts, key, tipped)
+
+    def elite_paths(starts, actions):  # one elite, one start, one step at a time
+        out = []
+        for s0, acts in zip(starts, actions):
             for e in range(n_el):
-                s = jnp.asarray(o[t - k][None])
-                for j in range(k):
-                    a = nets.pi(actor, jnp.asarray(o[t - k + j][None]))
-                    s = world_model.model_step_given(wm, s, a, jnp.asarray([e]), jnp.zeros((1, 30)), done_fn)[0]
-                elites.append(bool(ant.upside_down(np.asarray(s))[0]))
+                s = jnp.asarray(s0[None])
+                for a in acts:
+                    s = world_model.model_step_given(wm, s, jnp.asarray(a[None]), jnp.asarray([e]),
+                                                     jnp.zeros((1, 30)), done_fn)[0]
+                out.append(np.asarray(s)[0])
+        return np.stack(out)
+
+    for k in (1, 3, 10):
+        starts = [(e["obs"], t) for e, t in zip(episodes[:4], firsts) if t >= k]
+        ends = elite_paths([o[t - k] for o, t in starts],
+                           [[np.asarray(nets.pi(actor, jnp.asarray(o[j][None])))[0] for j in range(t - k, t)]
+                            for o, t in starts])
         s = jnp.asarray(np.repeat(np.stack([o[t - k] for o, t in starts]), rollouts, 0))
         noise, alive = world_model.model_noise(wm, jax.random.fold_in(key, k), (k, s.shape[0])), np.ones(s.shape[0], bool)
         for j in range(k):
-            s, _, done = world_model.model_step_given(wm, s, nets.pi(actor, s), noise.member[j], noise.eps[j], done_fn)
+            s, _, done = world_model.model_step_given(wm, s, nets.pi(actor, s), noise.member[j], noise.eps[j], tipped)
             alive &= ~np.asarray(done).astype(bool)
-        imagined = ant.upside_down(np.asarray(s))[alive]
-        assert got[str(k)]["starts"] == len(starts) == (4 if k == 1 else 3)
-        assert got[str(k)]["elites_on_back"] == pytest.approx(np.mean(elites), abs=1e-9)
-        assert got[str(k)]["imagined_on_back"] == pytest.approx(np.mean(imagined), abs=1e-9)
+        imagined = np.asarray(s)[alive]
+        row = got[str(k)]
+        assert row["starts"] == len(starts) == (4 if k == 1 else 3)
+        assert (row["rollouts"], row["alive"]) == (len(alive), alive.sum())
+        if k == 10:
+            assert 0 < alive.sum() < len(alive)  # some rollouts ended on the way, some did not
+        assert row["elites_on_back"] == pytest.approx(np.mean(ant.upside_down(ends)), abs=1e-9)
+        assert row["elites_up_z"] == pytest.approx(np.median(ant.up_axis_z(ends)), abs=1e-4)
+        assert row["imagined_on_back"] == pytest.approx(np.mean(ant.upside_down(imagined)), abs=1e-9)
+        assert row["imagined_up_z"] == pytest.approx(np.median(ant.up_axis_z(imagined)), abs=1e-4)
     assert 0 < got["3"]["elites_on_back"] < 1 and got["1"]["elites_on_back"] < got["10"]["elites_on_back"]
+    # the data's own turn-overs: a chain of 60 rows turned over at row 30 (transition 29); a second
+    # turned over at row 50 after a break in the chain at row 45 (too close for k = 10)
+    o, o2 = obs[:60].copy(), obs[1:61].copy()
+    o2[44] = obs[300]
+    o[30:45, 3:7] = o2[29:44, 3:7] = o[50:, 3:7] = o2[49:, 3:7] = [0.0, 1.0, 0.0, 0.0]
+    chain = tasks.Dataset(o, ds.actions[:60], ds.rewards[:60], o2, ds.terminals[:60], 1.0, -1.0, "hand-made")
+    own = route_check.data_foresight(task, wm, chain, (1, 3, 10))
+    for k, flips in ((1, (29, 49)), (3, (29, 49)), (10, (29,))):
+        ends = elite_paths([o[i - k + 1] for i in flips], [chain.actions[i - k + 1:i + 1] for i in flips])
+        assert own[str(k)]["starts"] == len(flips)
+        assert own[str(k)]["elites_on_back"] == pytest.approx(np.mean(ant.upside_down(ends)), abs=1e-9)
+        assert own[str(k)]["elites_up_z"] == pytest.approx(np.median(ant.up_axis_z(ends)), abs=1e-4)
     out = tmp_path / "route.json"
     report = route_check.main(route_check.Args(checkpoint=str(actor_path), world_model=str(wm_path), episodes=2,
                                                parallel=2, out=str(out)))
     assert report["data_turn_overs"]["transitions"] == len(obs) and set(report["model_foresight"]) == {"1", "3", "10"}
+    assert set(report["data_foresight"]) == {"1", "3", "10"}
     assert report["turn_overs"]["failures"]["episodes"] + report["turn_overs"]["successes"]["episodes"] == 2

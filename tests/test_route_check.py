@@ -254,7 +254,8 @@ def test_data_turn_overs_counts_transitions():
 def test_route_check_refuses_bad_flags_before_any_episode(upstream, tmp_path):
     for args, words in ((dict(episodes=0), "--episodes"), (dict(out=str(tmp_path / "no" / "r.json")), "does not exist"),
                         (dict(world_model=str(upstream / "wm.npz")), "not a built-in ant maze"),
-                        (dict(before=(0,)), "--before")):
+                        (dict(before=(0,)), "--before"), (dict(before=()), "--before"),
+                        (dict(rollouts=0), "--rollouts")):
         with pytest.raises(tasks.InputError, match=words) as e:
             route_check.main(route_check.Args(checkpoint=str(upstream / "pt.npz"), **args))
         assert "\n" not in str(e.value)
