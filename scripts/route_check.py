@@ -38,8 +38,9 @@ turn-overs: from each failure's real state k steps before its first turn-over (k
     its sampling noise per step) for k steps, `--rollouts` per start: the share on their backs
     at step k among those not ended (done) on the way;
 how many transitions of the model's training data turn an ant over (upright at s, on its back at
-s'), and whether the elites' mean paths foresee those k steps ahead under the data's actions. A model that sees turn-overs coming only a step or two ahead gives an actor trained
-on its H-step imagination no reason to avoid the gait that leads to them.
+s'), and whether the elites' mean paths foresee those k steps ahead under the data's actions. A
+model that sees turn-overs coming only a step or two ahead gives an actor trained on its H-step
+imagination no reason to avoid the gait that leads to them.
 
 It writes the same as JSON (default <checkpoint>.route.json). docs/RESULTS.md uses it on the
 ant-umaze-diverse and ant-large-diverse runs.
